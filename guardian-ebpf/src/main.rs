@@ -1,0 +1,334 @@
+//! guardian's kernel side: process creation, exec and whole-group exit, fed to one ring buffer.
+//!
+//! Only fixed-format tracepoints are used (fentry/kprobes are not available everywhere). Every
+//! field offset comes from the loader through [`CONFIG`]: tracepoint fields from tracefs `format`
+//! files, kernel struct members from BTF. Nothing here knows a kernel's layout.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user_buf, generated::bpf_ktime_get_boot_ns,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+    EbpfContext as _, Global,
+};
+use aya_log_ebpf::warn;
+use guardian_common::{
+    exec_flags, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent, ExitEvent,
+    ForkEvent, Stat, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
+};
+
+/// `CLONE_THREAD` from `include/uapi/linux/sched.h`: the new task joins the caller's group.
+const CLONE_THREAD: u64 = 0x0001_0000;
+/// `CLONE_PARENT`: the new process becomes its creator's sibling.
+const CLONE_PARENT: u64 = 0x0000_8000;
+
+#[unsafe(no_mangle)]
+static CONFIG: Global<Config> = Global::new(Config::unset());
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Thread groups whose forks and exits are reported, with [`tracked_flags`].
+#[map]
+static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(TRACKED_CAPACITY, 0);
+
+/// Adds one to a counter and returns true the first time it happens on this CPU, so that
+/// diagnostics are logged once per CPU and never per event.
+#[inline(always)]
+fn count(stat: Stat) -> bool {
+    match STATS.get_ptr_mut(stat as u32) {
+        Some(slot) => unsafe {
+            *slot += 1;
+            *slot == 1
+        },
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, pid: u32, tgid: u32) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        pid,
+        tgid,
+        _pad: 0,
+        // SAFETY: the helper has no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+    }
+}
+
+/// Reads a member of the current task (`task_struct` + `offset`).
+#[inline(always)]
+fn read_task<T>(offset: u32) -> Option<T> {
+    if offset == OFFSET_NONE {
+        return None;
+    }
+    // SAFETY: a probe read of kernel memory; failure is reported, never faults.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        bpf_probe_read_kernel(task.add(offset as usize) as *const T).ok()
+    }
+}
+
+/// Reads `*(base + offset)` from kernel memory, where `base` itself was read from the kernel.
+#[inline(always)]
+fn read_at<T>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == OFFSET_NONE {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T).ok() }
+}
+
+/// `current->real_parent->tgid`.
+#[inline(always)]
+fn parent_tgid_of_current(cfg: &Config) -> Option<u32> {
+    let parent = read_task::<u64>(cfg.task_real_parent)?;
+    read_at::<i32>(parent, cfg.task_tgid).map(|t| t as u32)
+}
+
+#[inline(always)]
+fn is_tracked(cfg: &Config, tgid: u32) -> bool {
+    cfg.track_all != 0 || TRACKED.get_ptr(tgid).is_some()
+}
+
+/// Process creation. `task:task_newtask` fires in the caller's context for every new task and
+/// carries `clone_flags`, which is how threads (dropped here, on the fork hot path) are told apart
+/// from processes.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    try_task_newtask(&ctx).unwrap_or(0)
+}
+
+fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = CONFIG.load();
+    // SAFETY: offsets come from this kernel's format file for this tracepoint.
+    let clone_flags: u64 = unsafe { ctx.read_at(cfg.newtask_clone_flags as usize)? };
+    if clone_flags & CLONE_THREAD != 0 {
+        return Ok(0);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let creator = (pid_tgid >> 32) as u32;
+    if creator == cfg.self_tgid || !is_tracked(&cfg, creator) {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let child: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
+    let child = child as u32;
+
+    let parent = if clone_flags & CLONE_PARENT != 0 {
+        parent_tgid_of_current(&cfg).unwrap_or(0)
+    } else {
+        creator
+    };
+
+    // The child inherits tracking; the parent is now someone whose exit matters.
+    if TRACKED.insert(child, 0, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
+        warn!(ctx, "tracked map full: new processes are no longer followed");
+    }
+    match TRACKED.get_ptr_mut(parent) {
+        Some(flags) => unsafe { *flags |= tracked_flags::HAS_CHILDREN },
+        None => {
+            let _ = TRACKED.insert(parent, tracked_flags::HAS_CHILDREN, BPF_NOEXIST as u64);
+        }
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        if count(Stat::RingbufFull) {
+            warn!(ctx, "event ring buffer full: events are being lost");
+        }
+        return Ok(0);
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, exclusively owned record of the right size.
+    unsafe {
+        (*ev).header = header(EventKind::Fork, child, child);
+        (*ev).creator_pid = pid_tgid as u32;
+        (*ev).creator_tgid = creator;
+        (*ev).parent_tgid = parent;
+        (*ev)._pad = 0;
+        (*ev).clone_flags = clone_flags;
+        (*ev).comm = ctx
+            .read_at::<[u8; COMM_LEN]>(cfg.newtask_comm as usize)
+            .unwrap_or([0; COMM_LEN]);
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    Ok(0)
+}
+
+/// Exec. `sched:sched_process_exec` fires after the new image is in place, so the command line
+/// can be read from the new stack and `comm` is already the new one. Execs are reported for every
+/// process: an exec is how a process becomes a policy's service root.
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    try_sched_process_exec(&ctx).unwrap_or(0)
+}
+
+fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == cfg.self_tgid {
+        return Ok(0);
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        if count(Stat::RingbufFull) {
+            warn!(ctx, "event ring buffer full: events are being lost");
+        }
+        return Ok(0);
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, exclusively owned record; reads are probe reads.
+    unsafe {
+        (*ev).header = header(EventKind::Exec, pid_tgid as u32, tgid);
+        (*ev).old_pid = ctx.read_at::<i32>(cfg.exec_old_pid as usize).unwrap_or(0) as u32;
+        (*ev).ppid = parent_tgid_of_current(&cfg).unwrap_or(0);
+        (*ev)._pad = 0;
+        (*ev).start_ns = read_task::<u64>(cfg.task_start_boottime).unwrap_or(0);
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+
+        // `__data_loc char[] filename`: the low 16 bits are the offset of the string within the
+        // record, the high 16 bits its length.
+        (*ev).filename_len = 0;
+        let loc: u32 = ctx.read_at(cfg.exec_filename as usize).unwrap_or(0);
+        let at = (loc & 0xffff) as usize;
+        if at == 0 {
+            if count(Stat::BadField) {
+                warn!(ctx, "sched_process_exec: empty filename __data_loc {}", loc);
+            }
+        } else if let Ok(name) = bpf_probe_read_kernel_str_bytes(
+            (ctx.as_ptr() as *const u8).add(at),
+            &mut (*ev).filename,
+        ) {
+            (*ev).filename_len = name.len() as u32;
+        }
+
+        let (len, flags) = read_args(&cfg, &mut (*ev).args);
+        (*ev).args_len = len;
+        (*ev).flags = flags;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    Ok(0)
+}
+
+/// Copies the new image's argv (`mm->arg_start..arg_end`) into `buf`.
+#[inline(always)]
+fn read_args(cfg: &Config, buf: &mut [u8; ARGS_LEN]) -> (u32, u32) {
+    let Some(mm) = read_task::<u64>(cfg.task_mm) else {
+        return (0, exec_flags::ARGS_MISSING);
+    };
+    let (Some(start), Some(end)) = (
+        read_at::<u64>(mm, cfg.mm_arg_start),
+        read_at::<u64>(mm, cfg.mm_arg_end),
+    ) else {
+        return (0, exec_flags::ARGS_MISSING);
+    };
+    if end <= start {
+        return (0, exec_flags::ARGS_MISSING);
+    }
+    let total = end - start;
+    let (len, flags) = if total > ARGS_LEN as u64 {
+        (ARGS_LEN, exec_flags::ARGS_TRUNCATED)
+    } else {
+        (total as usize, 0)
+    };
+    // The verifier needs `len` provably within the buffer; `get_mut` gives it that bound.
+    let Some(dst) = buf.get_mut(..len) else {
+        return (0, exec_flags::ARGS_MISSING);
+    };
+    // SAFETY: a probe read of the current task's user memory.
+    match unsafe { bpf_probe_read_user_buf(start as *const u8, dst) } {
+        Ok(()) => (len as u32, flags),
+        Err(_) => (0, exec_flags::ARGS_MISSING),
+    }
+}
+
+/// Exit. `sched:sched_process_exit` fires for every thread; only the death of a whole thread
+/// group is reported, because that is the moment the kernel reparents the group's children.
+/// The exit of a process with children is what the daemon waits on, so it wakes the reader.
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    try_sched_process_exit(&ctx).unwrap_or(0)
+}
+
+fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == cfg.self_tgid || !group_dead(ctx, &cfg) {
+        return Ok(0);
+    }
+    let tracked = TRACKED.get_ptr(tgid).map(|f| unsafe { *f });
+    if cfg.track_all == 0 && tracked.is_none() {
+        return Ok(0);
+    }
+    if tracked.is_some() {
+        let _ = TRACKED.remove(tgid);
+    }
+    let had_children = tracked.unwrap_or(0) & tracked_flags::HAS_CHILDREN != 0;
+
+    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
+        if count(Stat::RingbufFull) {
+            warn!(ctx, "event ring buffer full: events are being lost");
+        }
+        return Ok(0);
+    };
+    let ev = entry.as_mut_ptr();
+    let mut flags = if had_children {
+        exit_flags::HAD_CHILDREN
+    } else {
+        0
+    };
+    let exit_code = match read_task::<i32>(cfg.task_exit_code) {
+        Some(code) => {
+            flags |= exit_flags::EXIT_CODE_VALID;
+            code as u32
+        }
+        None => 0,
+    };
+    // SAFETY: `ev` points to a reserved, exclusively owned record.
+    unsafe {
+        (*ev).header = header(EventKind::Exit, pid_tgid as u32, tgid);
+        (*ev).exit_code = exit_code;
+        (*ev).flags = flags;
+        (*ev).start_ns = read_task::<u64>(cfg.task_start_boottime).unwrap_or(0);
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    }
+    entry.submit(if had_children {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64);
+    Ok(0)
+}
+
+/// Whether the exiting thread is the last of its group.
+#[inline(always)]
+fn group_dead(ctx: &TracePointContext, cfg: &Config) -> bool {
+    if cfg.exit_group_dead != OFFSET_NONE {
+        // SAFETY: offset from this kernel's format file.
+        return unsafe { ctx.read_at::<u8>(cfg.exit_group_dead as usize) }.unwrap_or(0) != 0;
+    }
+    // Kernels without the field: do_exit() decrements `signal->live` before this tracepoint, so
+    // it reads zero once the last thread is on its way out. Two threads dying together may both
+    // read zero; the daemon treats a second report of one group's death as a duplicate.
+    read_task::<u64>(cfg.task_signal)
+        .and_then(|signal| read_at::<i32>(signal, cfg.signal_live))
+        .is_some_and(|live| live == 0)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

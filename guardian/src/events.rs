@@ -1,0 +1,351 @@
+//! Decoding of the records the eBPF program writes to the ring buffer.
+
+use guardian_common::{
+    exec_flags, exit_flags, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ARGS_LEN,
+    FILENAME_LEN,
+};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than the {need}-byte {what}")]
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{what} length {len} exceeds its {max}-byte buffer")]
+    BadLength {
+        what: &'static str,
+        len: u32,
+        max: usize,
+    },
+}
+
+/// A decoded kernel event. Times are `CLOCK_BOOTTIME` nanoseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Fork(Fork),
+    Exec(Exec),
+    Exit(Exit),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fork {
+    pub ts_ns: u64,
+    pub pid: u32,
+    /// The process that called fork.
+    pub creator: u32,
+    /// The child's parent: the creator, or the creator's parent for `CLONE_PARENT`. `None` when
+    /// the kernel could not tell.
+    pub parent: Option<u32>,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exec {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub ppid: Option<u32>,
+    /// Exact start time, when the kernel could read it.
+    pub start_ns: Option<u64>,
+    pub comm: String,
+    pub filename: String,
+    pub argv: Vec<String>,
+    /// The argv above is cut short (or missing) and should be completed from `/proc`.
+    pub argv_incomplete: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub ts_ns: u64,
+    pub pid: u32,
+    /// Exact start time, when the kernel could read it.
+    pub start_ns: Option<u64>,
+    pub comm: String,
+    pub status: Option<ExitStatus>,
+    pub had_children: bool,
+}
+
+/// How a process ended, decoded from the kernel's `exit_code`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal { signal: i32, core_dumped: bool },
+}
+
+impl ExitStatus {
+    /// Decodes a wait-status-shaped kernel `exit_code`.
+    pub fn from_raw(raw: u32) -> Self {
+        let sig = (raw & 0x7f) as i32;
+        if sig == 0 {
+            Self::Code(((raw >> 8) & 0xff) as i32)
+        } else {
+            Self::Signal {
+                signal: sig,
+                core_dumped: raw & 0x80 != 0,
+            }
+        }
+    }
+}
+
+fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    let need = std::mem::size_of::<T>();
+    if buf.len() < need {
+        return Err(DecodeError::Short {
+            what,
+            len: buf.len(),
+            need,
+        });
+    }
+    // SAFETY: length checked; `T` is a plain-old-data `#[repr(C)]` struct; unaligned read.
+    Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
+}
+
+/// A NUL-padded kernel string.
+fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Splits NUL-separated argv.
+pub fn split_args(bytes: &[u8]) -> Vec<String> {
+    let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+fn bounded(len: u32, max: usize, what: &'static str) -> Result<usize, DecodeError> {
+    if len as usize > max {
+        return Err(DecodeError::BadLength { what, len, max });
+    }
+    Ok(len as usize)
+}
+
+/// Zero is how the kernel side says "could not read".
+fn known<T: Default + PartialEq>(v: T) -> Option<T> {
+    (v != T::default()).then_some(v)
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(buf, "event header")?;
+    match EventKind::from_u32(header.kind) {
+        Some(EventKind::Fork) => {
+            let ev: ForkEvent = read(buf, "fork event")?;
+            Ok(Event::Fork(Fork {
+                ts_ns: ev.header.ts_ns,
+                pid: ev.header.tgid,
+                creator: ev.creator_tgid,
+                parent: known(ev.parent_tgid),
+                comm: c_str(&ev.comm),
+            }))
+        }
+        Some(EventKind::Exec) => {
+            let ev: ExecEvent = read(buf, "exec event")?;
+            let flen = bounded(ev.filename_len, FILENAME_LEN, "filename")?;
+            let alen = bounded(ev.args_len, ARGS_LEN, "argv")?;
+            Ok(Event::Exec(Exec {
+                ts_ns: ev.header.ts_ns,
+                pid: ev.header.tgid,
+                ppid: known(ev.ppid),
+                start_ns: known(ev.start_ns),
+                comm: c_str(&ev.comm),
+                filename: String::from_utf8_lossy(&ev.filename[..flen]).into_owned(),
+                argv: split_args(&ev.args[..alen]),
+                argv_incomplete: ev.flags
+                    & (exec_flags::ARGS_TRUNCATED | exec_flags::ARGS_MISSING)
+                    != 0,
+            }))
+        }
+        Some(EventKind::Exit) => {
+            let ev: ExitEvent = read(buf, "exit event")?;
+            Ok(Event::Exit(Exit {
+                ts_ns: ev.header.ts_ns,
+                pid: ev.header.tgid,
+                start_ns: known(ev.start_ns),
+                comm: c_str(&ev.comm),
+                status: (ev.flags & exit_flags::EXIT_CODE_VALID != 0)
+                    .then(|| ExitStatus::from_raw(ev.exit_code)),
+                had_children: ev.flags & exit_flags::HAD_CHILDREN != 0,
+            }))
+        }
+        None => Err(DecodeError::UnknownKind(header.kind)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use guardian_common::COMM_LEN;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain-old-data value.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn comm(s: &str) -> [u8; COMM_LEN] {
+        let mut c = [0; COMM_LEN];
+        c[..s.len()].copy_from_slice(s.as_bytes());
+        c
+    }
+
+    fn header(kind: EventKind, pid: u32) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            pid,
+            tgid: pid,
+            _pad: 0,
+            ts_ns: 1_000,
+        }
+    }
+
+    pub(crate) fn exec_record(pid: u32, filename: &str, args: &[&str]) -> Vec<u8> {
+        let mut ev = ExecEvent {
+            header: header(EventKind::Exec, pid),
+            old_pid: pid,
+            ppid: 1,
+            start_ns: 900,
+            flags: 0,
+            filename_len: filename.len() as u32,
+            args_len: 0,
+            _pad: 0,
+            comm: comm("python3"),
+            filename: [0; FILENAME_LEN],
+            args: [0; ARGS_LEN],
+        };
+        ev.filename[..filename.len()].copy_from_slice(filename.as_bytes());
+        let mut at = 0;
+        for a in args {
+            ev.args[at..at + a.len()].copy_from_slice(a.as_bytes());
+            at += a.len() + 1;
+        }
+        ev.args_len = at as u32;
+        bytes_of(&ev)
+    }
+
+    #[test]
+    fn decodes_fork() {
+        let ev = ForkEvent {
+            header: header(EventKind::Fork, 42),
+            creator_pid: 7,
+            creator_tgid: 5,
+            parent_tgid: 4,
+            _pad: 0,
+            clone_flags: 0x8011,
+            comm: comm("bash"),
+        };
+        let got = decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(
+            got,
+            Event::Fork(Fork {
+                ts_ns: 1_000,
+                pid: 42,
+                creator: 5,
+                parent: Some(4),
+                comm: "bash".into()
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_exec_with_argv() {
+        let rec = exec_record(9, "/usr/bin/python3", &["python3", "-m", "apps.bot"]);
+        let Event::Exec(e) = decode(&rec).unwrap() else {
+            panic!("not an exec")
+        };
+        assert_eq!(e.filename, "/usr/bin/python3");
+        assert_eq!(e.argv, vec!["python3", "-m", "apps.bot"]);
+        assert_eq!(e.start_ns, Some(900));
+        assert_eq!(e.ppid, Some(1));
+        assert!(!e.argv_incomplete);
+    }
+
+    #[test]
+    fn decodes_exit_status() {
+        let mut ev = ExitEvent {
+            header: header(EventKind::Exit, 3),
+            exit_code: 9,
+            flags: exit_flags::EXIT_CODE_VALID | exit_flags::HAD_CHILDREN,
+            start_ns: 0,
+            comm: comm("sleep"),
+        };
+        let Event::Exit(e) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!("not an exit")
+        };
+        assert_eq!(
+            e.status,
+            Some(ExitStatus::Signal {
+                signal: 9,
+                core_dumped: false
+            })
+        );
+        assert!(e.had_children);
+        assert_eq!(e.start_ns, None);
+        ev.exit_code = 3 << 8;
+        ev.flags = 0;
+        let Event::Exit(e) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!("not an exit")
+        };
+        assert_eq!(e.status, None, "exit code not valid without its flag");
+        assert_eq!(ExitStatus::from_raw(3 << 8), ExitStatus::Code(3));
+        assert_eq!(
+            ExitStatus::from_raw(0x80 | 6),
+            ExitStatus::Signal {
+                signal: 6,
+                core_dumped: true
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        assert!(matches!(
+            decode(&[0u8; 8]),
+            Err(DecodeError::Short {
+                what: "event header",
+                ..
+            })
+        ));
+        let rec = exec_record(9, "/bin/true", &[]);
+        assert!(matches!(
+            decode(&rec[..100]),
+            Err(DecodeError::Short {
+                what: "exec event",
+                ..
+            })
+        ));
+        let mut bad = bytes_of(&header(EventKind::Fork, 1));
+        bad[0] = 99;
+        assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(99)));
+    }
+
+    #[test]
+    fn rejects_lengths_beyond_buffers() {
+        let mut rec = exec_record(9, "/bin/true", &[]);
+        // filename_len follows header(24), old_pid(4), ppid(4), start_ns(8), flags(4).
+        rec[44..48].copy_from_slice(&(FILENAME_LEN as u32 + 1).to_ne_bytes());
+        assert!(matches!(
+            decode(&rec),
+            Err(DecodeError::BadLength {
+                what: "filename",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn splits_args() {
+        assert_eq!(split_args(b"a\0b c\0"), vec!["a", "b c"]);
+        assert_eq!(split_args(b"a\0\0b\0"), vec!["a", "", "b"]);
+        assert!(split_args(b"").is_empty());
+    }
+}

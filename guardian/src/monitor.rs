@@ -1,0 +1,332 @@
+//! The event loop: drains the ring buffer, keeps the process table, confirms reparents, reports
+//! losses, and hands every change to a [`Handler`] (the trace printer, or the policy engine).
+//!
+//! Routine records are submitted without a wakeup and collected by a short timer; the exit of a
+//! process with children wakes the loop at once. One task owns the table: nothing else mutates it.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    time::{interval, MissedTickBehavior},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    events::{self, Event, ExitStatus},
+    loader::{KernelStats, LoadOptions, Probes},
+    output::Clock,
+    procs,
+    table::{Change, Table},
+};
+
+/// How often routine records are collected.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Kernel counters are read every this many drains (100 ms).
+const STATS_EVERY_TICKS: u32 = 10;
+/// A reparent not visible in `/proc` after this long is given up (ns).
+const REPARENT_GIVE_UP_NS: u64 = 2_000_000_000;
+
+/// Something the monitor saw, in kernel order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    Fork {
+        pid: u32,
+        ts_ns: u64,
+    },
+    Exec {
+        pid: u32,
+        ts_ns: u64,
+    },
+    Exit {
+        pid: u32,
+        ts_ns: u64,
+        status: Option<ExitStatus>,
+    },
+    /// `pid`'s parent group died at `ts_ns`; the new parent is being confirmed.
+    Orphaned {
+        pid: u32,
+        old_parent: u32,
+        ts_ns: u64,
+    },
+    /// The kernel has given `pid` to `new_parent` (confirmed in `/proc`).
+    Reparent {
+        pid: u32,
+        old_parent: u32,
+        new_parent: u32,
+        ts_ns: u64,
+    },
+    Lost {
+        reason: &'static str,
+        count: u64,
+        total: u64,
+    },
+}
+
+/// The state a handler works with.
+pub struct State {
+    pub table: Table,
+    pub probes: Probes,
+    pub clock: Clock,
+}
+
+/// Receives every notice, then a call per timer tick.
+pub trait Handler {
+    fn notice(&mut self, state: &mut State, notice: &Notice) -> anyhow::Result<()>;
+
+    /// Called after each drain.
+    fn tick(&mut self, _state: &mut State) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PendingReparent {
+    pid: u32,
+    start_ns: u64,
+    old_parent: u32,
+    ts_ns: u64,
+}
+
+pub struct Monitor {
+    pub state: State,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pending: Vec<PendingReparent>,
+    kstats: KernelStats,
+    decode_errors: u64,
+}
+
+impl Monitor {
+    /// Loads the probes, then reads `/proc`: processes started in between are seen twice, which
+    /// the table tolerates, and none is missed.
+    pub fn start(opts: LoadOptions) -> anyhow::Result<Self> {
+        let mut probes = Probes::load(opts)?;
+        let ring = probes.events.take().context("ring buffer already taken")?;
+        // SAFETY: the ring buffer owns its map fd and keeps it open for as long as it is wrapped.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?;
+        let mut table = Table::new(opts.track_all);
+        table.seed(procs::scan());
+        if opts.track_all {
+            let pids: Vec<(u32, bool)> = table
+                .iter_alive()
+                .map(|p| (p.pid, !p.children.is_empty()))
+                .collect();
+            for (pid, has_children) in pids {
+                probes.track(pid, has_children)?;
+            }
+        }
+        Ok(Self {
+            state: State {
+                table,
+                probes,
+                clock: Clock::new(),
+            },
+            ring,
+            pending: Vec::new(),
+            kstats: KernelStats::default(),
+            decode_errors: 0,
+        })
+    }
+
+    /// Runs until SIGINT or SIGTERM.
+    pub async fn run(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut tick = interval(DRAIN_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
+        loop {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let records = drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    self.process(records, handler)?;
+                    // Records committed between the drain and clear_ready raised no new edge.
+                    let late = drain(self.ring.get_mut());
+                    self.process(late, handler)?;
+                }
+                _ = tick.tick() => {
+                    let records = drain(self.ring.get_mut());
+                    self.process(records, handler)?;
+                    self.confirm_reparents(handler)?;
+                    ticks = ticks.wrapping_add(1);
+                    if ticks % STATS_EVERY_TICKS == 0 {
+                        self.report_losses(handler)?;
+                    }
+                    self.state.table.expire(procs::boottime_ns());
+                    if let Some(logger) = self.state.probes.logger.as_mut() {
+                        logger.flush();
+                    }
+                    handler.tick(&mut self.state)?;
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+            }
+        }
+        let records = drain(self.ring.get_mut());
+        self.process(records, handler)?;
+        self.report_losses(handler)?;
+        debug!(stats = ?self.state.table.stats, "stopping");
+        Ok(())
+    }
+
+    fn process(&mut self, records: Vec<Vec<u8>>, handler: &mut impl Handler) -> anyhow::Result<()> {
+        for rec in records {
+            match events::decode(&rec) {
+                Ok(ev) => self.apply(ev, handler)?,
+                Err(e) => {
+                    self.decode_errors += 1;
+                    warn!("undecodable ring-buffer record: {e}");
+                    handler.notice(
+                        &mut self.state,
+                        &Notice::Lost {
+                            reason: "decode_error",
+                            count: 1,
+                            total: self.decode_errors,
+                        },
+                    )?;
+                }
+            }
+        }
+        self.confirm_reparents(handler)
+    }
+
+    fn apply(&mut self, mut ev: Event, handler: &mut impl Handler) -> anyhow::Result<()> {
+        if let Event::Exec(e) = &mut ev {
+            if e.argv_incomplete {
+                // Longer than the kernel side copies: complete it while the process lives.
+                if let Some(argv) = procs::argv(e.pid).filter(|a| a.len() >= e.argv.len()) {
+                    e.argv = argv;
+                }
+            }
+        }
+        let ts_ns = match &ev {
+            Event::Fork(f) => f.ts_ns,
+            Event::Exec(e) => e.ts_ns,
+            Event::Exit(x) => x.ts_ns,
+        };
+        for change in self.state.table.apply(&ev) {
+            let notice = match change {
+                Change::Forked { pid } => Notice::Fork { pid, ts_ns },
+                Change::Execed { pid } => Notice::Exec { pid, ts_ns },
+                Change::Exited { pid } => Notice::Exit {
+                    pid,
+                    ts_ns,
+                    status: match self.state.table.get(pid).map(|p| p.state) {
+                        Some(crate::table::State::Exited { status, .. }) => status,
+                        _ => None,
+                    },
+                },
+                Change::Orphaned { pid, old_parent } => {
+                    if let Some(p) = self.state.table.alive(pid) {
+                        self.pending.push(PendingReparent {
+                            pid,
+                            start_ns: p.start_ns,
+                            old_parent,
+                            ts_ns,
+                        });
+                    }
+                    Notice::Orphaned {
+                        pid,
+                        old_parent,
+                        ts_ns,
+                    }
+                }
+            };
+            handler.notice(&mut self.state, &notice)?;
+        }
+        Ok(())
+    }
+
+    /// Reads each orphan's new parent from `/proc`. The kernel reparents right after the
+    /// tracepoint fires, so an orphan can still show its old parent for a moment: it is retried
+    /// on the next pass.
+    fn confirm_reparents(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let now = procs::boottime_ns();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            let Some(proc_entry) = self.state.table.alive(p.pid) else {
+                continue; // died meanwhile
+            };
+            if !proc_entry.same_start(p.start_ns) {
+                continue;
+            }
+            match procs::stat(p.pid) {
+                Some((ppid, start, state)) if proc_entry.same_start(start) && state != 'Z' => {
+                    if ppid == p.old_parent {
+                        if now.saturating_sub(p.ts_ns) < REPARENT_GIVE_UP_NS {
+                            keep.push(p);
+                        } else {
+                            warn!(pid = p.pid, "no reparent visible in /proc; giving up");
+                        }
+                        continue;
+                    }
+                    self.state.table.reparented(p.pid, ppid);
+                    handler.notice(
+                        &mut self.state,
+                        &Notice::Reparent {
+                            pid: p.pid,
+                            old_parent: p.old_parent,
+                            new_parent: ppid,
+                            ts_ns: p.ts_ns,
+                        },
+                    )?;
+                }
+                _ => {} // gone, a zombie, or the PID already belongs to someone else
+            }
+        }
+        self.pending = keep;
+        Ok(())
+    }
+
+    fn report_losses(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+        let now = self.state.probes.kernel_stats();
+        let before = std::mem::replace(&mut self.kstats, now);
+        for (reason, count, total) in [
+            (
+                "ringbuf_full",
+                now.ringbuf_full - before.ringbuf_full,
+                now.ringbuf_full,
+            ),
+            (
+                "tracked_map_full",
+                now.tracked_full - before.tracked_full,
+                now.tracked_full,
+            ),
+            (
+                "bad_tracepoint_field",
+                now.bad_field - before.bad_field,
+                now.bad_field,
+            ),
+        ] {
+            if count > 0 {
+                warn!(reason, count, total, "kernel events lost");
+                handler.notice(
+                    &mut self.state,
+                    &Notice::Lost {
+                        reason,
+                        count,
+                        total,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        out.push(item.to_vec());
+    }
+    out
+}

@@ -1,0 +1,600 @@
+//! The live process table: seeded from `/proc`, then kept by kernel events.
+//!
+//! Processes are identified by (pid, start time): pid_max can be small and PIDs wrap within
+//! seconds under a fork storm. Exited entries are kept for a grace period so that late
+//! references still resolve, and an exit that arrives before its fork is held until the fork
+//! shows up.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use crate::{
+    events::{Event, Exec, Exit, ExitStatus, Fork},
+    procs::ProcInfo,
+};
+
+/// Two start times this close (ns) belong to the same process. Start times are known exactly
+/// (BTF), to a clock tick (`/proc`) or from the fork event's timestamp (a few µs late); reusing a
+/// PID takes pid_max forks, which no host does within this window.
+pub const SAME_START_NS: u64 = 100_000_000;
+/// How long an exited process stays in the table (ns).
+pub const EXITED_GRACE_NS: u64 = 5_000_000_000;
+/// kthreadd: the parent of every kernel thread.
+const KTHREADD: u32 = 2;
+
+/// One process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    /// Current parent process id (0: not known yet, for example while a reparent is confirmed).
+    pub parent: u32,
+    /// Start time, `CLOCK_BOOTTIME` ns (see [`SAME_START_NS`] for its precision).
+    pub start_ns: u64,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub argv: Vec<String>,
+    /// Live child processes.
+    pub children: BTreeSet<u32>,
+    pub kernel_thread: bool,
+    pub state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Alive,
+    Exited {
+        at_ns: u64,
+        status: Option<ExitStatus>,
+    },
+}
+
+impl Process {
+    pub fn alive(&self) -> bool {
+        self.state == State::Alive
+    }
+
+    /// Whether a start time read elsewhere is this process's.
+    pub fn same_start(&self, start_ns: u64) -> bool {
+        self.start_ns.abs_diff(start_ns) <= SAME_START_NS
+    }
+
+    /// The command line joined by spaces (what policies match against).
+    pub fn cmdline(&self) -> String {
+        self.argv.join(" ")
+    }
+}
+
+/// What an event changed. The process named is in the table when the change is returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Forked { pid: u32 },
+    Execed { pid: u32 },
+    Exited { pid: u32 },
+    /// `pid`'s parent died: the kernel reparents it to a reaper. The new parent is to be
+    /// confirmed (from `/proc`) and recorded with [`Table::reparented`].
+    Orphaned { pid: u32, old_parent: u32 },
+}
+
+#[derive(Clone, Debug)]
+struct EarlyExit {
+    exit: Exit,
+    expires_ns: u64,
+}
+
+/// Counters of inconsistencies the table repaired.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// A PID came back while its previous holder was still alive in the table: that exit was
+    /// never seen.
+    pub missed_exits: u64,
+    /// Exits seen before their fork.
+    pub early_exits: u64,
+    /// Second reports of the same group death.
+    pub duplicate_exits: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Table {
+    procs: HashMap<u32, Process>,
+    /// Exited entries in the order they expire: (expiry ns, pid, start ns).
+    expiry: VecDeque<(u64, u32, u64)>,
+    early_exits: HashMap<u32, EarlyExit>,
+    /// Insert processes the table first hears of at exec (every process is being traced).
+    /// Otherwise execs of unknown processes are left to the caller.
+    adopt_unknown: bool,
+    pub stats: TableStats,
+}
+
+impl Table {
+    pub fn new(adopt_unknown: bool) -> Self {
+        Self {
+            adopt_unknown,
+            ..Self::default()
+        }
+    }
+
+    pub fn get(&self, pid: u32) -> Option<&Process> {
+        self.procs.get(&pid)
+    }
+
+    /// The live process with this pid.
+    pub fn alive(&self, pid: u32) -> Option<&Process> {
+        self.procs.get(&pid).filter(|p| p.alive())
+    }
+
+    pub fn len_alive(&self) -> usize {
+        self.procs.values().filter(|p| p.alive()).count()
+    }
+
+    pub fn iter_alive(&self) -> impl Iterator<Item = &Process> {
+        self.procs.values().filter(|p| p.alive())
+    }
+
+    /// Adds processes read from `/proc`. A process already known with the same start time is
+    /// left as the events made it.
+    pub fn seed(&mut self, infos: impl IntoIterator<Item = ProcInfo>) {
+        let mut added = Vec::new();
+        for info in infos {
+            if info.state == 'Z' || info.state == 'X' {
+                continue;
+            }
+            if let Some(p) = self.procs.get(&info.pid) {
+                if p.alive() && p.same_start(info.start_ns) {
+                    continue;
+                }
+            }
+            added.push(info.pid);
+            self.procs.insert(
+                info.pid,
+                Process {
+                    pid: info.pid,
+                    parent: info.ppid,
+                    start_ns: info.start_ns,
+                    comm: info.comm,
+                    exe: info.exe,
+                    argv: info.argv,
+                    children: BTreeSet::new(),
+                    kernel_thread: info.kernel_thread,
+                    state: State::Alive,
+                },
+            );
+        }
+        for pid in added {
+            let parent = self.procs[&pid].parent;
+            if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
+                p.children.insert(pid);
+            }
+        }
+    }
+
+    /// Inserts one process found outside the event stream (for example a policy root found at
+    /// exec, or its descendants found in `/proc`). Returns false if it was already known.
+    pub fn insert(&mut self, info: ProcInfo) -> bool {
+        if self.alive(info.pid).is_some_and(|p| p.same_start(info.start_ns)) {
+            return false;
+        }
+        self.seed([info]);
+        true
+    }
+
+    /// Applies one kernel event.
+    pub fn apply(&mut self, ev: &Event) -> Vec<Change> {
+        match ev {
+            Event::Fork(f) => self.fork(f),
+            Event::Exec(e) => self.exec(e).into_iter().collect(),
+            Event::Exit(x) => self.exit(x),
+        }
+    }
+
+    fn fork(&mut self, f: &Fork) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if let Some(old) = self.procs.get(&f.pid) {
+            if old.alive() {
+                if old.same_start(f.ts_ns) {
+                    // Seen in /proc already (the scan raced with the event).
+                    return changes;
+                }
+                // The previous holder of this PID died without an exit event: its children are
+                // orphans, but there is no exit to report.
+                self.stats.missed_exits += 1;
+                changes.extend(self.retire(f.pid, f.ts_ns, None).into_iter().skip(1));
+            }
+            self.procs.remove(&f.pid);
+        }
+        let parent = f.parent.unwrap_or(f.creator);
+        let (exe, argv, kernel_thread) = match self.procs.get(&f.creator) {
+            Some(c) => (c.exe.clone(), c.argv.clone(), c.kernel_thread),
+            None => (None, Vec::new(), false),
+        };
+        self.procs.insert(
+            f.pid,
+            Process {
+                pid: f.pid,
+                parent,
+                start_ns: f.ts_ns,
+                comm: f.comm.clone(),
+                exe,
+                argv,
+                children: BTreeSet::new(),
+                kernel_thread: kernel_thread || parent == KTHREADD,
+                state: State::Alive,
+            },
+        );
+        if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
+            p.children.insert(f.pid);
+        }
+        changes.push(Change::Forked { pid: f.pid });
+
+        if let Some(early) = self.early_exits.remove(&f.pid) {
+            if early.exit.start_ns.is_none_or(|s| s.abs_diff(f.ts_ns) <= SAME_START_NS) {
+                changes.extend(self.exit(&early.exit));
+            } else {
+                self.early_exits.insert(f.pid, early);
+            }
+        }
+        changes
+    }
+
+    fn exec(&mut self, e: &Exec) -> Option<Change> {
+        let known = self
+            .procs
+            .get(&e.pid)
+            .is_some_and(|p| p.alive() && e.start_ns.is_none_or(|s| p.same_start(s)));
+        if !known {
+            if !self.adopt_unknown {
+                return None;
+            }
+            self.procs.remove(&e.pid);
+            let parent = e.ppid.unwrap_or(0);
+            self.procs.insert(
+                e.pid,
+                Process {
+                    pid: e.pid,
+                    parent,
+                    start_ns: e.start_ns.unwrap_or(e.ts_ns),
+                    comm: String::new(),
+                    exe: None,
+                    argv: Vec::new(),
+                    children: BTreeSet::new(),
+                    kernel_thread: false,
+                    state: State::Alive,
+                },
+            );
+            if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
+                p.children.insert(e.pid);
+            }
+        }
+        let p = self.procs.get_mut(&e.pid)?;
+        p.comm = e.comm.clone();
+        p.exe = Some(e.filename.clone());
+        p.argv = e.argv.clone();
+        // A user-space exec is never a kernel thread (kthreads exec only through usermode helpers,
+        // which become ordinary processes).
+        p.kernel_thread = false;
+        if let Some(start) = e.start_ns {
+            p.start_ns = start;
+        }
+        Some(Change::Execed { pid: e.pid })
+    }
+
+    fn exit(&mut self, x: &Exit) -> Vec<Change> {
+        let Some(p) = self.procs.get(&x.pid) else {
+            self.hold_early(x);
+            return Vec::new();
+        };
+        let same = x.start_ns.is_none_or(|s| p.same_start(s));
+        if !p.alive() {
+            if same {
+                self.stats.duplicate_exits += 1;
+            } else {
+                self.hold_early(x);
+            }
+            return Vec::new();
+        }
+        if !same {
+            // The table still holds an older process with this PID; the one that exited is newer
+            // and its fork has not been seen yet.
+            if x.start_ns.is_some_and(|s| s < p.start_ns) {
+                return Vec::new();
+            }
+            self.stats.missed_exits += 1;
+            let orphans = self.retire(x.pid, x.ts_ns, None).into_iter().skip(1).collect();
+            self.hold_early(x);
+            return orphans;
+        }
+        if let Some(p) = self.procs.get_mut(&x.pid) {
+            if p.comm.is_empty() {
+                p.comm = x.comm.clone();
+            }
+        }
+        self.retire(x.pid, x.ts_ns, x.status)
+    }
+
+    fn hold_early(&mut self, x: &Exit) {
+        self.stats.early_exits += 1;
+        self.early_exits.insert(
+            x.pid,
+            EarlyExit {
+                exit: x.clone(),
+                expires_ns: x.ts_ns + EXITED_GRACE_NS,
+            },
+        );
+    }
+
+    /// Marks a live process exited, unlinks it from its parent, and orphans its children.
+    /// Returns `Exited` first, then one `Orphaned` per live child.
+    fn retire(&mut self, pid: u32, at_ns: u64, status: Option<ExitStatus>) -> Vec<Change> {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return Vec::new();
+        };
+        p.state = State::Exited { at_ns, status };
+        let parent = p.parent;
+        let start = p.start_ns;
+        let children = std::mem::take(&mut p.children);
+        self.expiry.push_back((at_ns + EXITED_GRACE_NS, pid, start));
+        if let Some(pp) = self.procs.get_mut(&parent) {
+            pp.children.remove(&pid);
+        }
+        let mut changes = vec![Change::Exited { pid }];
+        for child in children {
+            if let Some(c) = self.procs.get_mut(&child).filter(|c| c.alive()) {
+                c.parent = 0;
+                changes.push(Change::Orphaned {
+                    pid: child,
+                    old_parent: pid,
+                });
+            }
+        }
+        changes
+    }
+
+    /// Records a confirmed new parent (from `/proc`) of a live process.
+    pub fn reparented(&mut self, pid: u32, new_parent: u32) {
+        let Some(c) = self.procs.get_mut(&pid).filter(|c| c.alive()) else {
+            return;
+        };
+        let old = std::mem::replace(&mut c.parent, new_parent);
+        if let Some(op) = self.procs.get_mut(&old) {
+            op.children.remove(&pid);
+        }
+        if let Some(np) = self.procs.get_mut(&new_parent).filter(|p| p.alive()) {
+            np.children.insert(pid);
+        }
+    }
+
+    /// Drops exited entries and unmatched early exits older than the grace period.
+    pub fn expire(&mut self, now_ns: u64) {
+        while let Some(&(expiry, pid, start)) = self.expiry.front() {
+            if expiry > now_ns {
+                break;
+            }
+            self.expiry.pop_front();
+            if self
+                .procs
+                .get(&pid)
+                .is_some_and(|p| !p.alive() && p.start_ns == start)
+            {
+                self.procs.remove(&pid);
+            }
+        }
+        self.early_exits.retain(|_, e| e.expires_ns > now_ns);
+    }
+
+    /// Live descendants of `pid` (not including it), depth first.
+    pub fn descendants(&self, pid: u32) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut stack: Vec<u32> = self
+            .alive(pid)
+            .map(|p| p.children.iter().copied().collect())
+            .unwrap_or_default();
+        while let Some(c) = stack.pop() {
+            if out.len() > self.procs.len() {
+                break; // a cycle would be a bug; never loop forever on it
+            }
+            if let Some(p) = self.alive(c) {
+                out.push(c);
+                stack.extend(p.children.iter().copied());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn fork(pid: u32, parent: u32, ts_ns: u64) -> Event {
+        Event::Fork(Fork {
+            ts_ns,
+            pid,
+            creator: parent,
+            parent: Some(parent),
+            comm: "w".into(),
+        })
+    }
+
+    fn exit(pid: u32, start_ns: u64, ts_ns: u64) -> Event {
+        Event::Exit(Exit {
+            ts_ns,
+            pid,
+            start_ns: Some(start_ns),
+            comm: "w".into(),
+            status: Some(ExitStatus::Code(0)),
+            had_children: false,
+        })
+    }
+
+    fn info(pid: u32, ppid: u32, start_ns: u64) -> ProcInfo {
+        ProcInfo {
+            pid,
+            ppid,
+            start_ns,
+            comm: format!("p{pid}"),
+            state: 'S',
+            kernel_thread: false,
+            exe: Some("/bin/p".into()),
+            argv: vec!["p".into()],
+        }
+    }
+
+    fn seeded() -> Table {
+        let mut t = Table::new(true);
+        t.seed([info(1, 0, 0), info(100, 1, 10 * MS)]);
+        t
+    }
+
+    #[test]
+    fn fork_links_child_and_exit_orphans_grandchildren() {
+        let mut t = seeded();
+        assert_eq!(
+            t.apply(&fork(200, 100, 1000 * MS)),
+            vec![Change::Forked { pid: 200 }]
+        );
+        t.apply(&fork(300, 200, 1001 * MS));
+        assert!(t.alive(100).unwrap().children.contains(&200));
+        assert_eq!(t.get(300).unwrap().argv, vec!["p"], "inherits argv");
+        let changes = t.apply(&exit(200, 1000 * MS + 5_000, 1500 * MS));
+        assert_eq!(
+            changes,
+            vec![
+                Change::Exited { pid: 200 },
+                Change::Orphaned {
+                    pid: 300,
+                    old_parent: 200
+                }
+            ]
+        );
+        assert!(!t.alive(100).unwrap().children.contains(&200));
+        t.reparented(300, 1);
+        assert_eq!(t.alive(300).unwrap().parent, 1);
+        assert!(t.alive(1).unwrap().children.contains(&300));
+    }
+
+    #[test]
+    fn exit_before_fork_is_applied_when_the_fork_arrives() {
+        let mut t = seeded();
+        assert!(t.apply(&exit(200, 1000 * MS, 1200 * MS)).is_empty());
+        let changes = t.apply(&fork(200, 100, 1000 * MS + 3_000));
+        assert_eq!(
+            changes,
+            vec![Change::Forked { pid: 200 }, Change::Exited { pid: 200 }]
+        );
+        assert!(t.alive(200).is_none());
+        assert_eq!(t.stats.early_exits, 1);
+    }
+
+    #[test]
+    fn reused_pid_is_a_new_process() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        t.apply(&exit(200, 1000 * MS, 1100 * MS));
+        // Same PID, seconds later, another parent.
+        t.apply(&fork(200, 1, 9000 * MS));
+        let p = t.alive(200).unwrap();
+        assert_eq!((p.parent, p.start_ns), (1, 9000 * MS));
+        assert!(!t.alive(100).unwrap().children.contains(&200));
+        // A late duplicate exit of the old process must not kill the new one.
+        t.apply(&exit(200, 1000 * MS, 1100 * MS));
+        assert!(t.alive(200).is_some());
+    }
+
+    #[test]
+    fn missed_exit_is_repaired_by_the_next_fork_of_the_pid() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        t.apply(&fork(201, 200, 1001 * MS));
+        let changes = t.apply(&fork(200, 1, 9000 * MS));
+        assert_eq!(
+            changes,
+            vec![
+                Change::Orphaned {
+                    pid: 201,
+                    old_parent: 200
+                },
+                Change::Forked { pid: 200 }
+            ]
+        );
+        assert_eq!(t.stats.missed_exits, 1);
+        assert_eq!(t.alive(200).unwrap().parent, 1);
+    }
+
+    #[test]
+    fn exit_of_a_newer_process_with_a_stale_entry() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        // The kernel reports the death of a *newer* pid 200 whose fork we have not seen.
+        assert!(t.apply(&exit(200, 9000 * MS, 9500 * MS)).is_empty());
+        assert!(t.alive(200).is_none());
+        let changes = t.apply(&fork(200, 1, 9000 * MS + 1_000));
+        assert_eq!(
+            changes,
+            vec![Change::Forked { pid: 200 }, Change::Exited { pid: 200 }]
+        );
+    }
+
+    #[test]
+    fn duplicate_exit_is_counted_once() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        t.apply(&exit(200, 1000 * MS, 1100 * MS));
+        assert!(t.apply(&exit(200, 1000 * MS, 1100 * MS)).is_empty());
+        assert_eq!(t.stats.duplicate_exits, 1);
+    }
+
+    #[test]
+    fn seed_does_not_override_event_state() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        t.seed([info(200, 100, 1000 * MS + 4 * MS)]);
+        assert_eq!(t.alive(200).unwrap().comm, "w", "kept the event's entry");
+    }
+
+    #[test]
+    fn exec_updates_identity_and_adopts_unknown_processes() {
+        let mut t = seeded();
+        let ev = Event::Exec(Exec {
+            ts_ns: 2000 * MS,
+            pid: 500,
+            ppid: Some(100),
+            start_ns: Some(1990 * MS),
+            comm: "python3".into(),
+            filename: "/usr/bin/python3".into(),
+            argv: vec!["python3".into(), "-m".into(), "x".into()],
+            argv_incomplete: false,
+        });
+        assert_eq!(t.apply(&ev), vec![Change::Execed { pid: 500 }]);
+        let p = t.alive(500).unwrap();
+        assert_eq!(p.cmdline(), "python3 -m x");
+        assert_eq!(p.parent, 100);
+        assert!(t.alive(100).unwrap().children.contains(&500));
+
+        let mut strict = Table::new(false);
+        assert!(strict.apply(&ev).is_empty());
+        assert!(strict.alive(500).is_none());
+    }
+
+    #[test]
+    fn expire_drops_old_exited_entries_only() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        t.apply(&exit(200, 1000 * MS, 1100 * MS));
+        t.expire(1100 * MS + EXITED_GRACE_NS - 1);
+        assert!(t.get(200).is_some());
+        t.expire(1100 * MS + EXITED_GRACE_NS);
+        assert!(t.get(200).is_none());
+        assert!(t.get(100).is_some());
+    }
+
+    #[test]
+    fn descendants_walks_the_tree() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        t.apply(&fork(300, 200, 1001 * MS));
+        t.apply(&fork(301, 200, 1002 * MS));
+        let mut d = t.descendants(100);
+        d.sort();
+        assert_eq!(d, vec![200, 300, 301]);
+    }
+}
