@@ -9,9 +9,7 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let object = env::var_os("GUARDIAN_EBPF_OBJECT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            manifest.join("../target/ebpf/bpfel-unknown-none/release/guardian")
-        });
+        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/guardian"));
     println!("cargo:rerun-if-changed={}", object.display());
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("guardian-ebpf.o");
     match fs::read(&object) {

@@ -129,7 +129,7 @@ pub struct ExecEvent {
     pub old_pid: u32,
     /// Process id of the parent, or 0 when unknown.
     pub ppid: u32,
-    /// The task's start time (`task_struct::start_boottime`, ns) or 0 when unknown.
+    /// The process's start time (the group leader's `start_boottime`, ns) or 0 when unknown.
     pub start_ns: u64,
     /// [`exec_flags`].
     pub flags: u32,
@@ -154,8 +154,11 @@ pub struct ExitEvent {
     pub exit_code: u32,
     /// [`exit_flags`].
     pub flags: u32,
-    /// The task's start time (`task_struct::start_boottime`, ns) or 0 when unknown.
+    /// The process's start time (the group leader's `start_boottime`, ns) or 0 when unknown.
     pub start_ns: u64,
+    /// Process id of the parent at the time of death, or 0 when unknown.
+    pub ppid: u32,
+    pub _pad: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -193,6 +196,9 @@ pub struct Config {
     /// `task_struct::real_parent` and `task_struct::tgid`: who the parent is.
     pub task_real_parent: u32,
     pub task_tgid: u32,
+    /// `task_struct::group_leader`: a process's start time is its leader's.
+    pub task_group_leader: u32,
+    pub _pad: u32,
     /// `mm_struct::arg_start`, `mm_struct::arg_end`.
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
@@ -222,6 +228,8 @@ impl Config {
             signal_live: OFFSET_NONE,
             task_real_parent: OFFSET_NONE,
             task_tgid: OFFSET_NONE,
+            task_group_leader: OFFSET_NONE,
+            _pad: 0,
         }
     }
 }
@@ -230,8 +238,8 @@ const _: () = {
     assert!(core::mem::size_of::<EventHeader>() == 24);
     assert!(core::mem::size_of::<ForkEvent>() == 24 + 16 + 8 + COMM_LEN);
     assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + COMM_LEN + FILENAME_LEN + ARGS_LEN);
-    assert!(core::mem::size_of::<ExitEvent>() == 24 + 16 + 16);
-    assert!(core::mem::size_of::<Config>() == 17 * 4);
+    assert!(core::mem::size_of::<ExitEvent>() == 24 + 24 + COMM_LEN);
+    assert!(core::mem::size_of::<Config>() == 19 * 4);
     assert!(core::mem::align_of::<ExecEvent>() == 8);
 };
 

@@ -10,8 +10,8 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        bpf_probe_read_user_buf, generated::bpf_ktime_get_boot_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
+        generated::bpf_ktime_get_boot_ns,
     },
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -90,6 +90,13 @@ fn read_at<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base as *const u8).add(offset as usize) as *const T).ok() }
 }
 
+/// `current->group_leader->start_boottime`: the process's start, whichever thread is running.
+#[inline(always)]
+fn process_start(cfg: &Config) -> Option<u64> {
+    let leader = read_task::<u64>(cfg.task_group_leader)?;
+    read_at::<u64>(leader, cfg.task_start_boottime)
+}
+
 /// `current->real_parent->tgid`.
 #[inline(always)]
 fn parent_tgid_of_current(cfg: &Config) -> Option<u32> {
@@ -134,7 +141,10 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
 
     // The child inherits tracking; the parent is now someone whose exit matters.
     if TRACKED.insert(child, 0, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
-        warn!(ctx, "tracked map full: new processes are no longer followed");
+        warn!(
+            ctx,
+            "tracked map full: new processes are no longer followed"
+        );
     }
     match TRACKED.get_ptr_mut(parent) {
         Some(flags) => unsafe { *flags |= tracked_flags::HAS_CHILDREN },
@@ -194,7 +204,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev).old_pid = ctx.read_at::<i32>(cfg.exec_old_pid as usize).unwrap_or(0) as u32;
         (*ev).ppid = parent_tgid_of_current(&cfg).unwrap_or(0);
         (*ev)._pad = 0;
-        (*ev).start_ns = read_task::<u64>(cfg.task_start_boottime).unwrap_or(0);
+        (*ev).start_ns = process_start(&cfg).unwrap_or(0);
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
 
         // `__data_loc char[] filename`: the low 16 bits are the offset of the string within the
@@ -301,7 +311,9 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev).header = header(EventKind::Exit, pid_tgid as u32, tgid);
         (*ev).exit_code = exit_code;
         (*ev).flags = flags;
-        (*ev).start_ns = read_task::<u64>(cfg.task_start_boottime).unwrap_or(0);
+        (*ev).start_ns = process_start(&cfg).unwrap_or(0);
+        (*ev).ppid = parent_tgid_of_current(&cfg).unwrap_or(0);
+        (*ev)._pad = 0;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     }
     entry.submit(if had_children {

@@ -62,6 +62,8 @@ pub struct Exec {
 pub struct Exit {
     pub ts_ns: u64,
     pub pid: u32,
+    /// The parent at the time of death (after any reparenting), when the kernel could read it.
+    pub ppid: Option<u32>,
     /// Exact start time, when the kernel could read it.
     pub start_ns: Option<u64>,
     pub comm: String,
@@ -160,8 +162,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 comm: c_str(&ev.comm),
                 filename: String::from_utf8_lossy(&ev.filename[..flen]).into_owned(),
                 argv: split_args(&ev.args[..alen]),
-                argv_incomplete: ev.flags
-                    & (exec_flags::ARGS_TRUNCATED | exec_flags::ARGS_MISSING)
+                argv_incomplete: ev.flags & (exec_flags::ARGS_TRUNCATED | exec_flags::ARGS_MISSING)
                     != 0,
             }))
         }
@@ -170,6 +171,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             Ok(Event::Exit(Exit {
                 ts_ns: ev.header.ts_ns,
                 pid: ev.header.tgid,
+                ppid: known(ev.ppid),
                 start_ns: known(ev.start_ns),
                 comm: c_str(&ev.comm),
                 status: (ev.flags & exit_flags::EXIT_CODE_VALID != 0)
@@ -188,8 +190,10 @@ pub(crate) mod tests {
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a plain-old-data value.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
     fn comm(s: &str) -> [u8; COMM_LEN] {
@@ -276,6 +280,8 @@ pub(crate) mod tests {
             exit_code: 9,
             flags: exit_flags::EXIT_CODE_VALID | exit_flags::HAD_CHILDREN,
             start_ns: 0,
+            ppid: 1,
+            _pad: 0,
             comm: comm("sleep"),
         };
         let Event::Exit(e) = decode(&bytes_of(&ev)).unwrap() else {

@@ -191,11 +191,14 @@ fn kernel_config(opts: LoadOptions) -> anyhow::Result<(Config, GroupDeadSource)>
             opt("task_struct", &["signal"], &mut c.task_signal);
             opt("task_struct", &["real_parent"], &mut c.task_real_parent);
             opt("task_struct", &["tgid"], &mut c.task_tgid);
+            opt("task_struct", &["group_leader"], &mut c.task_group_leader);
             opt("mm_struct", &["arg_start"], &mut c.mm_arg_start);
             opt("mm_struct", &["arg_end"], &mut c.mm_arg_end);
             opt("signal_struct", &["live"], &mut c.signal_live);
         }
-        Err(e) => warn!("{e}; exit codes, exact start times and exec command lines will be missing"),
+        Err(e) => {
+            warn!("{e}; exit codes, exact start times and exec command lines will be missing")
+        }
     }
 
     let source = if c.exit_group_dead != OFFSET_NONE {
@@ -235,7 +238,9 @@ fn explain(err: anyhow::Error) -> anyhow::Error {
             "permission denied: run guardian as root (or with CAP_BPF, CAP_PERFMON and \
              CAP_SYS_ADMIN); check `kernel.unprivileged_bpf_disabled` and lockdown"
         }
-        Some(libc::ENOENT) => "a tracepoint is missing: is CONFIG_FTRACE enabled and tracefs mounted?",
+        Some(libc::ENOENT) => {
+            "a tracepoint is missing: is CONFIG_FTRACE enabled and tracefs mounted?"
+        }
         Some(libc::E2BIG) | Some(libc::EINVAL) => {
             "the kernel rejected the program or a map: it may be too old (guardian needs Linux \
              5.8+ for the BPF ring buffer)"

@@ -155,7 +155,7 @@ impl Monitor {
                     self.process(records, handler)?;
                     self.confirm_reparents(handler)?;
                     ticks = ticks.wrapping_add(1);
-                    if ticks % STATS_EVERY_TICKS == 0 {
+                    if ticks.is_multiple_of(STATS_EVERY_TICKS) {
                         self.report_losses(handler)?;
                     }
                     self.state.table.expire(procs::boottime_ns());
@@ -193,7 +193,7 @@ impl Monitor {
                 }
             }
         }
-        self.confirm_reparents(handler)
+        Ok(())
     }
 
     fn apply(&mut self, mut ev: Event, handler: &mut impl Handler) -> anyhow::Result<()> {
@@ -208,7 +208,14 @@ impl Monitor {
         let ts_ns = match &ev {
             Event::Fork(f) => f.ts_ns,
             Event::Exec(e) => e.ts_ns,
-            Event::Exit(x) => x.ts_ns,
+            Event::Exit(x) => {
+                // An orphan dying before /proc showed its new parent: the kernel just told it.
+                if let Some(i) = self.pending.iter().position(|p| p.pid == x.pid) {
+                    let p = self.pending.swap_remove(i);
+                    self.confirm(p, x.ppid, handler)?;
+                }
+                x.ts_ns
+            }
         };
         for change in self.state.table.apply(&ev) {
             let notice = match change {
@@ -223,19 +230,24 @@ impl Monitor {
                     },
                 },
                 Change::Orphaned { pid, old_parent } => {
+                    handler.notice(
+                        &mut self.state,
+                        &Notice::Orphaned {
+                            pid,
+                            old_parent,
+                            ts_ns,
+                        },
+                    )?;
                     if let Some(p) = self.state.table.alive(pid) {
-                        self.pending.push(PendingReparent {
+                        let pending = PendingReparent {
                             pid,
                             start_ns: p.start_ns,
                             old_parent,
                             ts_ns,
-                        });
+                        };
+                        self.confirm(pending, None, handler)?;
                     }
-                    Notice::Orphaned {
-                        pid,
-                        old_parent,
-                        ts_ns,
-                    }
+                    continue;
                 }
             };
             handler.notice(&mut self.state, &notice)?;
@@ -243,48 +255,60 @@ impl Monitor {
         Ok(())
     }
 
-    /// Reads each orphan's new parent from `/proc`. The kernel reparents right after the
-    /// tracepoint fires, so an orphan can still show its old parent for a moment: it is retried
-    /// on the next pass.
+    /// Retries the reparents `/proc` did not show yet.
     fn confirm_reparents(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let now = procs::boottime_ns();
-        let mut keep = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            let Some(proc_entry) = self.state.table.alive(p.pid) else {
-                continue; // died meanwhile
-            };
-            if !proc_entry.same_start(p.start_ns) {
-                continue;
-            }
-            match procs::stat(p.pid) {
-                Some((ppid, start, state)) if proc_entry.same_start(start) && state != 'Z' => {
-                    if ppid == p.old_parent {
-                        if now.saturating_sub(p.ts_ns) < REPARENT_GIVE_UP_NS {
-                            keep.push(p);
-                        } else {
-                            warn!(pid = p.pid, "no reparent visible in /proc; giving up");
-                        }
-                        continue;
-                    }
-                    self.state.table.reparented(p.pid, ppid);
-                    handler.notice(
-                        &mut self.state,
-                        &Notice::Reparent {
-                            pid: p.pid,
-                            old_parent: p.old_parent,
-                            new_parent: ppid,
-                            ts_ns: p.ts_ns,
-                        },
-                    )?;
-                }
-                _ => {} // gone, a zombie, or the PID already belongs to someone else
-            }
+            self.confirm(p, None, handler)?;
         }
-        self.pending = keep;
         Ok(())
+    }
+
+    /// Confirms one orphan's new parent and reports it. The kernel reparents right after the
+    /// tracepoint fires, so `/proc` can still show the old parent for a moment: the orphan is then
+    /// kept for the next pass. `at_exit` is the parent the kernel saw when the orphan itself died,
+    /// for orphans that die before `/proc` showed their new parent.
+    fn confirm(
+        &mut self,
+        p: PendingReparent,
+        at_exit: Option<u32>,
+        handler: &mut impl Handler,
+    ) -> anyhow::Result<()> {
+        let Some(entry) = self
+            .state
+            .table
+            .alive(p.pid)
+            .filter(|e| e.same_start(p.start_ns))
+        else {
+            return Ok(()); // the PID belongs to someone else now
+        };
+        let seen = match at_exit {
+            Some(ppid) => Some(ppid),
+            None => procs::parent_and_start(p.pid)
+                .filter(|&(_, start)| entry.same_start(start))
+                .map(|(ppid, _)| ppid),
+        };
+        let new_parent = match seen {
+            Some(ppid) if ppid != p.old_parent => ppid,
+            Some(_) if procs::boottime_ns().saturating_sub(p.ts_ns) < REPARENT_GIVE_UP_NS => {
+                self.pending.push(p);
+                return Ok(());
+            }
+            Some(_) => {
+                warn!(pid = p.pid, "no reparent visible in /proc; giving up");
+                return Ok(());
+            }
+            None => return Ok(()), // gone without an exit event yet; its exit will say
+        };
+        self.state.table.reparented(p.pid, new_parent);
+        handler.notice(
+            &mut self.state,
+            &Notice::Reparent {
+                pid: p.pid,
+                old_parent: p.old_parent,
+                new_parent,
+                ts_ns: p.ts_ns,
+            },
+        )
     }
 
     fn report_losses(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ pub struct ProcInfo {
     pub comm: String,
     /// `Z` for a zombie, `X` for dead, and so on.
     pub state: char,
+    pub threads: i64,
     pub kernel_thread: bool,
     pub exe: Option<String>,
     pub argv: Vec<String>,
@@ -29,14 +30,10 @@ pub fn tick_ns() -> u64 {
     *TICK_NS.get_or_init(|| 1_000_000_000 / procfs::ticks_per_second().max(1))
 }
 
-/// The parent, start time and state of a process, from `/proc/PID/stat` alone (cheap).
-pub fn stat(pid: u32) -> Option<(u32, u64, char)> {
+/// A process's parent and start time, from `/proc/PID/stat` alone (cheap), zombies included.
+pub fn parent_and_start(pid: u32) -> Option<(u32, u64)> {
     let stat = Process::new(pid as i32).ok()?.stat().ok()?;
-    Some((
-        stat.ppid.max(0) as u32,
-        stat.starttime * tick_ns(),
-        stat.state,
-    ))
+    Some((stat.ppid.max(0) as u32, stat.starttime * tick_ns()))
 }
 
 /// Everything guardian keeps about a process.
@@ -58,6 +55,7 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
         start_ns: stat.starttime * tick_ns(),
         comm: stat.comm,
         state: stat.state,
+        threads: stat.num_threads,
         kernel_thread,
         exe,
         argv,
@@ -98,7 +96,7 @@ mod tests {
         assert!(!info.kernel_thread);
         assert!(info.start_ns <= boottime_ns());
         assert!(!info.argv.is_empty());
-        let (ppid, start, _) = stat(me).unwrap();
+        let (ppid, start) = parent_and_start(me).unwrap();
         assert_eq!((ppid, start), (info.ppid, info.start_ns));
     }
 }

@@ -25,7 +25,8 @@ const KTHREADD: u32 = 2;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Process {
     pub pid: u32,
-    /// Current parent process id (0: not known yet, for example while a reparent is confirmed).
+    /// Parent process id (0 when not known). An orphan keeps its dead parent here until its new
+    /// parent is confirmed.
     pub parent: u32,
     /// Start time, `CLOCK_BOOTTIME` ns (see [`SAME_START_NS`] for its precision).
     pub start_ns: u64,
@@ -66,12 +67,21 @@ impl Process {
 /// What an event changed. The process named is in the table when the change is returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    Forked { pid: u32 },
-    Execed { pid: u32 },
-    Exited { pid: u32 },
+    Forked {
+        pid: u32,
+    },
+    Execed {
+        pid: u32,
+    },
+    Exited {
+        pid: u32,
+    },
     /// `pid`'s parent died: the kernel reparents it to a reaper. The new parent is to be
     /// confirmed (from `/proc`) and recorded with [`Table::reparented`].
-    Orphaned { pid: u32, old_parent: u32 },
+    Orphaned {
+        pid: u32,
+        old_parent: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -134,7 +144,9 @@ impl Table {
     pub fn seed(&mut self, infos: impl IntoIterator<Item = ProcInfo>) {
         let mut added = Vec::new();
         for info in infos {
-            if info.state == 'Z' || info.state == 'X' {
+            // A zombie leader with live threads is a live process (its leader called
+            // pthread_exit); a zombie without threads is dead.
+            if matches!(info.state, 'Z' | 'X') && info.threads <= 1 {
                 continue;
             }
             if let Some(p) = self.procs.get(&info.pid) {
@@ -169,7 +181,10 @@ impl Table {
     /// Inserts one process found outside the event stream (for example a policy root found at
     /// exec, or its descendants found in `/proc`). Returns false if it was already known.
     pub fn insert(&mut self, info: ProcInfo) -> bool {
-        if self.alive(info.pid).is_some_and(|p| p.same_start(info.start_ns)) {
+        if self
+            .alive(info.pid)
+            .is_some_and(|p| p.same_start(info.start_ns))
+        {
             return false;
         }
         self.seed([info]);
@@ -225,7 +240,11 @@ impl Table {
         changes.push(Change::Forked { pid: f.pid });
 
         if let Some(early) = self.early_exits.remove(&f.pid) {
-            if early.exit.start_ns.is_none_or(|s| s.abs_diff(f.ts_ns) <= SAME_START_NS) {
+            if early
+                .exit
+                .start_ns
+                .is_none_or(|s| s.abs_diff(f.ts_ns) <= SAME_START_NS)
+            {
                 changes.extend(self.exit(&early.exit));
             } else {
                 self.early_exits.insert(f.pid, early);
@@ -297,7 +316,11 @@ impl Table {
                 return Vec::new();
             }
             self.stats.missed_exits += 1;
-            let orphans = self.retire(x.pid, x.ts_ns, None).into_iter().skip(1).collect();
+            let orphans = self
+                .retire(x.pid, x.ts_ns, None)
+                .into_iter()
+                .skip(1)
+                .collect();
             self.hold_early(x);
             return orphans;
         }
@@ -335,9 +358,10 @@ impl Table {
             pp.children.remove(&pid);
         }
         let mut changes = vec![Change::Exited { pid }];
+        // The children keep the dead parent as theirs until the new one is confirmed: until the
+        // kernel has moved them (right after this exit) that is what the kernel says too.
         for child in children {
-            if let Some(c) = self.procs.get_mut(&child).filter(|c| c.alive()) {
-                c.parent = 0;
+            if self.alive(child).is_some() {
                 changes.push(Change::Orphaned {
                     pid: child,
                     old_parent: pid,
@@ -419,6 +443,7 @@ mod tests {
         Event::Exit(Exit {
             ts_ns,
             pid,
+            ppid: None,
             start_ns: Some(start_ns),
             comm: "w".into(),
             status: Some(ExitStatus::Code(0)),
@@ -433,6 +458,7 @@ mod tests {
             start_ns,
             comm: format!("p{pid}"),
             state: 'S',
+            threads: 1,
             kernel_thread: false,
             exe: Some("/bin/p".into()),
             argv: vec!["p".into()],

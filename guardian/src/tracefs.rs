@@ -91,10 +91,12 @@ impl Format {
 
     /// The offset of a field that must exist with the given size.
     pub fn offset(&self, field: &str, size: u32) -> Result<u32, TracefsError> {
-        let f = self.optional(field).ok_or_else(|| TracefsError::MissingField {
-            tracepoint: self.name.clone(),
-            field: field.to_owned(),
-        })?;
+        let f = self
+            .optional(field)
+            .ok_or_else(|| TracefsError::MissingField {
+                tracepoint: self.name.clone(),
+                field: field.to_owned(),
+            })?;
         if f.size != size {
             return Err(TracefsError::FieldSize {
                 tracepoint: self.name.clone(),
@@ -119,11 +121,17 @@ pub fn tracefs_root() -> Result<PathBuf, TracefsError> {
         }
     }
     let target = TRACEFS_MOUNTS[0];
-    rustix::mount::mount("nodev", target, "tracefs", rustix::mount::MountFlags::empty(), None)
-        .map_err(|e| TracefsError::Mount {
-            path: target.to_owned(),
-            source: e.into(),
-        })?;
+    rustix::mount::mount(
+        "nodev",
+        target,
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .map_err(|e| TracefsError::Mount {
+        path: target.to_owned(),
+        source: e.into(),
+    })?;
     Ok(PathBuf::from(target))
 }
 

@@ -1,1 +1,365 @@
+//! Harness for guardian's privileged end-to-end tests: starts the real daemon, collects its JSON
+//! records, and starts real workloads.
+//!
+//! Tests need root (they load eBPF programs and signal processes). Without it they print why and
+//! skip, unless `GUARDIAN_REQUIRE_PRIVILEGED=1` (set by `cargo xtask test`), where they fail.
 
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Generous bound for anything the tests wait on.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Returns false (after saying why) when privileged tests cannot run here.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("GUARDIAN_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test}: needs root, and GUARDIAN_REQUIRE_PRIVILEGED=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: needs root to load eBPF programs (run `sudo cargo xtask test`)");
+    false
+}
+
+/// The guardian binary under test.
+pub fn guardian_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GUARDIAN_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/debug/deps/<test> -> target/debug/guardian
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("guardian"))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+#[derive(Default)]
+struct Records {
+    lines: Vec<Value>,
+    closed: bool,
+}
+
+/// A running guardian whose stdout records are collected.
+pub struct Guardian {
+    child: Child,
+    records: Arc<(Mutex<Records>, Condvar)>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Guardian {
+    /// Starts `guardian <args> --output json` and waits for its `ready` record.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(guardian_bin())
+            .args(args)
+            .args(["--output", "json"])
+            .env("GUARDIAN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting guardian");
+        let records = Arc::new((Mutex::new(Records::default()), Condvar::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let r = Arc::clone(&records);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("guardian printed a non-JSON line {line:?}: {e}"));
+                r.0.lock().unwrap().lines.push(v);
+                r.1.notify_all();
+            }
+            r.0.lock().unwrap().closed = true;
+            r.1.notify_all();
+        });
+        let stderr_buf = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let s = Arc::clone(&stderr_buf);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[guardian] {line}");
+                let mut s = s.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let g = Self {
+            child,
+            records,
+            stderr: stderr_buf,
+        };
+        g.wait_for("the ready record", |v| v["event"] == "ready");
+        g
+    }
+
+    /// `guardian trace`.
+    pub fn trace() -> Self {
+        Self::start(&["trace"])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// All records so far.
+    pub fn records(&self) -> Vec<Value> {
+        self.records.0.lock().unwrap().lines.clone()
+    }
+
+    /// Waits (bounded by [`WAIT`]) for a record matching `pred`, and returns it.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_within(what, WAIT, pred)
+    }
+
+    pub fn wait_for_within(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        let (lock, cv) = &*self.records;
+        let mut rec = lock.lock().unwrap();
+        loop {
+            if let Some(v) = rec.lines.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            let now = Instant::now();
+            if rec.closed || now >= deadline {
+                let tail: Vec<String> = rec
+                    .lines
+                    .iter()
+                    .rev()
+                    .take(30)
+                    .map(|v| v.to_string())
+                    .collect();
+                panic!(
+                    "no record for {what} within {limit:?} (guardian {}); last records, newest first:\n{}\nstderr:\n{}",
+                    if rec.closed { "exited" } else { "running" },
+                    tail.join("\n"),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            rec = cv.wait_timeout(rec, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Records of one event kind about one pid.
+    pub fn of(&self, event: &str, pid: u32) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|v| v["event"] == event && v["pid"] == pid)
+            .collect()
+    }
+
+    /// Stops guardian with SIGTERM and checks that it shut down cleanly.
+    pub fn stop(mut self) -> Vec<Value> {
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("waiting for guardian") {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guardian did not stop on SIGTERM"
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            status.success(),
+            "guardian exited with {status}; stderr:\n{}",
+            self.stderr.lock().unwrap()
+        );
+        let (lock, cv) = &*self.records;
+        let mut rec = lock.lock().unwrap();
+        while !rec.closed {
+            rec = cv.wait_timeout(rec, WAIT).unwrap().0;
+        }
+        rec.lines.clone()
+    }
+}
+
+impl Drop for Guardian {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A workload process that reports `key=value` pairs on its first line of stdout.
+pub struct Workload {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// Other pids to kill when the test ends (grandchildren, workers).
+    pub cleanup: Vec<u32>,
+}
+
+impl Workload {
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+            cleanup: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads the next `key=value ...` line (bounded: the workloads print promptly).
+    pub fn read_pairs(&mut self) -> HashMap<String, String> {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading workload output");
+        assert!(!line.is_empty(), "workload ended without output");
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// Reads the next line as-is.
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("reading workload output");
+        line
+    }
+
+    /// Sends a line to the workload (ends its `hold`).
+    pub fn release(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"go\n");
+        }
+    }
+
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.release();
+        self.child.wait().expect("waiting for workload")
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        for &pid in &self.cleanup {
+            kill(pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pid(pairs: &HashMap<String, String>, key: &str) -> u32 {
+    pairs
+        .get(key)
+        .unwrap_or_else(|| panic!("workload did not report `{key}`: {pairs:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("`{key}` is not a pid: {e}"))
+}
+
+pub fn pids(pairs: &HashMap<String, String>, key: &str) -> Vec<u32> {
+    pairs
+        .get(key)
+        .unwrap_or_else(|| panic!("workload did not report `{key}`: {pairs:?}"))
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("pid"))
+        .collect()
+}
+
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: signalling a pid this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// The parent of a process as `/proc` shows it now.
+pub fn ppid_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits (bounded) until `pred` holds.
+pub fn eventually(what: &str, limit: Duration, pred: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A Python interpreter for the multiprocessing tests.
+pub fn python() -> Option<PathBuf> {
+    ["python3", "python"].iter().find_map(|name| {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Path of a file in `tests/scripts`.
+pub fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+/// A test prerequisite other than root is missing: skip loudly, or fail when the full suite is
+/// required (`GUARDIAN_REQUIRE_PRIVILEGED=1`, as in CI, where every prerequisite is installed).
+pub fn missing(test: &str, why: &str) {
+    if std::env::var("GUARDIAN_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test}: {why}, and GUARDIAN_REQUIRE_PRIVILEGED=1 forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}

@@ -1,1 +1,132 @@
-fn main(){}
+//! Build, test and benchmark orchestration: `cargo xtask <command>`.
+
+mod bench;
+mod ebpf;
+mod setup;
+mod util;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::util::{cargo, is_root, run, workspace_root};
+
+#[derive(Debug, Parser)]
+#[command(about = "guardian's build, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building the eBPF program needs (Debian/Ubuntu, as root); idempotent.
+    Setup {
+        /// Only report what is missing and how to install it.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the eBPF object (embedded into the daemon at its next build).
+    BuildEbpf,
+    /// Build the eBPF object and the daemon (release).
+    Build,
+    /// Build everything, then run guardian with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The whole suite: setup, build, fmt, clippy, unit tests and privileged integration tests.
+    Test {
+        /// Skip the privileged integration tests.
+        #[arg(long)]
+        unit_only: bool,
+    },
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup { check } => setup::setup(check),
+        Command::BuildEbpf => ebpf::build().map(|_| ()),
+        Command::Build => build_release().map(|_| ()),
+        Command::Run { args } => {
+            let bin = build_release()?;
+            let status = std::process::Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Command::Test { unit_only } => test(unit_only),
+        Command::Bench { which } => bench::run(which),
+    }
+}
+
+/// Builds the eBPF object and the release daemon; returns the daemon's path.
+fn build_release() -> anyhow::Result<PathBuf> {
+    setup::setup(false)?;
+    let object = ebpf::build()?;
+    run(cargo()
+        .args(["build", "--release", "-p", "guardian"])
+        .env("GUARDIAN_EBPF_OBJECT", &object))?;
+    Ok(workspace_root().join("target/release/guardian"))
+}
+
+fn test(unit_only: bool) -> anyhow::Result<()> {
+    let root = workspace_root();
+    setup::setup(false)?;
+    let object = ebpf::build()?;
+
+    util::step("format");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(root.join("guardian-ebpf/Cargo.toml")))?;
+
+    util::step("clippy (userspace)");
+    run(cargo()
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("GUARDIAN_EBPF_OBJECT", &object))?;
+    util::step("clippy (eBPF crate)");
+    ebpf::clippy()?;
+
+    util::step("unit tests");
+    run(cargo()
+        .args(["test", "-p", "guardian", "-p", "guardian-common"])
+        .env("GUARDIAN_EBPF_OBJECT", &object))?;
+
+    if unit_only {
+        return Ok(());
+    }
+    util::step("privileged integration tests");
+    if !is_root() {
+        eprintln!(
+            "SKIPPED: the integration tests load eBPF programs and signal processes; run \
+             `sudo cargo xtask test` (or as root) to run them"
+        );
+        return Ok(());
+    }
+    run(cargo()
+        .args(["build", "-p", "guardian"])
+        .env("GUARDIAN_EBPF_OBJECT", &object))?;
+    run(cargo()
+        .args(["test", "-p", "guardian-tests", "--", "--test-threads=1"])
+        .env("GUARDIAN_EBPF_OBJECT", &object)
+        .env("GUARDIAN_BIN", root.join("target/debug/guardian"))
+        // Inside the suite, a missing capability fails instead of skipping.
+        .env("GUARDIAN_REQUIRE_PRIVILEGED", "1"))?;
+    Ok(())
+}

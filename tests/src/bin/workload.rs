@@ -1,0 +1,226 @@
+//! Process shapes for guardian's integration tests and benchmarks.
+//!
+//! Each command prints `key=value` lines (the pids the test needs) on stdout and, where the shape
+//! must stay up while the test looks at it, waits for a line or EOF on stdin. Every wait is
+//! bounded so that nothing outlives a failed test for long.
+
+use std::{
+    io::{self, BufRead, Write},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Longest time any workload process stays alive on its own.
+const MAX_LIFETIME: Duration = Duration::from_secs(120);
+
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn gettid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// fork(2); returns 0 in the child.
+fn fork() -> i32 {
+    // SAFETY: the child only calls async-signal-safe functions or exec/exit paths of this
+    // program, which is single-threaded where it forks (except `leader-exit`, see there).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
+    pid
+}
+
+fn wait(pid: i32) -> i32 {
+    let mut status = 0;
+    // SAFETY: plain waitpid on our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    status
+}
+
+/// Sleeps until killed (bounded by MAX_LIFETIME), then exits.
+fn linger() -> ! {
+    let start = Instant::now();
+    while start.elapsed() < MAX_LIFETIME {
+        thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: terminating the process.
+    unsafe { libc::_exit(0) }
+}
+
+/// Waits for a line (or EOF) on stdin, bounded by MAX_LIFETIME.
+fn hold() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = io::stdin().lock().read_line(&mut line);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(MAX_LIFETIME);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cmd = args.first().map(String::as_str).unwrap_or("");
+    let num = |i: usize, default: u64| -> u64 {
+        args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+    };
+    match cmd {
+        // A child that exits with a code; the parent reaps it and exits.
+        "fork-exit" => {
+            let code = num(1, 7) as i32;
+            let child = fork();
+            if child == 0 {
+                // SAFETY: exiting the child.
+                unsafe { libc::_exit(code) }
+            }
+            wait(child);
+            say(&format!("parent={} child={child}", std::process::id()));
+        }
+        // Threads that start and end; no process is created.
+        "threads" => {
+            let n = num(1, 4);
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    thread::spawn(|| {
+                        thread::sleep(Duration::from_millis(20));
+                        gettid()
+                    })
+                })
+                .collect();
+            let tids: Vec<String> = handles
+                .into_iter()
+                .map(|h| h.join().expect("thread").to_string())
+                .collect();
+            say(&format!(
+                "pid={} tids={}",
+                std::process::id(),
+                tids.join(",")
+            ));
+        }
+        // parent -> middle -> grandchild; the middle exits, the grandchild is orphaned.
+        "double-fork" | "subreaper" => {
+            if cmd == "subreaper" {
+                // SAFETY: prctl with integer arguments.
+                let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+                assert_eq!(
+                    rc,
+                    0,
+                    "PR_SET_CHILD_SUBREAPER: {}",
+                    io::Error::last_os_error()
+                );
+            }
+            let mut fds = [0; 2];
+            // SAFETY: pipe into a local array.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            let middle = fork();
+            if middle == 0 {
+                let grandchild = fork();
+                if grandchild == 0 {
+                    linger();
+                }
+                let msg = grandchild.to_ne_bytes();
+                // SAFETY: writing 4 bytes from a local to our pipe.
+                unsafe { libc::write(fds[1], msg.as_ptr().cast(), 4) };
+                // SAFETY: exiting the middle process.
+                unsafe { libc::_exit(0) }
+            }
+            let mut msg = [0u8; 4];
+            // SAFETY: reading 4 bytes into a local from our pipe.
+            unsafe { libc::read(fds[0], msg.as_mut_ptr().cast(), 4) };
+            wait(middle);
+            say(&format!(
+                "parent={} middle={middle} grandchild={}",
+                std::process::id(),
+                i32::from_ne_bytes(msg)
+            ));
+            hold();
+            // The subreaper reaps what it inherited before leaving.
+            if cmd == "subreaper" {
+                // SAFETY: reaping any child without blocking.
+                while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+            }
+        }
+        // A process whose leader thread exits first: it has a child and a second thread that
+        // keeps the group alive until told to end it.
+        "leader-exit" => {
+            let child = fork();
+            if child == 0 {
+                linger();
+            }
+            thread::spawn(move || {
+                // Wait until the leader has really gone (its /proc state turns to zombie).
+                let me = std::process::id();
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(10) {
+                    let stat = std::fs::read_to_string(format!("/proc/{me}/task/{me}/stat"))
+                        .unwrap_or_default();
+                    if stat
+                        .rsplit(')')
+                        .next()
+                        .is_some_and(|s| s.trim_start().starts_with('Z'))
+                    {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(5));
+                }
+                say(&format!("pid={me} child={child} thread={}", gettid()));
+                hold();
+                // SAFETY: ending the whole process from its last thread.
+                unsafe { libc::exit(0) }
+            });
+            // End only the leader thread with the raw exit syscall (pthread_exit would unwind
+            // through Rust's main, which aborts); the process lives on in the other thread.
+            // SAFETY: the thread ends here and touches nothing afterwards.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unreachable!("SYS_exit returned");
+        }
+        // N children that linger; the parent holds until stdin ends (then exits without
+        // reaping: the children are orphaned).
+        "tree" => {
+            let n = num(1, 3);
+            let kids: Vec<String> = (0..n)
+                .map(|_| {
+                    let c = fork();
+                    if c == 0 {
+                        linger();
+                    }
+                    c.to_string()
+                })
+                .collect();
+            say(&format!(
+                "parent={} children={}",
+                std::process::id(),
+                kids.join(",")
+            ));
+            hold();
+        }
+        // The fork+exit loop the fork benchmark runs: `fork-loop ITERATIONS`.
+        "fork-loop" => {
+            let n = num(1, 10_000);
+            let start = Instant::now();
+            for _ in 0..n {
+                let c = fork();
+                if c == 0 {
+                    // SAFETY: exiting the child.
+                    unsafe { libc::_exit(0) }
+                }
+                wait(c);
+            }
+            say(&format!(
+                "pid={} forks={n} ns={}",
+                std::process::id(),
+                start.elapsed().as_nanos()
+            ));
+        }
+        _ => {
+            eprintln!(
+                "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
+                 leader-exit | tree [N] | fork-loop [N]"
+            );
+            std::process::exit(2);
+        }
+    }
+}

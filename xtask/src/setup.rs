@@ -1,0 +1,110 @@
+//! `cargo xtask setup`: installs what building the eBPF program needs, on Debian or Ubuntu.
+
+use std::{path::Path, process::Command};
+
+use anyhow::bail;
+
+use crate::{
+    ebpf::{bpf_linker, Toolchain},
+    util::{is_root, output, run, step, tools_dir, which},
+};
+
+/// Debian's Rust with a prebuilt `core` for BPF targets.
+const RUST_PACKAGES: [&str; 4] = [
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "libstd-rust-web-dev-bpf",
+];
+/// bpf-linker links through LLVM; version 0.13.0 builds against LLVM 22.
+const LLVM_PACKAGE: &str = "llvm-22-dev";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER: &str = "bpf-linker@0.13.0";
+
+pub fn setup(check_only: bool) -> anyhow::Result<()> {
+    step("setup");
+    let need_rust = Toolchain::detect().is_none();
+    let need_linker = bpf_linker().is_none();
+    if !need_rust && !need_linker {
+        eprintln!(
+            "eBPF toolchain ready: {:?}, bpf-linker at {}",
+            Toolchain::detect().expect("detected above"),
+            bpf_linker().expect("found above").display()
+        );
+        return Ok(());
+    }
+
+    let mut packages: Vec<&str> = Vec::new();
+    if need_rust {
+        packages.extend(RUST_PACKAGES);
+    }
+    if need_linker && !Path::new(LLVM_PREFIX).join("bin/llvm-config").is_file() {
+        packages.push(LLVM_PACKAGE);
+    }
+    let linker_cmd = format!(
+        "LLVM_PREFIX={LLVM_PREFIX} PATH={LLVM_PREFIX}/bin:$PATH cargo install --locked {BPF_LINKER} \
+         --no-default-features --features llvm-22 --root {}",
+        tools_dir().display()
+    );
+    let can_install = is_root() && which("apt-get").is_some();
+    if check_only || !can_install {
+        eprintln!("missing for the eBPF build; install with:");
+        if !packages.is_empty() {
+            eprintln!(
+                "  apt-get update && apt-get install -y --no-install-recommends {}",
+                packages.join(" ")
+            );
+        }
+        if need_linker {
+            eprintln!("  {linker_cmd}");
+        }
+        eprintln!("(or: rustup toolchain install nightly --component rust-src && cargo install bpf-linker)");
+        if check_only {
+            return Ok(());
+        }
+        bail!("the eBPF toolchain is incomplete and this is not a root shell on Debian/Ubuntu: run the commands above");
+    }
+
+    if !packages.is_empty() {
+        apt_install(&packages)?;
+    }
+    if need_linker {
+        step("build bpf-linker");
+        let path = format!(
+            "{LLVM_PREFIX}/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(crate::util::cargo()
+            .args([
+                "install",
+                "--locked",
+                BPF_LINKER,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--root",
+            ])
+            .arg(tools_dir())
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path))?;
+    }
+    if Toolchain::detect().is_none() || bpf_linker().is_none() {
+        bail!("setup finished but the eBPF toolchain is still incomplete");
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    // A fresh machine's package lists can be stale: refresh them when a package has no candidate.
+    let has_candidates = packages.iter().all(|p| {
+        output(Command::new("apt-cache").args(["policy", p]))
+            .is_some_and(|o| o.contains("Candidate:") && !o.contains("Candidate: (none)"))
+    });
+    if !has_candidates {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+    }
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
