@@ -1,16 +1,37 @@
 //! Command-line interface.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
 
 use crate::output::OutputFormat;
 
 /// guardian: a policy-driven eBPF resource guardian. It follows fork, exec and exit in the
-/// kernel and keeps a live process table.
+/// kernel and kills a service's orphaned workers the moment their parent dies.
+///
+/// Run the daemon with `guardian --policy FILE [--dry-run]`.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The daemon's options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The policy file (TOML) naming the services to guard.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Audit mode: decide exactly as in enforce mode, signal nothing, record every decision.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format: `text` (the default on a terminal) or `json` (one object per line, the
+    /// default otherwise).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -21,5 +42,11 @@ pub enum Command {
         /// the default otherwise).
         #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
         output: OutputFormat,
+    },
+    /// Validate a policy and print a summary of its services.
+    Check {
+        /// The policy file to check.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
     },
 }

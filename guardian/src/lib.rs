@@ -1,26 +1,46 @@
 //! guardian: a policy-driven eBPF resource guardian.
 
 pub mod cli;
+pub mod daemon;
+pub mod enforce;
 pub mod events;
 pub mod kernel_btf;
 pub mod loader;
 pub mod monitor;
 pub mod output;
+pub mod policy;
 pub mod procs;
+pub mod selector;
 pub mod table;
 pub mod trace;
 pub mod tracefs;
 
+use anyhow::bail;
 use cli::{Cli, Command};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::Check { policy }) = &cli.command {
+        let policy = policy::Policy::load(policy)?;
+        print!("{}", daemon::check(&policy));
+        return Ok(());
+    }
+    // The policy is validated before anything is loaded or changed.
+    let policy = match &cli.command {
+        None => match &cli.run.policy {
+            Some(path) => Some(policy::Policy::load(path)?),
+            None => bail!("no policy given: run `guardian --policy FILE` (or `guardian trace`)"),
+        },
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        match cli.command {
-            Command::Trace { output } => trace::run(output).await,
+        match (cli.command, policy) {
+            (Some(Command::Trace { output }), _) => trace::run(output).await,
+            (None, Some(policy)) => daemon::run(policy, cli.run.dry_run, cli.run.output).await,
+            _ => unreachable!("handled above"),
         }
     })
 }

@@ -16,7 +16,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    events::{self, Event, ExitStatus},
+    events::{self, Event, Exec, ExitStatus},
     loader::{KernelStats, LoadOptions, Probes},
     output::Clock,
     procs,
@@ -77,6 +77,12 @@ pub struct State {
 pub trait Handler {
     fn notice(&mut self, state: &mut State, notice: &Notice) -> anyhow::Result<()>;
 
+    /// An exec of a process the table does not follow (only when not every process is
+    /// tracked): the policy engine matches it against service selectors.
+    fn exec_unknown(&mut self, _state: &mut State, _exec: &Exec) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Called after each drain.
     fn tick(&mut self, _state: &mut State) -> anyhow::Result<()> {
         Ok(())
@@ -100,8 +106,9 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Loads the probes, then reads `/proc`: processes started in between are seen twice, which
-    /// the table tolerates, and none is missed.
+    /// Loads the probes, then (when every process is tracked) reads `/proc`: processes started
+    /// in between are seen twice, which the table tolerates, and none is missed. Otherwise the
+    /// handler adds the processes it follows.
     pub fn start(opts: LoadOptions) -> anyhow::Result<Self> {
         let mut probes = Probes::load(opts)?;
         let ring = probes.events.take().context("ring buffer already taken")?;
@@ -109,8 +116,8 @@ impl Monitor {
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with the runtime: {e}"))?;
         let mut table = Table::new(opts.track_all);
-        table.seed(procs::scan());
         if opts.track_all {
+            table.seed(procs::scan());
             let pids: Vec<(u32, bool)> = table
                 .iter_alive()
                 .map(|p| (p.pid, !p.children.is_empty()))
@@ -217,7 +224,13 @@ impl Monitor {
                 x.ts_ns
             }
         };
-        for change in self.state.table.apply(&ev) {
+        let changes = self.state.table.apply(&ev);
+        if changes.is_empty() {
+            if let Event::Exec(e) = &ev {
+                return handler.exec_unknown(&mut self.state, e);
+            }
+        }
+        for change in changes {
             let notice = match change {
                 Change::Forked { pid } => Notice::Fork { pid, ts_ns },
                 Change::Execed { pid } => Notice::Exec { pid, ts_ns },
@@ -283,9 +296,9 @@ impl Monitor {
         };
         let seen = match at_exit {
             Some(ppid) => Some(ppid),
-            None => procs::parent_and_start(p.pid)
-                .filter(|&(_, start)| entry.same_start(start))
-                .map(|(ppid, _)| ppid),
+            None => procs::stat(p.pid)
+                .filter(|st| entry.same_start(st.start_ns))
+                .map(|st| st.ppid),
         };
         let new_parent = match seen {
             Some(ppid) if ppid != p.old_parent => ppid,

@@ -74,6 +74,35 @@ pub enum Record {
         old_parent: u32,
         new_parent: u32,
     },
+    /// A process matched a service's selectors and became one of its roots: it and its
+    /// descendants are the service's members.
+    Root {
+        ts: String,
+        service: String,
+        #[serde(flatten)]
+        proc: Proc,
+        cmdline: String,
+        /// `exec` (seen at exec) or `startup` (running when guardian started).
+        found: &'static str,
+        members: usize,
+    },
+    /// guardian decided to act on a process (or, in audit mode, would have).
+    Decision {
+        ts: String,
+        mode: &'static str,
+        action: &'static str,
+        performed: bool,
+        reason: &'static str,
+        service: String,
+        pid: u32,
+        comm: String,
+        cmdline: String,
+        old_parent: u32,
+        new_parent: Option<u32>,
+        /// From the parent's death (kernel time) to the signal, in µs.
+        latency_us: Option<u64>,
+        result: String,
+    },
     /// Events the kernel side could not deliver, or guardian could not decode.
     Lost {
         ts: String,
@@ -144,6 +173,39 @@ impl Record {
                 "{ts} reparent {} old_parent={old_parent} new_parent={new_parent}",
                 p(proc)
             ),
+            Self::Root {
+                ts,
+                service,
+                proc,
+                cmdline,
+                found,
+                members,
+            } => format!(
+                "{ts} root     service={service} {} members={members} found={found} cmdline={cmdline:?}",
+                p(proc)
+            ),
+            Self::Decision {
+                ts,
+                mode,
+                action,
+                performed,
+                reason,
+                service,
+                pid,
+                comm,
+                old_parent,
+                new_parent,
+                latency_us,
+                result,
+                ..
+            } => {
+                let new_parent = new_parent.map_or("?".to_owned(), |p| p.to_string());
+                let latency = latency_us.map_or(String::new(), |l| format!(" latency={l}us"));
+                format!(
+                    "{ts} DECISION [{mode}] {action} {reason} service={service} pid={pid} comm={comm} \
+                     parent={old_parent}->{new_parent} performed={performed} result={result:?}{latency}"
+                )
+            }
             Self::Lost {
                 ts,
                 reason,

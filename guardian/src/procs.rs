@@ -19,6 +19,8 @@ pub struct ProcInfo {
     /// `Z` for a zombie, `X` for dead, and so on.
     pub state: char,
     pub threads: i64,
+    /// Process group id.
+    pub pgid: u32,
     pub kernel_thread: bool,
     pub exe: Option<String>,
     pub argv: Vec<String>,
@@ -30,10 +32,24 @@ pub fn tick_ns() -> u64 {
     *TICK_NS.get_or_init(|| 1_000_000_000 / procfs::ticks_per_second().max(1))
 }
 
-/// A process's parent and start time, from `/proc/PID/stat` alone (cheap), zombies included.
-pub fn parent_and_start(pid: u32) -> Option<(u32, u64)> {
+/// What `/proc/PID/stat` alone says of a process (one cheap read; zombies included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub ppid: u32,
+    /// Start time in `CLOCK_BOOTTIME` nanoseconds (clock-tick resolution).
+    pub start_ns: u64,
+    pub comm: String,
+    pub kernel_thread: bool,
+}
+
+pub fn stat(pid: u32) -> Option<Stat> {
     let stat = Process::new(pid as i32).ok()?.stat().ok()?;
-    Some((stat.ppid.max(0) as u32, stat.starttime * tick_ns()))
+    Some(Stat {
+        ppid: stat.ppid.max(0) as u32,
+        start_ns: stat.starttime * tick_ns(),
+        kernel_thread: stat.flags & PF_KTHREAD != 0,
+        comm: stat.comm,
+    })
 }
 
 /// Everything guardian keeps about a process.
@@ -56,6 +72,7 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
         comm: stat.comm,
         state: stat.state,
         threads: stat.num_threads,
+        pgid: stat.pgrp.max(0) as u32,
         kernel_thread,
         exe,
         argv,
@@ -65,6 +82,42 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
 /// The command line of a live process.
 pub fn argv(pid: u32) -> Option<Vec<String>> {
     Process::new(pid as i32).ok()?.cmdline().ok()
+}
+
+/// The child processes of `pid` (from `/proc/PID/task/*/children`, or a full scan on kernels
+/// without that file).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut kids = Vec::new();
+    for task in tasks.filter_map(Result::ok) {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(text) => kids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // CONFIG_PROC_CHILDREN is off: find them by parent.
+                return scan_children(pid);
+            }
+            Err(_) => {}
+        }
+    }
+    kids.sort_unstable();
+    kids.dedup();
+    kids
+}
+
+fn scan_children(pid: u32) -> Vec<u32> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.filter_map(Result::ok)
+        .filter_map(|p| p.stat().ok())
+        .filter(|s| s.ppid == pid as i32)
+        .map(|s| s.pid as u32)
+        .collect()
 }
 
 /// Every process on the host (processes that vanish during the scan are skipped).
@@ -96,7 +149,21 @@ mod tests {
         assert!(!info.kernel_thread);
         assert!(info.start_ns <= boottime_ns());
         assert!(!info.argv.is_empty());
-        let (ppid, start) = parent_and_start(me).unwrap();
-        assert_eq!((ppid, start), (info.ppid, info.start_ns));
+        let st = stat(me).unwrap();
+        assert_eq!((st.ppid, st.start_ns), (info.ppid, info.start_ns));
+        assert_eq!(st.comm, info.comm);
+    }
+
+    #[test]
+    fn lists_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let kids = children_of(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(kids.contains(&child.id()), "{kids:?}");
+        assert!(scan_children(std::process::id()).is_empty() || !kids.is_empty());
     }
 }

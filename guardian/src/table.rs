@@ -37,6 +37,13 @@ pub struct Process {
     pub children: BTreeSet<u32>,
     pub kernel_thread: bool,
     pub state: State,
+    /// The policy service this process belongs to (index into the policy's services).
+    pub service: Option<usize>,
+    /// The process matched its service's selectors itself (rather than descending from a root).
+    pub root: bool,
+    /// When it was last seen exec'ing (boot ns); `None` for a forked copy that has not exec'd
+    /// since, or a process read from `/proc`.
+    pub exec_ns: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,6 +174,9 @@ impl Table {
                     children: BTreeSet::new(),
                     kernel_thread: info.kernel_thread,
                     state: State::Alive,
+                    service: None,
+                    root: false,
+                    exec_ns: None,
                 },
             );
         }
@@ -216,9 +226,10 @@ impl Table {
             self.procs.remove(&f.pid);
         }
         let parent = f.parent.unwrap_or(f.creator);
-        let (exe, argv, kernel_thread) = match self.procs.get(&f.creator) {
-            Some(c) => (c.exe.clone(), c.argv.clone(), c.kernel_thread),
-            None => (None, Vec::new(), false),
+        // The child is a copy of its creator: same image, same service.
+        let (exe, argv, kernel_thread, service) = match self.procs.get(&f.creator) {
+            Some(c) => (c.exe.clone(), c.argv.clone(), c.kernel_thread, c.service),
+            None => (None, Vec::new(), false, None),
         };
         self.procs.insert(
             f.pid,
@@ -232,6 +243,9 @@ impl Table {
                 children: BTreeSet::new(),
                 kernel_thread: kernel_thread || parent == KTHREADD,
                 state: State::Alive,
+                service,
+                root: false,
+                exec_ns: None,
             },
         );
         if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
@@ -276,6 +290,9 @@ impl Table {
                     children: BTreeSet::new(),
                     kernel_thread: false,
                     state: State::Alive,
+                    service: None,
+                    root: false,
+                    exec_ns: None,
                 },
             );
             if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
@@ -289,6 +306,7 @@ impl Table {
         // A user-space exec is never a kernel thread (kthreads exec only through usermode helpers,
         // which become ordinary processes).
         p.kernel_thread = false;
+        p.exec_ns = Some(e.ts_ns);
         if let Some(start) = e.start_ns {
             p.start_ns = start;
         }
@@ -403,6 +421,11 @@ impl Table {
         self.early_exits.retain(|_, e| e.expires_ns > now_ns);
     }
 
+    /// Mutable access to a live process (for the policy engine's membership marks).
+    pub fn alive_mut(&mut self, pid: u32) -> Option<&mut Process> {
+        self.procs.get_mut(&pid).filter(|p| p.alive())
+    }
+
     /// Live descendants of `pid` (not including it), depth first.
     pub fn descendants(&self, pid: u32) -> Vec<u32> {
         let mut out = Vec::new();
@@ -459,6 +482,7 @@ mod tests {
             comm: format!("p{pid}"),
             state: 'S',
             threads: 1,
+            pgid: pid,
             kernel_thread: false,
             exe: Some("/bin/p".into()),
             argv: vec!["p".into()],

@@ -331,7 +331,7 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Waits (bounded) until `pred` holds.
-pub fn eventually(what: &str, limit: Duration, pred: impl Fn() -> bool) {
+pub fn eventually(what: &str, limit: Duration, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !pred() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -362,4 +362,56 @@ pub fn missing(test: &str, why: &str) {
         panic!("{test}: {why}, and GUARDIAN_REQUIRE_PRIVILEGED=1 forbids skipping");
     }
     eprintln!("SKIPPED {test}: {why}");
+}
+
+/// A word unique to this test run, for policies to match on command lines.
+pub fn token(test: &str) -> String {
+    format!(
+        "gtk{}x{}",
+        std::process::id(),
+        test.replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    )
+}
+
+/// Writes a policy file for one test and returns its path.
+pub fn policy_file(test: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "guardian-{}-{}.toml",
+        token(test),
+        std::process::id()
+    ));
+    std::fs::write(&path, text).expect("writing the test policy");
+    path
+}
+
+/// The child processes of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                kids.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    kids
+}
+
+/// Starts `sleep 30` under exactly `pid` (which must be free), by setting the kernel's last
+/// allocated pid just below it. Other forks on the machine can take the pid first: retried a few
+/// times; `None` if it never landed.
+pub fn spawn_with_pid(pid: u32) -> Option<Child> {
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).ok()?;
+        let mut child = Command::new("sleep").arg("30").spawn().ok()?;
+        if child.id() == pid {
+            return Some(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
 }

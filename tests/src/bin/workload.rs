@@ -177,14 +177,21 @@ fn main() {
             unsafe { libc::syscall(libc::SYS_exit, 0) };
             unreachable!("SYS_exit returned");
         }
-        // N children that linger; the parent holds until stdin ends (then exits without
-        // reaping: the children are orphaned).
+        // `tree N [MODE]`: N children that linger. MODE `split`: the second child ignores
+        // SIGTERM; `ignore-term`: all do. The parent holds until a line or EOF on stdin (then
+        // exits without reaping: the children are orphaned); with MODE `keep` it ignores stdin
+        // and lingers (for parents launched in the background by a shell).
         "tree" => {
             let n = num(1, 3);
+            let mode = args.get(2).map(String::as_str).unwrap_or("");
             let kids: Vec<String> = (0..n)
-                .map(|_| {
+                .map(|i| {
                     let c = fork();
                     if c == 0 {
+                        if mode == "ignore-term" || (mode == "split" && i == 1) {
+                            // SAFETY: setting a signal disposition in the child.
+                            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                        }
                         linger();
                     }
                     c.to_string()
@@ -195,6 +202,9 @@ fn main() {
                 std::process::id(),
                 kids.join(",")
             ));
+            if mode == "keep" {
+                linger();
+            }
             hold();
         }
         // The fork+exit loop the fork benchmark runs: `fork-loop ITERATIONS`.
