@@ -14,7 +14,7 @@ use tracing::{debug, info};
 
 use crate::{
     enforce::{Enforcer, Protections, Reason, Request},
-    events::Exec,
+    events::{Exec, ExitStatus},
     loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, State},
     output::{Output, OutputFormat, Proc, Record},
@@ -25,8 +25,9 @@ use crate::{
 
 /// Most processes one service adoption walks (a bound, not an expected size).
 const MAX_ADOPT: usize = 100_000;
-/// An orphan forked this recently that has not exec'd yet may be a launcher's child on its way
-/// to exec a service of its own (`sh -c "app &"`): its decision waits this long (ns).
+/// When a parent exits normally, an orphan it forked this recently that has not exec'd yet may be
+/// a launcher's child on its way to exec a service of its own (`sh -c "app &"`): its decision
+/// waits this long (ns). Orphans of a parent killed by a signal are acted on at once.
 const FRESH_FORK_NS: u64 = 250_000_000;
 
 /// An orphan whose decision waits for a possible exec.
@@ -294,7 +295,18 @@ impl Daemon {
         if state.table.get(old_parent).and_then(|p| p.service) != Some(svc) {
             return Ok(());
         }
-        if may_defer && c.exec_ns.is_none() && ts_ns.saturating_sub(c.start_ns) < FRESH_FORK_NS {
+        let parent_exited_normally = matches!(
+            state.table.get(old_parent).map(|p| p.state),
+            Some(crate::table::State::Exited {
+                status: Some(ExitStatus::Code(_)),
+                ..
+            })
+        );
+        if may_defer
+            && parent_exited_normally
+            && c.exec_ns.is_none()
+            && ts_ns.saturating_sub(c.start_ns) < FRESH_FORK_NS
+        {
             self.deferred.push(Deferred {
                 pid,
                 start_ns: c.start_ns,

@@ -26,6 +26,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Orphan-kill latency: a parent with N workers is SIGKILLed, again and again; the time from
+    /// the parent's exit to each worker's exit is read from the kernel's own trace (ftrace).
+    Orphans {
+        /// Trials.
+        #[arg(long, default_value_t = 200)]
+        trials: usize,
+        /// Workers per parent.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
 }
 
 pub fn run(which: Bench) -> anyhow::Result<()> {
@@ -34,6 +44,7 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
     }
     match which {
         Bench::Fork { forks, rounds } => fork(forks, rounds),
+        Bench::Orphans { trials, workers } => orphans(trials, workers),
     }
 }
 
@@ -179,5 +190,207 @@ fn fork(forks: u64, rounds: usize) -> anyhow::Result<()> {
     println!("  with guardian trace {t:>8.0} forks/s");
     println!("  ratio               {:>8.3}  (goal >= 0.98)", t / b);
     println!("  fork records        {seen}/{expected}  lost {lost}");
+    Ok(())
+}
+
+/// An ftrace instance recording `sched_process_exit` with boot-clock timestamps: the kernel's
+/// own account of when processes died, independent of guardian.
+struct ExitTrace {
+    dir: PathBuf,
+}
+
+impl ExitTrace {
+    fn start() -> anyhow::Result<Self> {
+        let root = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("instances").is_dir())
+            .context("tracefs is not mounted (guardian mounts it when it starts)")?;
+        let dir = root.join("instances/guardian-bench");
+        if !dir.exists() {
+            fs::create_dir(&dir).context("creating an ftrace instance")?;
+        }
+        fs::write(dir.join("trace_clock"), "boot")?;
+        fs::write(dir.join("events/sched/sched_process_exit/enable"), "1")?;
+        fs::write(dir.join("tracing_on"), "1")?;
+        Ok(Self { dir })
+    }
+
+    fn clear(&self) -> anyhow::Result<()> {
+        Ok(fs::write(self.dir.join("trace"), "")?)
+    }
+
+    /// Exit times (boot seconds) of whole processes, by pid.
+    fn exits(&self) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
+        let text = fs::read_to_string(self.dir.join("trace"))?;
+        let mut out = std::collections::HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((head, rest)) = line.split_once(": sched_process_exit: ") else {
+                continue;
+            };
+            let Some(ts) = head
+                .split_whitespace()
+                .last()
+                .and_then(|t| t.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            let field = |k: &str| {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .map(str::to_owned)
+            };
+            // Kernels without `group_dead` report every thread; these workloads are
+            // single-threaded, so pid is the process.
+            if field("group_dead=").is_some_and(|g| g == "0") {
+                continue;
+            }
+            if let Some(pid) = field("pid=").and_then(|p| p.parse().ok()) {
+                out.insert(pid, ts);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ExitTrace {
+    fn drop(&mut self) {
+        let _ = fs::write(self.dir.join("tracing_on"), "0");
+        let _ = fs::write(self.dir.join("events/sched/sched_process_exit/enable"), "0");
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Whether a process exists and is not a zombie (init may take a while to reap).
+fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
+    let (guardian, workload) = build()?;
+    let tag = format!("benchorphans{}", std::process::id());
+    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    fs::write(
+        &policy,
+        format!("[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\" }}\norphans = \"kill\"\n"),
+    )?;
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    let daemon = Daemon::start(
+        &guardian,
+        &["--policy", policy.to_str().unwrap()],
+        out.clone(),
+    )?;
+    let trace = ExitTrace::start()?;
+    step(&format!(
+        "bench orphans: {trials} trials of a parent with {workers} workers SIGKILLed"
+    ));
+    let mut latencies_ms = Vec::new();
+    let mut missing = 0usize;
+    for t in 0..trials {
+        trace.clear()?;
+        let mut child = Command::new(&workload)
+            .args(["tree", &workers.to_string(), "", &tag])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+        let kids: Vec<u32> = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("children="))
+            .context("workload output")?
+            .split(',')
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let parent = child.id();
+        // guardian must have seen the root before the parent dies.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let needle = format!("\"event\":\"root\",\"ts\"");
+        while !fs::read_to_string(&out)?
+            .lines()
+            .any(|l| l.contains(&needle) && l.contains(&format!("\"pid\":{parent},")))
+        {
+            if Instant::now() > deadline {
+                bail!("guardian never reported the root {parent}");
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while kids.iter().any(|&k| running(k)) {
+            if Instant::now() > deadline {
+                for &k in &kids {
+                    // SAFETY: cleaning up our own workload's processes.
+                    unsafe { libc::kill(k as i32, libc::SIGKILL) };
+                }
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let exits = trace.exits()?;
+        let Some(&died) = exits.get(&parent) else {
+            missing += kids.len();
+            continue;
+        };
+        for k in &kids {
+            match exits.get(k) {
+                Some(&ts) => latencies_ms.push((ts - died) * 1e3),
+                None => missing += 1,
+            }
+        }
+        if (t + 1) % 50 == 0 {
+            eprintln!("  {} trials done", t + 1);
+        }
+    }
+    drop(trace);
+    let records = daemon.stop()?;
+    let _ = fs::remove_file(&policy);
+    let _ = fs::remove_file(&out);
+    let mut own: Vec<f64> = records
+        .iter()
+        .filter(|v| v["event"] == "decision")
+        .filter_map(|v| v["latency_us"].as_f64())
+        .map(|us| us / 1e3)
+        .collect();
+    if latencies_ms.is_empty() {
+        bail!("no latency measured");
+    }
+    latencies_ms.sort_by(|a, b| a.total_cmp(b));
+    own.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "\norphan kill latency, parent exit -> worker exit (kernel trace clock), {} workers:",
+        latencies_ms.len()
+    );
+    println!(
+        "  p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   (goal: p99 <= 2 ms)",
+        percentile(&latencies_ms, 0.5),
+        percentile(&latencies_ms, 0.99),
+        latencies_ms[latencies_ms.len() - 1]
+    );
+    if !own.is_empty() {
+        println!(
+            "  guardian's own figure, parent exit -> signal sent: p50 {:.3} ms   p99 {:.3} ms   ({} decisions)",
+            percentile(&own, 0.5),
+            percentile(&own, 0.99),
+            own.len()
+        );
+    }
+    if missing > 0 {
+        println!("  {missing} worker exits missing from the kernel trace");
+    }
     Ok(())
 }
