@@ -317,10 +317,10 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
         let parent = child.id();
         // guardian must have seen the root before the parent dies.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let needle = format!("\"event\":\"root\",\"ts\"");
+        let needle = "\"event\":\"root\",\"ts\"";
         while !fs::read_to_string(&out)?
             .lines()
-            .any(|l| l.contains(&needle) && l.contains(&format!("\"pid\":{parent},")))
+            .any(|l| l.contains(needle) && l.contains(&format!("\"pid\":{parent},")))
         {
             if Instant::now() > deadline {
                 bail!("guardian never reported the root {parent}");
