@@ -367,3 +367,32 @@ fn clean_shutdown_leaves_nothing_loaded() {
     g.stop();
     eventually("programs to be unloaded", WAIT, || our_programs() == before);
 }
+
+/// guardian reads a whole group's death from the tracepoint where the kernel has `group_dead`,
+/// and from the thread group's live count elsewhere; the `ready` record says which ran.
+#[test]
+fn group_dead_source_matches_the_kernel() {
+    if !privileged("group_dead_source_matches_the_kernel") {
+        return;
+    }
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|root| {
+            std::fs::read_to_string(format!("{root}/events/sched/sched_process_exit/format")).ok()
+        });
+    let g = Guardian::trace();
+    let ready = g.wait_for("ready", |v| v["event"] == "ready");
+    // guardian mounts tracefs itself when it is missing, so the format is readable now.
+    let format = format.or_else(|| {
+        std::fs::read_to_string("/sys/kernel/tracing/events/sched/sched_process_exit/format").ok()
+    });
+    let format = format.expect("sched_process_exit format");
+    let expected = if format.contains(" group_dead;") {
+        "tracepoint"
+    } else {
+        "signal_live"
+    };
+    assert_eq!(ready["group_dead"], expected);
+    eprintln!("group_dead source on this kernel: {expected}");
+    g.stop();
+}
