@@ -35,6 +35,7 @@ pub enum EventKind {
     Fork = 1,
     Exec = 2,
     Exit = 3,
+    Thread = 4,
 }
 
 impl EventKind {
@@ -43,6 +44,7 @@ impl EventKind {
             1 => Some(Self::Fork),
             2 => Some(Self::Exec),
             3 => Some(Self::Exit),
+            4 => Some(Self::Thread),
             _ => None,
         }
     }
@@ -162,6 +164,18 @@ pub struct ExitEvent {
     pub comm: [u8; COMM_LEN],
 }
 
+/// A thread of a tracked process started or ended (only sent when [`Config::track_threads`] is
+/// set: task budgets counted by guardian itself need them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadEvent {
+    /// `pid` is the thread's id, `tgid` its process.
+    pub header: EventHeader,
+    /// 1 when the thread started, 0 when it ended.
+    pub started: u32,
+    pub _pad: u32,
+}
+
 /// Sentinel for an offset that is not available on the running kernel.
 pub const OFFSET_NONE: u32 = u32::MAX;
 
@@ -177,6 +191,8 @@ pub struct Config {
     /// Non-zero: every process is tracked (used by `guardian trace`). Zero: only thread groups in
     /// [`TRACKED_MAP`] and their descendants.
     pub track_all: u32,
+    /// Non-zero: report thread starts and ends of tracked processes ([`ThreadEvent`]).
+    pub track_threads: u32,
 
     /// `task:task_newtask`: `pid`, `comm`, `clone_flags`.
     pub newtask_pid: u32,
@@ -198,7 +214,6 @@ pub struct Config {
     pub task_tgid: u32,
     /// `task_struct::group_leader`: a process's start time is its leader's.
     pub task_group_leader: u32,
-    pub _pad: u32,
     /// `mm_struct::arg_start`, `mm_struct::arg_end`.
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
@@ -213,6 +228,7 @@ impl Config {
         Self {
             self_tgid: 0,
             track_all: 0,
+            track_threads: 0,
             newtask_pid: OFFSET_NONE,
             newtask_comm: OFFSET_NONE,
             newtask_clone_flags: OFFSET_NONE,
@@ -229,7 +245,6 @@ impl Config {
             task_real_parent: OFFSET_NONE,
             task_tgid: OFFSET_NONE,
             task_group_leader: OFFSET_NONE,
-            _pad: 0,
         }
     }
 }
@@ -239,6 +254,7 @@ const _: () = {
     assert!(core::mem::size_of::<ForkEvent>() == 24 + 16 + 8 + COMM_LEN);
     assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + COMM_LEN + FILENAME_LEN + ARGS_LEN);
     assert!(core::mem::size_of::<ExitEvent>() == 24 + 24 + COMM_LEN);
+    assert!(core::mem::size_of::<ThreadEvent>() == 24 + 8);
     assert!(core::mem::size_of::<Config>() == 19 * 4);
     assert!(core::mem::align_of::<ExecEvent>() == 8);
 };

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use guardian_common::{
     exec_flags, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, Stat, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
+    ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
 };
 
 /// `CLONE_THREAD` from `include/uapi/linux/sched.h`: the new task joins the caller's group.
@@ -121,10 +121,15 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = CONFIG.load();
     // SAFETY: offsets come from this kernel's format file for this tracepoint.
     let clone_flags: u64 = unsafe { ctx.read_at(cfg.newtask_clone_flags as usize)? };
+    let pid_tgid = bpf_get_current_pid_tgid();
     if clone_flags & CLONE_THREAD != 0 {
+        if cfg.track_threads != 0 {
+            // SAFETY: as above.
+            let tid: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
+            thread_event(ctx, &cfg, tid as u32, (pid_tgid >> 32) as u32, 1);
+        }
         return Ok(0);
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
     let creator = (pid_tgid >> 32) as u32;
     if creator == cfg.self_tgid || !is_tracked(&cfg, creator) {
         return Ok(0);
@@ -275,7 +280,13 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     let cfg = CONFIG.load();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if tgid == cfg.self_tgid || !group_dead(ctx, &cfg) {
+    if tgid == cfg.self_tgid {
+        return Ok(0);
+    }
+    if !group_dead(ctx, &cfg) {
+        if cfg.track_threads != 0 {
+            thread_event(ctx, &cfg, pid_tgid as u32, tgid, 0);
+        }
         return Ok(0);
     }
     let tracked = TRACKED.get_ptr(tgid).map(|f| unsafe { *f });
@@ -322,6 +333,28 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         BPF_RB_NO_WAKEUP
     } as u64);
     Ok(0)
+}
+
+/// Reports a thread start or end of a tracked process.
+#[inline(always)]
+fn thread_event(ctx: &TracePointContext, cfg: &Config, tid: u32, tgid: u32, started: u32) {
+    if tgid == cfg.self_tgid || TRACKED.get_ptr(tgid).is_none() {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ThreadEvent>(0) else {
+        if count(Stat::RingbufFull) {
+            warn!(ctx, "event ring buffer full: events are being lost");
+        }
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, exclusively owned record.
+    unsafe {
+        (*ev).header = header(EventKind::Thread, tid, tgid);
+        (*ev).started = started;
+        (*ev)._pad = 0;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
 }
 
 /// Whether the exiting thread is the last of its group.

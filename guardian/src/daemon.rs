@@ -50,7 +50,10 @@ pub struct Daemon {
 pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow::Result<()> {
     // Audit mode is decided once, here: the CLI flag overrides the file.
     let mode = if dry_run { Mode::Audit } else { policy.mode };
-    let mut monitor = Monitor::start(LoadOptions { track_all: false })?;
+    let mut monitor = Monitor::start(LoadOptions {
+        track_all: false,
+        track_threads: false,
+    })?;
     let protections = Protections::new(&policy.protect);
     let mut daemon = Daemon {
         enforcer: Enforcer::new(mode, protections),
@@ -376,7 +379,10 @@ impl Handler for Daemon {
                     total,
                 })?;
             }
-            Notice::Fork { .. } | Notice::Exit { .. } | Notice::Reparent { .. } => {}
+            Notice::Fork { .. }
+            | Notice::Exit { .. }
+            | Notice::Reparent { .. }
+            | Notice::Thread { .. } => {}
         }
         Ok(())
     }

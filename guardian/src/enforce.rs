@@ -389,6 +389,7 @@ mod tests {
             state: State::Alive,
             service: Some(0),
             root: false,
+            threads: 1,
             exec_ns: None,
         }
     }

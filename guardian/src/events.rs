@@ -1,8 +1,8 @@
 //! Decoding of the records the eBPF program writes to the ring buffer.
 
 use guardian_common::{
-    exec_flags, exit_flags, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ARGS_LEN,
-    FILENAME_LEN,
+    exec_flags, exit_flags, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ThreadEvent,
+    ARGS_LEN, FILENAME_LEN,
 };
 use thiserror::Error;
 
@@ -30,6 +30,16 @@ pub enum Event {
     Fork(Fork),
     Exec(Exec),
     Exit(Exit),
+    Thread(Thread),
+}
+
+/// A thread of a tracked process started or ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Thread {
+    pub ts_ns: u64,
+    pub tid: u32,
+    pub pid: u32,
+    pub started: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +189,15 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 had_children: ev.flags & exit_flags::HAD_CHILDREN != 0,
             }))
         }
+        Some(EventKind::Thread) => {
+            let ev: ThreadEvent = read(buf, "thread event")?;
+            Ok(Event::Thread(Thread {
+                ts_ns: ev.header.ts_ns,
+                tid: ev.header.pid,
+                pid: ev.header.tgid,
+                started: ev.started != 0,
+            }))
+        }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }
@@ -309,6 +328,30 @@ pub(crate) mod tests {
                 signal: 6,
                 core_dumped: true
             }
+        );
+    }
+
+    #[test]
+    fn decodes_thread() {
+        let ev = ThreadEvent {
+            header: EventHeader {
+                kind: EventKind::Thread as u32,
+                pid: 11,
+                tgid: 10,
+                _pad: 0,
+                ts_ns: 5,
+            },
+            started: 1,
+            _pad: 0,
+        };
+        assert_eq!(
+            decode(&bytes_of(&ev)).unwrap(),
+            Event::Thread(Thread {
+                ts_ns: 5,
+                tid: 11,
+                pid: 10,
+                started: true
+            })
         );
     }
 

@@ -49,6 +49,8 @@ impl GroupDeadSource {
 pub struct LoadOptions {
     /// Report every process, not only tracked ones (and their descendants).
     pub track_all: bool,
+    /// Report thread starts and ends of tracked processes.
+    pub track_threads: bool,
 }
 
 /// The loaded, attached program and its maps. Dropping it detaches everything.
@@ -162,6 +164,7 @@ fn kernel_config(opts: LoadOptions) -> anyhow::Result<(Config, GroupDeadSource)>
     let mut c = Config::unset();
     c.self_tgid = std::process::id();
     c.track_all = u32::from(opts.track_all);
+    c.track_threads = u32::from(opts.track_threads);
     c.newtask_pid = newtask.offset("pid", 4)?;
     c.newtask_comm = newtask.offset("comm", 16)?;
     c.newtask_clone_flags = newtask.offset("clone_flags", 8)?;

@@ -46,6 +46,12 @@ pub enum Notice {
         ts_ns: u64,
         status: Option<ExitStatus>,
     },
+    /// A thread of `pid` started (only reported when threads are tracked).
+    Thread {
+        pid: u32,
+        tid: u32,
+        ts_ns: u64,
+    },
     /// `pid`'s parent group died at `ts_ns`; the new parent is being confirmed.
     Orphaned {
         pid: u32,
@@ -215,6 +221,7 @@ impl Monitor {
         let ts_ns = match &ev {
             Event::Fork(f) => f.ts_ns,
             Event::Exec(e) => e.ts_ns,
+            Event::Thread(t) => t.ts_ns,
             Event::Exit(x) => {
                 // An orphan dying before /proc showed its new parent: the kernel just told it.
                 if let Some(i) = self.pending.iter().position(|p| p.pid == x.pid) {
@@ -234,6 +241,7 @@ impl Monitor {
             let notice = match change {
                 Change::Forked { pid } => Notice::Fork { pid, ts_ns },
                 Change::Execed { pid } => Notice::Exec { pid, ts_ns },
+                Change::ThreadStarted { pid, tid } => Notice::Thread { pid, tid, ts_ns },
                 Change::Exited { pid } => Notice::Exit {
                     pid,
                     ts_ns,

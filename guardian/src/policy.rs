@@ -71,6 +71,70 @@ pub enum AtStart {
     Enforce,
 }
 
+/// Which member dies first when a service is over `memory_high`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Victim {
+    /// Orphans first (largest first), then the largest member.
+    OrphansThenLargest,
+    /// The largest member by resident memory.
+    Largest,
+    /// The most recently started member.
+    Newest,
+}
+
+impl Victim {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OrphansThenLargest => "orphans-then-largest",
+            Self::Largest => "largest",
+            Self::Newest => "newest",
+        }
+    }
+}
+
+/// Where a service's budgets are enforced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// guardian puts the service in a cgroup of its own and writes the limits there.
+    Own,
+    /// Processes stay where they are (for example in a systemd unit); guardian enforces the
+    /// budgets by its own actions.
+    Inherit,
+}
+
+impl CgroupMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Own => "own",
+            Self::Inherit => "inherit",
+        }
+    }
+}
+
+/// A service's resource budgets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Budgets {
+    /// Processes plus threads, like systemd's TasksMax.
+    pub tasks_max: Option<u64>,
+    /// Hard memory limit in bytes (the kernel's, in `own` mode).
+    pub memory_max: Option<u64>,
+    /// Above this many bytes guardian kills one victim, then re-checks.
+    pub memory_high: Option<u64>,
+}
+
+impl Budgets {
+    pub fn any(&self) -> bool {
+        self.tasks_max.is_some() || self.memory_max.is_some() || self.memory_high.is_some()
+    }
+}
+
+/// The smallest memory budget accepted: below this a Python interpreter cannot even start.
+pub const MIN_MEMORY: u64 = 8 << 20;
+/// The default `cgroup_parent`: a `guardian` group at the hierarchy root.
+pub const DEFAULT_CGROUP_PARENT: &str = "/guardian";
+
 /// A validated policy.
 #[derive(Debug)]
 pub struct Policy {
@@ -78,6 +142,9 @@ pub struct Policy {
     pub mode: Mode,
     /// `comm` names never signalled, on top of the built-in protections.
     pub protect: Vec<String>,
+    /// Where `own` services' cgroups are created: absolute (from each hierarchy's root) or
+    /// relative (below guardian's own cgroup).
+    pub cgroup_parent: String,
     pub services: Vec<Service>,
 }
 
@@ -91,6 +158,9 @@ pub struct Service {
     pub orphan_match: Option<Selector>,
     pub kill_timeout: Duration,
     pub orphans_at_start: AtStart,
+    pub budgets: Budgets,
+    pub memory_victim: Victim,
+    pub cgroup: CgroupMode,
 }
 
 /// A policy error, pointing into the file.
@@ -125,6 +195,7 @@ struct RawPolicy {
     #[serde(default)]
     protect: Vec<Spanned<String>>,
     orphans_at_start: Option<AtStart>,
+    cgroup_parent: Option<Spanned<String>>,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -139,6 +210,19 @@ struct RawService {
     orphan_match: Option<Spanned<RawSelector>>,
     kill_timeout: Option<Spanned<String>>,
     orphans_at_start: Option<AtStart>,
+    tasks_max: Option<Spanned<i64>>,
+    memory_max: Option<Spanned<RawSize>>,
+    memory_high: Option<Spanned<RawSize>>,
+    memory_victim: Option<Victim>,
+    cgroup: Option<CgroupMode>,
+}
+
+/// A size: a number of bytes, or text such as "512M", "4G", "3500M" (binary units, as systemd).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -229,7 +313,7 @@ impl Policy {
                     format!("duplicate service name `{name}`"),
                 ));
             }
-            let selector = selector(&loc, &key("match"), s.selector)?;
+            let selector = selector_from(&loc, &key("match"), s.selector)?;
             let orphan_match = s
                 .orphan_match
                 .map(|m| selector_from(&loc, &key("orphan_match"), m))
@@ -257,6 +341,36 @@ impl Policy {
                 }
                 None => DEFAULT_KILL_TIMEOUT,
             };
+            let tasks_max = s
+                .tasks_max
+                .map(|t| {
+                    u64::try_from(*t.get_ref())
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .ok_or_else(|| {
+                            loc.error(Some(t.span()), &key("tasks_max"), "must be at least 1")
+                        })
+                })
+                .transpose()?;
+            let memory_max = s
+                .memory_max
+                .map(|m| size(&loc, &key("memory_max"), m))
+                .transpose()?;
+            let memory_high = match s.memory_high {
+                Some(m) => {
+                    let span = m.span();
+                    let high = size(&loc, &key("memory_high"), m)?;
+                    if memory_max.is_some_and(|max| high > max) {
+                        return Err(loc.error(
+                            Some(span),
+                            &key("memory_high"),
+                            "is above memory_max: the kernel would act before guardian",
+                        ));
+                    }
+                    Some(high)
+                }
+                None => None,
+            };
             services.push(Service {
                 name,
                 selector,
@@ -267,6 +381,13 @@ impl Policy {
                     .orphans_at_start
                     .or(raw.orphans_at_start)
                     .unwrap_or(AtStart::Report),
+                budgets: Budgets {
+                    tasks_max,
+                    memory_max,
+                    memory_high,
+                },
+                memory_victim: s.memory_victim.unwrap_or(Victim::OrphansThenLargest),
+                cgroup: s.cgroup.unwrap_or(CgroupMode::Inherit),
             });
         }
         if services.is_empty() {
@@ -287,21 +408,54 @@ impl Policy {
             }
             protect.push(p.into_inner());
         }
+        let cgroup_parent = match raw.cgroup_parent {
+            Some(c) => {
+                let v = c.get_ref().trim_end_matches('/');
+                if v.is_empty() || v.split('/').any(|part| part == ".." || part == ".") {
+                    return Err(loc.error(
+                        Some(c.span()),
+                        "cgroup_parent",
+                        "must be a cgroup path without `.` or `..`, e.g. \"/guardian\" (from the hierarchy root) or \"guardian\" (below guardian's own cgroup)",
+                    ));
+                }
+                v.to_owned()
+            }
+            None => DEFAULT_CGROUP_PARENT.to_owned(),
+        };
         Ok(Self {
             path: path.to_path_buf(),
             mode: raw.mode.unwrap_or(Mode::Enforce),
             protect,
+            cgroup_parent,
             services,
         })
     }
 }
 
-fn selector(
-    loc: &Locator<'_>,
-    key: &str,
-    raw: Spanned<RawSelector>,
-) -> Result<Selector, PolicyError> {
-    selector_from(loc, key, raw)
+/// Parses a size and checks it against [`MIN_MEMORY`].
+fn size(loc: &Locator<'_>, key: &str, raw: Spanned<RawSize>) -> Result<u64, PolicyError> {
+    let span = raw.span();
+    let bytes = match raw.into_inner() {
+        RawSize::Bytes(n) => u64::try_from(n).map_err(|_| loc.error(Some(span.clone()), key, "must not be negative"))?,
+        RawSize::Text(t) => parse_size::Config::new()
+            .with_binary()
+            .parse_size(t.trim())
+            .map_err(|e| {
+                loc.error(
+                    Some(span.clone()),
+                    key,
+                    format!("`{t}` is not a size (e.g. \"512M\", \"4G\"): {e}"),
+                )
+            })?,
+    };
+    if bytes < MIN_MEMORY {
+        return Err(loc.error(
+            Some(span),
+            key,
+            format!("{bytes} bytes is below the minimum of {}M", MIN_MEMORY >> 20),
+        ));
+    }
+    Ok(bytes)
 }
 
 fn selector_from(
@@ -493,6 +647,50 @@ kill_timeout = "250ms"
         let e = parse("[[service]]\nname = \"a\"\nmatch = { user = \"no-such-user-here\" }\n")
             .unwrap_err();
         assert!(e.message.contains("no such user"), "{e}");
+    }
+
+    #[test]
+    fn budgets_parse_with_binary_units() {
+        let p = parse(
+            "cgroup_parent = \"guardian-test\"\n[[service]]\nname = \"a\"\nmatch = { comm = \"x\" }\ntasks_max = 10\nmemory_max = \"4G\"\nmemory_high = \"3500M\"\nmemory_victim = \"newest\"\ncgroup = \"own\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.cgroup_parent, "guardian-test");
+        let s = &p.services[0];
+        assert_eq!(
+            s.budgets,
+            Budgets {
+                tasks_max: Some(10),
+                memory_max: Some(4 << 30),
+                memory_high: Some(3500 << 20),
+            }
+        );
+        assert_eq!(s.memory_victim, Victim::Newest);
+        assert_eq!(s.cgroup, CgroupMode::Own);
+        let d = parse("[[service]]\nname = \"a\"\nmatch = { comm = \"x\" }\n").unwrap();
+        assert_eq!(d.cgroup_parent, DEFAULT_CGROUP_PARENT);
+        assert_eq!(d.services[0].cgroup, CgroupMode::Inherit);
+        assert_eq!(d.services[0].memory_victim, Victim::OrphansThenLargest);
+        assert!(!d.services[0].budgets.any());
+    }
+
+    #[test]
+    fn bad_budgets_are_errors() {
+        let base = "[[service]]\nname = \"a\"\nmatch = { comm = \"x\" }\n";
+        let e = parse(&format!("{base}memory_max = \"4 gigs\"\n")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (4, "service[0].memory_max"), "{e}");
+        assert!(e.message.contains("not a size"), "{e}");
+        let e = parse(&format!("{base}memory_max = \"1M\"\n")).unwrap_err();
+        assert!(e.message.contains("below the minimum"), "{e}");
+        let e = parse(&format!("{base}memory_max = \"100M\"\nmemory_high = \"200M\"\n")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (5, "service[0].memory_high"), "{e}");
+        assert!(e.message.contains("above memory_max"), "{e}");
+        let e = parse(&format!("{base}tasks_max = 0\n")).unwrap_err();
+        assert_eq!(e.key, "service[0].tasks_max", "{e}");
+        let e = parse(&format!("{base}memory_victim = \"oldest\"\n")).unwrap_err();
+        assert!(e.message.contains("unknown variant `oldest`"), "{e}");
+        let e = parse(&format!("cgroup_parent = \"../x\"\n{base}")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (1, "cgroup_parent"), "{e}");
     }
 
     /// Every policy shipped in `policies/` is valid.

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::{
-    events::{Event, Exec, Exit, ExitStatus, Fork},
+    events::{Event, Exec, Exit, ExitStatus, Fork, Thread},
     procs::ProcInfo,
 };
 
@@ -41,6 +41,9 @@ pub struct Process {
     pub service: Option<usize>,
     /// The process matched its service's selectors itself (rather than descending from a root).
     pub root: bool,
+    /// Live threads (1 for a single-threaded process). Kept up to date only while thread events
+    /// are reported (task budgets counted by guardian).
+    pub threads: u32,
     /// When it was last seen exec'ing (boot ns); `None` for a forked copy that has not exec'd
     /// since, or a process read from `/proc`.
     pub exec_ns: Option<u64>,
@@ -83,6 +86,8 @@ pub enum Change {
     Exited {
         pid: u32,
     },
+    /// A thread of `pid` started.
+    ThreadStarted { pid: u32, tid: u32 },
     /// `pid`'s parent died: the kernel reparents it to a reaper. The new parent is to be
     /// confirmed (from `/proc`) and recorded with [`Table::reparented`].
     Orphaned {
@@ -176,6 +181,7 @@ impl Table {
                     state: State::Alive,
                     service: None,
                     root: false,
+                    threads: u32::try_from(info.threads).unwrap_or(1).max(1),
                     exec_ns: None,
                 },
             );
@@ -207,6 +213,7 @@ impl Table {
             Event::Fork(f) => self.fork(f),
             Event::Exec(e) => self.exec(e).into_iter().collect(),
             Event::Exit(x) => self.exit(x),
+            Event::Thread(t) => self.thread(t).into_iter().collect(),
         }
     }
 
@@ -245,6 +252,7 @@ impl Table {
                 state: State::Alive,
                 service,
                 root: false,
+                threads: 1,
                 exec_ns: None,
             },
         );
@@ -265,6 +273,20 @@ impl Table {
             }
         }
         changes
+    }
+
+    fn thread(&mut self, t: &Thread) -> Option<Change> {
+        let p = self.procs.get_mut(&t.pid).filter(|p| p.alive())?;
+        if t.started {
+            p.threads += 1;
+            Some(Change::ThreadStarted {
+                pid: t.pid,
+                tid: t.tid,
+            })
+        } else {
+            p.threads = p.threads.saturating_sub(1).max(1);
+            None
+        }
     }
 
     fn exec(&mut self, e: &Exec) -> Option<Change> {
@@ -292,6 +314,7 @@ impl Table {
                     state: State::Alive,
                     service: None,
                     root: false,
+                    threads: 1,
                     exec_ns: None,
                 },
             );
@@ -307,6 +330,8 @@ impl Table {
         // which become ordinary processes).
         p.kernel_thread = false;
         p.exec_ns = Some(e.ts_ns);
+        // exec leaves a single thread.
+        p.threads = 1;
         if let Some(start) = e.start_ns {
             p.start_ns = start;
         }
@@ -635,6 +660,28 @@ mod tests {
         t.expire(1100 * MS + EXITED_GRACE_NS);
         assert!(t.get(200).is_none());
         assert!(t.get(100).is_some());
+    }
+
+    #[test]
+    fn threads_are_counted_per_process() {
+        let mut t = seeded();
+        t.apply(&fork(200, 100, 1000 * MS));
+        let th = |started| {
+            Event::Thread(Thread {
+                ts_ns: 1001 * MS,
+                tid: 201,
+                pid: 200,
+                started,
+            })
+        };
+        assert_eq!(
+            t.apply(&th(true)),
+            vec![Change::ThreadStarted { pid: 200, tid: 201 }]
+        );
+        assert_eq!(t.alive(200).unwrap().threads, 2);
+        assert!(t.apply(&th(false)).is_empty());
+        assert!(t.apply(&th(false)).is_empty());
+        assert_eq!(t.alive(200).unwrap().threads, 1, "never below the process itself");
     }
 
     #[test]

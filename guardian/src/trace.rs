@@ -46,7 +46,7 @@ impl Handler for Printer {
             Notice::Exit { pid, ts_ns, status } => {
                 Record::exit(clock.ts(ts_ns), proc_of(state, pid), status)
             }
-            Notice::Orphaned { .. } => return Ok(()),
+            Notice::Orphaned { .. } | Notice::Thread { .. } => return Ok(()),
             Notice::Reparent {
                 pid,
                 old_parent,
@@ -80,7 +80,10 @@ impl Handler for Printer {
 }
 
 pub async fn run(format: OutputFormat) -> anyhow::Result<()> {
-    let mut monitor = Monitor::start(LoadOptions { track_all: true })?;
+    let mut monitor = Monitor::start(LoadOptions {
+        track_all: true,
+        track_threads: false,
+    })?;
     let mut printer = Printer {
         out: Output::new(format),
     };
