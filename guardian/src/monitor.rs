@@ -106,6 +106,10 @@ struct PendingReparent {
 pub struct Monitor {
     pub state: State,
     ring: AsyncFd<RingBuf<MapData>>,
+    // Installed before anything is reported, so that a SIGTERM right after `ready` is a clean
+    // stop rather than the default (abrupt) termination.
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
     pending: Vec<PendingReparent>,
     kstats: KernelStats,
     decode_errors: u64,
@@ -116,6 +120,8 @@ impl Monitor {
     /// in between are seen twice, which the table tolerates, and none is missed. Otherwise the
     /// handler adds the processes it follows.
     pub fn start(opts: LoadOptions) -> anyhow::Result<Self> {
+        let sigint = signal(SignalKind::interrupt())?;
+        let sigterm = signal(SignalKind::terminate())?;
         let mut probes = Probes::load(opts)?;
         let ring = probes.events.take().context("ring buffer already taken")?;
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as it is wrapped.
@@ -139,6 +145,8 @@ impl Monitor {
                 clock: Clock::new(),
             },
             ring,
+            sigint,
+            sigterm,
             pending: Vec::new(),
             kstats: KernelStats::default(),
             decode_errors: 0,
@@ -147,8 +155,6 @@ impl Monitor {
 
     /// Runs until SIGINT or SIGTERM.
     pub async fn run(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
         let mut tick = interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ticks = 0u32;
@@ -177,8 +183,8 @@ impl Monitor {
                     }
                     handler.tick(&mut self.state)?;
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = self.sigint.recv() => break,
+                _ = self.sigterm.recv() => break,
             }
         }
         let records = drain(self.ring.get_mut());
