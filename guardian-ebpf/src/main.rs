@@ -232,7 +232,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev).args_len = len;
         (*ev).flags = flags;
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // An exec can make a service root, which may fork at once: wake the reader so that it starts
+    // following the root within microseconds. An exec costs far more than the wakeup.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
 }
 

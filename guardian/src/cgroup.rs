@@ -83,9 +83,11 @@ impl Layout {
                 source,
             })
         };
-        Self::from_proc(&read("/proc/self/mountinfo")?, &read("/proc/self/cgroup")?, |p| {
-            fs::read_to_string(p).ok()
-        })
+        Self::from_proc(
+            &read("/proc/self/mountinfo")?,
+            &read("/proc/self/cgroup")?,
+            |p| fs::read_to_string(p).ok(),
+        )
     }
 
     /// Detection from the text of `/proc/self/mountinfo` and `/proc/self/cgroup`; `read` reads
@@ -236,7 +238,11 @@ fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     if missing.is_empty() {
         return Ok(());
     }
-    let value = missing.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(" ");
+    let value = missing
+        .iter()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     write(&file, &value)
 }
 
@@ -316,7 +322,10 @@ impl ServiceCgroup {
             // v1 has no throttling `high`; the soft limit is its nearest equivalent (reclaim
             // target under pressure). guardian enforces memory_high itself either way.
             if let Some(h) = b.memory_high {
-                out.push((self.memory.join("memory.soft_limit_in_bytes"), h.to_string()));
+                out.push((
+                    self.memory.join("memory.soft_limit_in_bytes"),
+                    h.to_string(),
+                ));
             }
         }
         out
@@ -372,9 +381,9 @@ impl ServiceCgroup {
 
     /// Whether no process is left in any of the directories.
     pub fn is_empty(&self) -> bool {
-        self.dirs().iter().all(|d| {
-            fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty())
-        })
+        self.dirs()
+            .iter()
+            .all(|d| fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty()))
     }
 
     /// Removes the directories guardian created, if no process is left in them. A cgroup with
@@ -459,8 +468,10 @@ mod tests {
 
     #[test]
     fn detects_hybrid_as_v1_when_v2_lacks_controllers() {
-        let l = Layout::from_proc(HYBRID_MOUNTINFO, HYBRID_CGROUP, |_| Some("hugetlb\n".into()))
-            .unwrap();
+        let l = Layout::from_proc(HYBRID_MOUNTINFO, HYBRID_CGROUP, |_| {
+            Some("hugetlb\n".into())
+        })
+        .unwrap();
         let Layout::V1 { memory, pids } = &l else {
             panic!("{l:?}")
         };
@@ -469,7 +480,10 @@ mod tests {
         assert_eq!(pids.own, "/");
         // Relative parents go below guardian's own cgroup, absolute ones below the root.
         let c = ServiceCgroup::plan(&l, "gtest", "svc");
-        assert_eq!(c.memory, Path::new("/sys/fs/cgroup/memory/process_api/abc/gtest/svc"));
+        assert_eq!(
+            c.memory,
+            Path::new("/sys/fs/cgroup/memory/process_api/abc/gtest/svc")
+        );
         assert_eq!(c.pids, Path::new("/sys/fs/cgroup/pids/gtest/svc"));
         let c = ServiceCgroup::plan(&l, "/guardian", "svc");
         assert_eq!(c.memory, Path::new("/sys/fs/cgroup/memory/guardian/svc"));
@@ -499,7 +513,10 @@ mod tests {
         let l = Layout::from_proc(&mi, "0::/\n", |_| Some("memory pids".into())).unwrap();
         let mut c = ServiceCgroup::plan(&l, "/guardian", "svc");
         c.create(&l).unwrap();
-        assert_eq!(c.created, vec![root.join("guardian"), root.join("guardian/svc")]);
+        assert_eq!(
+            c.created,
+            vec![root.join("guardian"), root.join("guardian/svc")]
+        );
         // Controllers enabled on the way down, without repeating those already on.
         assert_eq!(
             fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
@@ -517,10 +534,20 @@ mod tests {
         c.write_limits(&b).unwrap();
         let dir = root.join("guardian/svc");
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "8");
-        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), "209715200");
-        assert_eq!(fs::read_to_string(dir.join("memory.high")).unwrap(), "104857600");
+        assert_eq!(
+            fs::read_to_string(dir.join("memory.max")).unwrap(),
+            "209715200"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("memory.high")).unwrap(),
+            "104857600"
+        );
         fs::write(dir.join("pids.events"), "max 3\n").unwrap();
-        fs::write(dir.join("memory.events"), "low 0\nhigh 5\nmax 1\noom 1\noom_kill 1\n").unwrap();
+        fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 5\nmax 1\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         assert_eq!(
             c.counters(),
             Counters {
@@ -532,7 +559,10 @@ mod tests {
         fs::write(dir.join("memory.current"), "1234\n").unwrap();
         assert_eq!(c.memory_usage(), Some(1234));
         c.add(4242).unwrap();
-        assert_eq!(fs::read_to_string(dir.join("cgroup.procs")).unwrap(), "4242");
+        assert_eq!(
+            fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
+            "4242"
+        );
         assert!(!c.is_empty());
         assert!(!c.remove(), "never removes a cgroup with processes");
         assert!(dir.exists());

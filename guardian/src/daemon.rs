@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use tracing::{debug, info};
 
 use crate::{
+    budget::BudgetEngine,
     enforce::{Enforcer, Protections, Reason, Request},
     events::{Exec, ExitStatus},
     loader::LoadOptions,
@@ -41,6 +42,7 @@ struct Deferred {
 pub struct Daemon {
     policy: Policy,
     enforcer: Enforcer,
+    budgets: BudgetEngine,
     out: Output,
     self_pid: u32,
     deferred: Vec<Deferred>,
@@ -50,13 +52,15 @@ pub struct Daemon {
 pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow::Result<()> {
     // Audit mode is decided once, here: the CLI flag overrides the file.
     let mode = if dry_run { Mode::Audit } else { policy.mode };
+    let budgets = BudgetEngine::new(&policy, mode)?;
     let mut monitor = Monitor::start(LoadOptions {
         track_all: false,
-        track_threads: false,
+        track_threads: BudgetEngine::counts_tasks(&policy, mode),
     })?;
     let protections = Protections::new(&policy.protect);
     let mut daemon = Daemon {
         enforcer: Enforcer::new(mode, protections),
+        budgets,
         policy,
         out: Output::new(format),
         self_pid: std::process::id(),
@@ -80,6 +84,7 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         "guardian running"
     );
     let result = monitor.run(&mut daemon).await;
+    daemon.budgets.shutdown(&daemon.policy);
     daemon.out.flush()?;
     let c = daemon.enforcer.counts;
     info!(
@@ -178,6 +183,8 @@ impl Daemon {
                     kill_timeout: service.kill_timeout,
                     old_parent: target.parent,
                     since_ns: None,
+                    usage: None,
+                    limit: None,
                 },
             );
             self.out.emit(&record)?;
@@ -232,13 +239,22 @@ impl Daemon {
                     _ => continue,
                 }
             }
-            let kids = procs::children_of(p);
-            if !kids.is_empty() {
-                state.probes.track(p, true)?;
-            }
             if let Some(e) = state.table.alive_mut(p) {
                 e.service = Some(svc);
                 e.root = root && p == pid;
+            }
+            // In the service's cgroup before its children are listed (see `track` above).
+            if let Some(member) = state.table.alive(p) {
+                for record in
+                    self.budgets
+                        .place(&mut self.enforcer, &state.clock, &self.policy, svc, member)
+                {
+                    self.out.emit(&record)?;
+                }
+            }
+            let kids = procs::children_of(p);
+            if !kids.is_empty() {
+                state.probes.track(p, true)?;
             }
             for k in kids {
                 stack.push(k);
@@ -298,6 +314,12 @@ impl Daemon {
         if state.table.get(old_parent).and_then(|p| p.service) != Some(svc) {
             return Ok(());
         }
+        if let Some(c) = state.table.alive_mut(pid) {
+            c.orphan = true;
+        }
+        let Some(c) = state.table.alive(pid) else {
+            return Ok(());
+        };
         let parent_exited_normally = matches!(
             state.table.get(old_parent).map(|p| p.state),
             Some(crate::table::State::Exited {
@@ -336,6 +358,8 @@ impl Daemon {
                 kill_timeout: service.kill_timeout,
                 old_parent,
                 since_ns: Some(ts_ns),
+                usage: None,
+                limit: None,
             },
         );
         self.out.emit(&record)?;
@@ -379,10 +403,35 @@ impl Handler for Daemon {
                     total,
                 })?;
             }
-            Notice::Fork { .. }
-            | Notice::Exit { .. }
-            | Notice::Reparent { .. }
-            | Notice::Thread { .. } => {}
+            Notice::Fork { pid, ts_ns } => {
+                if let Some(svc) = state.table.alive(pid).and_then(|p| p.service) {
+                    for record in self.budgets.forked(
+                        state,
+                        &mut self.enforcer,
+                        &self.policy,
+                        svc,
+                        pid,
+                        ts_ns,
+                    ) {
+                        self.out.emit(&record)?;
+                    }
+                }
+            }
+            Notice::Thread { pid, ts_ns, .. } => {
+                if let Some(svc) = state.table.alive(pid).and_then(|p| p.service) {
+                    for record in self.budgets.thread_started(
+                        state,
+                        &mut self.enforcer,
+                        &self.policy,
+                        svc,
+                        pid,
+                        ts_ns,
+                    ) {
+                        self.out.emit(&record)?;
+                    }
+                }
+            }
+            Notice::Exit { .. } | Notice::Reparent { .. } => {}
         }
         Ok(())
     }
@@ -421,6 +470,9 @@ impl Handler for Daemon {
         for record in self.enforcer.tick(&state.clock) {
             self.out.emit(&record)?;
         }
+        for record in self.budgets.tick(state, &mut self.enforcer, &self.policy) {
+            self.out.emit(&record)?;
+        }
         self.out.flush()?;
         Ok(())
     }
@@ -451,6 +503,32 @@ pub fn check(policy: &Policy) -> String {
                 .as_ref()
                 .map_or("(all orphans)".to_owned(), |m| m.describe())
         ));
+        if svc.budgets.any() {
+            let mut parts = Vec::new();
+            if let Some(t) = svc.budgets.tasks_max {
+                parts.push(format!("tasks_max {t}"));
+            }
+            if let Some(m) = svc.budgets.memory_max {
+                parts.push(format!("memory_max {}M", m >> 20));
+            }
+            if let Some(h) = svc.budgets.memory_high {
+                parts.push(format!(
+                    "memory_high {}M (victim: {})",
+                    h >> 20,
+                    svc.memory_victim.as_str()
+                ));
+            }
+            s.push_str(&format!(
+                "    budgets        {}; cgroup {}\n",
+                parts.join(", "),
+                match svc.cgroup {
+                    crate::policy::CgroupMode::Own =>
+                        format!("own (under {})", policy.cgroup_parent),
+                    crate::policy::CgroupMode::Inherit =>
+                        "inherit (counted by guardian)".to_owned(),
+                }
+            ));
+        }
         s.push_str(&format!(
             "    at start       {}\n",
             match svc.orphans_at_start {

@@ -94,6 +94,14 @@ pub enum Reason {
     OrphanAtStart,
     /// It did not end within `kill_timeout` after SIGTERM.
     KillTimeout,
+    /// Its service is over `tasks_max`.
+    TasksMax,
+    /// Its service is over `memory_high`.
+    MemoryHigh,
+    /// Its service is over `memory_max`.
+    MemoryMax,
+    /// A budget is being put in place (cgroup created, process moved).
+    Budget,
 }
 
 impl Reason {
@@ -102,6 +110,10 @@ impl Reason {
             Self::Orphan => "orphan",
             Self::OrphanAtStart => "orphan_at_start",
             Self::KillTimeout => "kill_timeout",
+            Self::TasksMax => "tasks_max",
+            Self::MemoryHigh => "memory_high",
+            Self::MemoryMax => "memory_max",
+            Self::Budget => "budget",
         }
     }
 }
@@ -114,8 +126,28 @@ pub struct Request<'a> {
     pub reason: Reason,
     pub kill_timeout: Duration,
     pub old_parent: u32,
-    /// When the parent died (boot ns), for the latency figure; `None` at start.
+    /// When the cause happened (boot ns: the parent's death, the budget crossing), for the
+    /// latency figure; `None` when there is no such moment (at start).
     pub since_ns: Option<u64>,
+    /// Budget decisions: the usage seen and the budget crossed.
+    pub usage: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+/// A decision that is not a signal: a limit written, a kernel event reported.
+pub struct Note<'a> {
+    pub service: &'a str,
+    pub pid: u32,
+    pub comm: &'a str,
+    pub cmdline: String,
+    pub parent: u32,
+    pub action: &'static str,
+    pub reason: Reason,
+    /// Whether guardian changed something (always false in audit mode).
+    pub performed: bool,
+    pub result: String,
+    pub usage: Option<u64>,
+    pub limit: Option<u64>,
 }
 
 /// A process sent SIGTERM, waiting for its deadline.
@@ -179,6 +211,8 @@ impl Enforcer {
             since_ns: req.since_ns,
             performed: false,
             result: String::new(),
+            usage: req.usage,
+            limit: req.limit,
         };
         if let Some(why) = self.protections.refuse(p) {
             self.counts.refused += 1;
@@ -274,6 +308,8 @@ impl Enforcer {
                 since_ns: t.since_ns,
                 performed: false,
                 result: String::new(),
+                usage: None,
+                limit: None,
             };
             // The pidfd still names the process SIGTERM went to: a reused pid cannot be hit.
             match pidfd_send_signal(&t.fd, Signal::KILL) {
@@ -291,9 +327,24 @@ impl Enforcer {
         records
     }
 
-    /// Processes sent SIGTERM and not yet resolved.
-    pub fn pending(&self) -> usize {
-        self.terminations.len()
+    /// Records a decision that signals nothing.
+    pub fn note(&mut self, clock: &Clock, n: Note<'_>) -> Record {
+        Decision {
+            service: n.service.to_owned(),
+            pid: n.pid,
+            comm: n.comm.to_owned(),
+            cmdline: n.cmdline,
+            action: n.action,
+            reason: n.reason.as_str(),
+            old_parent: n.parent,
+            new_parent: None,
+            since_ns: None,
+            performed: n.performed && self.mode == Mode::Enforce,
+            result: n.result,
+            usage: n.usage,
+            limit: n.limit,
+        }
+        .record(clock, self.mode)
     }
 }
 
@@ -309,6 +360,8 @@ struct Decision {
     since_ns: Option<u64>,
     performed: bool,
     result: String,
+    usage: Option<u64>,
+    limit: Option<u64>,
 }
 
 impl Decision {
@@ -328,6 +381,8 @@ impl Decision {
             new_parent: self.new_parent,
             latency_us: self.since_ns.map(|s| now.saturating_sub(s) / 1_000),
             result: self.result,
+            usage: self.usage,
+            limit: self.limit,
         }
     }
 }
@@ -389,6 +444,7 @@ mod tests {
             state: State::Alive,
             service: Some(0),
             root: false,
+            orphan: false,
             threads: 1,
             exec_ns: None,
         }
@@ -451,6 +507,8 @@ mod tests {
                 kill_timeout: Duration::from_secs(1),
                 old_parent: 42,
                 since_ns: None,
+                usage: None,
+                limit: None,
             },
         );
         let v = serde_json::to_value(&rec).unwrap();
@@ -472,6 +530,8 @@ mod tests {
             kill_timeout: Duration::from_secs(1),
             old_parent: 42,
             since_ns: None,
+            usage: None,
+            limit: None,
         };
         let v = serde_json::to_value(e.act(&Clock::new(), req(&stale))).unwrap();
         assert_eq!(v["performed"], false);

@@ -1,5 +1,6 @@
 //! guardian: a policy-driven eBPF resource guardian.
 
+pub mod budget;
 pub mod cgroup;
 pub mod cli;
 pub mod daemon;

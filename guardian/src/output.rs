@@ -102,6 +102,11 @@ pub enum Record {
         /// From the parent's death (kernel time) to the signal, in µs.
         latency_us: Option<u64>,
         result: String,
+        /// For budget decisions: the usage seen (bytes or tasks) and the budget it crossed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u64>,
     },
     /// Events the kernel side could not deliver, or guardian could not decode.
     Lost {

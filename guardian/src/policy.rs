@@ -436,7 +436,8 @@ impl Policy {
 fn size(loc: &Locator<'_>, key: &str, raw: Spanned<RawSize>) -> Result<u64, PolicyError> {
     let span = raw.span();
     let bytes = match raw.into_inner() {
-        RawSize::Bytes(n) => u64::try_from(n).map_err(|_| loc.error(Some(span.clone()), key, "must not be negative"))?,
+        RawSize::Bytes(n) => u64::try_from(n)
+            .map_err(|_| loc.error(Some(span.clone()), key, "must not be negative"))?,
         RawSize::Text(t) => parse_size::Config::new()
             .with_binary()
             .parse_size(t.trim())
@@ -452,7 +453,10 @@ fn size(loc: &Locator<'_>, key: &str, raw: Spanned<RawSize>) -> Result<u64, Poli
         return Err(loc.error(
             Some(span),
             key,
-            format!("{bytes} bytes is below the minimum of {}M", MIN_MEMORY >> 20),
+            format!(
+                "{bytes} bytes is below the minimum of {}M",
+                MIN_MEMORY >> 20
+            ),
         ));
     }
     Ok(bytes)
@@ -678,12 +682,23 @@ kill_timeout = "250ms"
     fn bad_budgets_are_errors() {
         let base = "[[service]]\nname = \"a\"\nmatch = { comm = \"x\" }\n";
         let e = parse(&format!("{base}memory_max = \"4 gigs\"\n")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (4, "service[0].memory_max"), "{e}");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (4, "service[0].memory_max"),
+            "{e}"
+        );
         assert!(e.message.contains("not a size"), "{e}");
         let e = parse(&format!("{base}memory_max = \"1M\"\n")).unwrap_err();
         assert!(e.message.contains("below the minimum"), "{e}");
-        let e = parse(&format!("{base}memory_max = \"100M\"\nmemory_high = \"200M\"\n")).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (5, "service[0].memory_high"), "{e}");
+        let e = parse(&format!(
+            "{base}memory_max = \"100M\"\nmemory_high = \"200M\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (5, "service[0].memory_high"),
+            "{e}"
+        );
         assert!(e.message.contains("above memory_max"), "{e}");
         let e = parse(&format!("{base}tasks_max = 0\n")).unwrap_err();
         assert_eq!(e.key, "service[0].tasks_max", "{e}");

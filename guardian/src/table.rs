@@ -41,6 +41,8 @@ pub struct Process {
     pub service: Option<usize>,
     /// The process matched its service's selectors itself (rather than descending from a root).
     pub root: bool,
+    /// A member whose member parent died while it lived.
+    pub orphan: bool,
     /// Live threads (1 for a single-threaded process). Kept up to date only while thread events
     /// are reported (task budgets counted by guardian).
     pub threads: u32,
@@ -87,7 +89,10 @@ pub enum Change {
         pid: u32,
     },
     /// A thread of `pid` started.
-    ThreadStarted { pid: u32, tid: u32 },
+    ThreadStarted {
+        pid: u32,
+        tid: u32,
+    },
     /// `pid`'s parent died: the kernel reparents it to a reaper. The new parent is to be
     /// confirmed (from `/proc`) and recorded with [`Table::reparented`].
     Orphaned {
@@ -181,6 +186,7 @@ impl Table {
                     state: State::Alive,
                     service: None,
                     root: false,
+                    orphan: false,
                     threads: u32::try_from(info.threads).unwrap_or(1).max(1),
                     exec_ns: None,
                 },
@@ -252,6 +258,7 @@ impl Table {
                 state: State::Alive,
                 service,
                 root: false,
+                orphan: false,
                 threads: 1,
                 exec_ns: None,
             },
@@ -314,6 +321,7 @@ impl Table {
                     state: State::Alive,
                     service: None,
                     root: false,
+                    orphan: false,
                     threads: 1,
                     exec_ns: None,
                 },
@@ -681,7 +689,11 @@ mod tests {
         assert_eq!(t.alive(200).unwrap().threads, 2);
         assert!(t.apply(&th(false)).is_empty());
         assert!(t.apply(&th(false)).is_empty());
-        assert_eq!(t.alive(200).unwrap().threads, 1, "never below the process itself");
+        assert_eq!(
+            t.alive(200).unwrap().threads,
+            1,
+            "never below the process itself"
+        );
     }
 
     #[test]

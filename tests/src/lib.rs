@@ -268,6 +268,14 @@ impl Workload {
         }
     }
 
+    /// Sends a line and keeps stdin open (for workloads that wait more than once).
+    pub fn step(&mut self) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = stdin.write_all(b"go\n");
+            let _ = stdin.flush();
+        }
+    }
+
     pub fn wait(&mut self) -> std::process::ExitStatus {
         self.release();
         self.child.wait().expect("waiting for workload")
@@ -414,4 +422,43 @@ pub fn spawn_with_pid(pid: u32) -> Option<Child> {
         let _ = child.wait();
     }
     None
+}
+
+/// The directories of a service cgroup guardian creates with a relative `cgroup_parent`: below
+/// this process's own cgroup, in the v2 hierarchy when it has the memory and pids controllers,
+/// else in the v1 memory and pids hierarchies. (Worked out independently of guardian's code.)
+pub fn service_cgroup_dirs(parent: &str, service: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own_in = |ctrl: &str| -> String {
+        own.lines()
+            .find_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+                let hit = if ctrl.is_empty() {
+                    c.is_empty()
+                } else {
+                    c.split(',').any(|x| x == ctrl)
+                };
+                hit.then(|| path.trim_start_matches('/').to_owned())
+            })
+            .unwrap_or_default()
+    };
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let has = |c: &str| v2.split_whitespace().any(|x| x == c);
+    let dir = |mount: &str, own: String| PathBuf::from(mount).join(own).join(parent).join(service);
+    if has("memory") && has("pids") {
+        vec![dir("/sys/fs/cgroup", own_in(""))]
+    } else {
+        vec![
+            dir("/sys/fs/cgroup/memory", own_in("memory")),
+            dir("/sys/fs/cgroup/pids", own_in("pids")),
+        ]
+    }
+}
+
+/// Whether the machine has the cgroup controllers the budget tests need.
+pub fn has_memory_and_pids_controllers() -> bool {
+    service_cgroup_dirs("x", "y")
+        .iter()
+        .all(|d| d.ancestors().nth(2).is_some_and(|p| p.is_dir()))
 }

@@ -50,6 +50,34 @@ fn linger() -> ! {
     unsafe { libc::_exit(0) }
 }
 
+/// Allocates `mb` MiB and touches every page, so that it is resident.
+fn allocate(mb: u64) -> Vec<u8> {
+    let mut v = vec![0u8; (mb as usize) << 20];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = 1;
+    }
+    v
+}
+
+/// Reads one line from a pipe fd (blocking), bounded by the writer's lifetime.
+fn wait_pipe(fd: i32) {
+    let mut b = [0u8; 1];
+    // SAFETY: reading one byte into a local from our own pipe.
+    unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+}
+
+fn poke_pipe(fd: i32) {
+    // SAFETY: writing one byte from a local to our own pipe.
+    unsafe { libc::write(fd, b"g".as_ptr().cast(), 1) };
+}
+
+fn pipe() -> [i32; 2] {
+    let mut fds = [0; 2];
+    // SAFETY: pipe into a local array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    fds
+}
+
 /// Waits for a line (or EOF) on stdin, bounded by MAX_LIFETIME.
 fn hold() {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -207,6 +235,121 @@ fn main() {
             }
             hold();
         }
+        // `storm MAX_FORKS CHILD_MS`: after a line on stdin, forks as fast as it can, each child
+        // lingering CHILD_MS; counts refused forks and children killed by a signal, and the most
+        // children alive at once.
+        "storm" => {
+            let max = num(1, 200);
+            let child_ms = num(2, 1000);
+            say(&format!("pid={}", std::process::id()));
+            hold();
+            let (mut alive, mut most, mut refused, mut killed, mut survived) =
+                (0u64, 0u64, 0u64, 0u64, 0u64);
+            let reap = |block: bool, alive: &mut u64, killed: &mut u64, survived: &mut u64| {
+                let mut status = 0;
+                let flags = if block { 0 } else { libc::WNOHANG };
+                // SAFETY: reaping our own children.
+                while unsafe { libc::waitpid(-1, &mut status, flags) } > 0 {
+                    *alive -= 1;
+                    if libc::WIFSIGNALED(status) {
+                        *killed += 1;
+                    } else {
+                        *survived += 1;
+                    }
+                    if block && *alive == 0 {
+                        break;
+                    }
+                }
+            };
+            let start = Instant::now();
+            for _ in 0..max {
+                // SAFETY: the child only sleeps and exits.
+                let c = unsafe { libc::fork() };
+                if c == 0 {
+                    thread::sleep(Duration::from_millis(child_ms));
+                    // SAFETY: exiting the child.
+                    unsafe { libc::_exit(0) }
+                } else if c < 0 {
+                    refused += 1;
+                    thread::sleep(Duration::from_millis(2));
+                } else {
+                    alive += 1;
+                    most = most.max(alive);
+                }
+                reap(false, &mut alive, &mut killed, &mut survived);
+                if start.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+            }
+            reap(true, &mut alive, &mut killed, &mut survived);
+            say(&format!(
+                "most_alive={most} refused={refused} killed={killed} survived={survived}"
+            ));
+        }
+        // `hog MB`: allocates and touches MB MiB at once, then lingers.
+        "hog" => {
+            let _mem = allocate(num(1, 100));
+            say(&format!("pid={}", std::process::id()));
+            linger();
+        }
+        // `hog-tree MB`: a parent whose child allocates MB MiB after a line on stdin.
+        "hog-tree" => {
+            let mb = num(1, 100);
+            let go = pipe();
+            let child = fork();
+            if child == 0 {
+                wait_pipe(go[0]);
+                let _mem = allocate(mb);
+                linger();
+            }
+            say(&format!("parent={} hog={child}", std::process::id()));
+            hold();
+            poke_pipe(go[1]);
+            linger();
+        }
+        // `victims ORPHAN_MB MEMBER_MB`: a parent that, after a first line on stdin, forks a
+        // member child and an orphan (its middle process exits); after a second line the orphan
+        // allocates ORPHAN_MB, then the member MEMBER_MB.
+        "victims" => {
+            let (orphan_mb, member_mb) = (num(1, 60), num(2, 80));
+            say(&format!("parent={}", std::process::id()));
+            let mut line = String::new();
+            let _ = io::stdin().lock().read_line(&mut line);
+            let (go_orphan, go_member, report) = (pipe(), pipe(), pipe());
+            let member = fork();
+            if member == 0 {
+                wait_pipe(go_member[0]);
+                let _mem = allocate(member_mb);
+                linger();
+            }
+            let middle = fork();
+            if middle == 0 {
+                let orphan = fork();
+                if orphan == 0 {
+                    wait_pipe(go_orphan[0]);
+                    let _mem = allocate(orphan_mb);
+                    linger();
+                }
+                let msg = orphan.to_ne_bytes();
+                // SAFETY: writing 4 bytes from a local to our pipe.
+                unsafe { libc::write(report[1], msg.as_ptr().cast(), 4) };
+                // SAFETY: the middle process ends, orphaning its child.
+                unsafe { libc::_exit(0) }
+            }
+            let mut msg = [0u8; 4];
+            // SAFETY: reading 4 bytes into a local from our pipe.
+            unsafe { libc::read(report[0], msg.as_mut_ptr().cast(), 4) };
+            wait(middle);
+            say(&format!(
+                "member={member} orphan={}",
+                i32::from_ne_bytes(msg)
+            ));
+            hold();
+            poke_pipe(go_orphan[1]);
+            thread::sleep(Duration::from_millis(500));
+            poke_pipe(go_member[1]);
+            linger();
+        }
         // The fork+exit loop the fork benchmark runs: `fork-loop ITERATIONS`.
         "fork-loop" => {
             let n = num(1, 10_000);
@@ -228,7 +371,8 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
-                 leader-exit | tree [N] | fork-loop [N]"
+                 leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
+                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N]"
             );
             std::process::exit(2);
         }

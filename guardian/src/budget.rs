@@ -1,0 +1,558 @@
+//! Per-service task and memory budgets.
+//!
+//! `cgroup = "own"`: the kernel enforces `tasks_max` and `memory_max` on a cgroup guardian
+//! creates; guardian reports what the kernel refused or killed, and acts above `memory_high`
+//! itself (one victim, then a re-check), before the kernel's OOM killer picks a wrong one.
+//! `cgroup = "inherit"` (and audit mode, where nothing is created): guardian counts tasks from
+//! its process table and memory from the members' resident memory, and acts itself.
+
+use std::collections::HashSet;
+
+use anyhow::Context as _;
+use tracing::{debug, warn};
+
+use crate::{
+    cgroup::{fired, Counters, Layout, ServiceCgroup},
+    enforce::{Enforcer, Note, Reason, Request},
+    monitor::State,
+    output::{Clock, Record},
+    policy::{CgroupMode, Mode, OrphanAction, Policy, Service, Victim},
+    procs,
+    table::Process,
+};
+
+/// Fallback memory check interval when no kernel notification applies (ns).
+const MEMORY_POLL_NS: u64 = 250_000_000;
+/// At most one report a second of threads over `tasks_max` (threads cannot be killed alone).
+const THREAD_REPORT_NS: u64 = 1_000_000_000;
+/// A victim still alive after this long is given up on, and the next one is chosen (ns).
+const VICTIM_WAIT_NS: u64 = 5_000_000_000;
+
+#[derive(Default)]
+struct ServiceState {
+    cgroup: Option<ServiceCgroup>,
+    watch: Option<std::os::fd::OwnedFd>,
+    seen: Counters,
+    /// The victim killed last: (pid, start) and when.
+    victim: Option<(u32, u64, u64)>,
+    /// Processes guardian will not count or choose again: those it would have killed in audit
+    /// mode (nothing happened to them, but the decisions go on as if it had), and those it may
+    /// not signal.
+    skip: HashSet<(u32, u64)>,
+    next_poll_ns: u64,
+    /// Audit mode: the limits guardian would write were recorded.
+    limits_noted: bool,
+    thread_report_ns: u64,
+}
+
+pub struct BudgetEngine {
+    mode: Mode,
+    layout: Option<Layout>,
+    parent: String,
+    services: Vec<ServiceState>,
+}
+
+/// Resident memory of a process in bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
+}
+
+impl BudgetEngine {
+    pub fn new(policy: &Policy, mode: Mode) -> anyhow::Result<Self> {
+        let own = policy
+            .services
+            .iter()
+            .find(|s| s.cgroup == CgroupMode::Own && s.budgets.any());
+        let layout = match own {
+            Some(s) => Some(
+                Layout::detect()
+                    .with_context(|| format!("service `{}` wants cgroup = \"own\"", s.name))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            mode,
+            layout,
+            parent: policy.cgroup_parent.clone(),
+            services: policy
+                .services
+                .iter()
+                .map(|_| ServiceState::default())
+                .collect(),
+        })
+    }
+
+    /// Whether guardian itself counts tasks (and so needs thread events).
+    pub fn counts_tasks(policy: &Policy, mode: Mode) -> bool {
+        policy.services.iter().any(|s| {
+            s.budgets.tasks_max.is_some()
+                && (s.cgroup == CgroupMode::Inherit || mode == Mode::Audit)
+        })
+    }
+
+    /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.
+    fn kernel_enforced(&self, s: &Service) -> bool {
+        s.cgroup == CgroupMode::Own && self.mode == Mode::Enforce && self.layout.is_some()
+    }
+
+    /// A process became a member: in `own` mode it is moved into the service's cgroup (created,
+    /// with its limits, on first use). Called before the process's children are listed, so a
+    /// child forked meanwhile is either listed afterwards or born inside.
+    pub fn place(
+        &mut self,
+        enforcer: &mut Enforcer,
+        clock: &Clock,
+        policy: &Policy,
+        svc: usize,
+        p: &Process,
+    ) -> Vec<Record> {
+        let service = &policy.services[svc];
+        let Some(layout) = self.layout.clone() else {
+            return Vec::new();
+        };
+        if service.cgroup != CgroupMode::Own || !service.budgets.any() {
+            return Vec::new();
+        }
+        let mut records = Vec::new();
+        let st = &mut self.services[svc];
+        let note =
+            |action: &'static str, reason: Reason, performed: bool, result: String, limit| Note {
+                service: &service.name,
+                pid: p.pid,
+                comm: &p.comm,
+                cmdline: p.cmdline(),
+                parent: p.parent,
+                action,
+                reason,
+                performed,
+                result,
+                usage: None,
+                limit,
+            };
+        if self.mode == Mode::Audit {
+            if !st.limits_noted {
+                st.limits_noted = true;
+                let cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
+                for (path, value, reason, limit) in limit_list(&cg, service) {
+                    records.push(enforcer.note(
+                        clock,
+                        note(
+                            "limit",
+                            reason,
+                            false,
+                            format!("audit: would write {value} to {}", path.display()),
+                            Some(limit),
+                        ),
+                    ));
+                }
+            }
+            return records;
+        }
+        if st.cgroup.is_none() {
+            let mut cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
+            let created = cg
+                .create(&layout)
+                .and_then(|()| cg.write_limits(&service.budgets));
+            for (path, value, reason, limit) in limit_list(&cg, service) {
+                let result = match &created {
+                    Ok(()) => format!("wrote {value} to {}", path.display()),
+                    Err(e) => format!("error: {e:#}"),
+                };
+                records.push(enforcer.note(
+                    clock,
+                    note("limit", reason, created.is_ok(), result, Some(limit)),
+                ));
+            }
+            if let Err(e) = created {
+                warn!(service = %service.name, "cannot set up the service cgroup: {e:#}");
+                return records;
+            }
+            if let Some(high) = service.budgets.memory_high {
+                match cg.memory_watch(high) {
+                    Ok(fd) => st.watch = Some(fd),
+                    Err(e) => {
+                        warn!(service = %service.name, "memory notifications unavailable, polling: {e:#}")
+                    }
+                }
+            }
+            st.seen = cg.counters();
+            st.cgroup = Some(cg);
+        }
+        if let Some(cg) = &st.cgroup {
+            if let Err(e) = cg.add(p.pid) {
+                // It may have just exited; anything else is worth a line.
+                if procs::stat(p.pid).is_some() {
+                    warn!(pid = p.pid, service = %service.name, "cannot move into the service cgroup: {e:#}");
+                }
+            } else if p.root {
+                records.push(enforcer.note(
+                    clock,
+                    note(
+                        "move",
+                        Reason::Budget,
+                        true,
+                        format!("moved into {}", cg.dirs()[0].display()),
+                        None,
+                    ),
+                ));
+            }
+        }
+        records
+    }
+
+    /// Tasks of a service as guardian counts them (processes and their threads).
+    fn tasks(&self, state: &State, svc: usize) -> u64 {
+        let skip = &self.services[svc].skip;
+        state
+            .table
+            .iter_alive()
+            .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
+            .map(|p| u64::from(p.threads))
+            .sum()
+    }
+
+    /// A member forked `child`: where guardian counts tasks, a fork over `tasks_max` loses its
+    /// new process at once.
+    pub fn forked(
+        &mut self,
+        state: &State,
+        enforcer: &mut Enforcer,
+        policy: &Policy,
+        svc: usize,
+        child: u32,
+        ts_ns: u64,
+    ) -> Vec<Record> {
+        let service = &policy.services[svc];
+        let Some(max) = service.budgets.tasks_max else {
+            return Vec::new();
+        };
+        if self.kernel_enforced(service) {
+            return Vec::new();
+        }
+        let count = self.tasks(state, svc);
+        if count <= max {
+            return Vec::new();
+        }
+        let Some(p) = state.table.alive(child) else {
+            return Vec::new();
+        };
+        let record = enforcer.act(
+            &state.clock,
+            Request {
+                service: &service.name,
+                target: p,
+                action: OrphanAction::Kill,
+                reason: Reason::TasksMax,
+                kill_timeout: service.kill_timeout,
+                old_parent: p.parent,
+                since_ns: Some(ts_ns),
+                usage: Some(count),
+                limit: Some(max),
+            },
+        );
+        self.services[svc].skip.insert((p.pid, p.start_ns));
+        vec![record]
+    }
+
+    /// A member started a thread: over `tasks_max` it is reported (a thread cannot be killed
+    /// without its whole process), at most once a second.
+    pub fn thread_started(
+        &mut self,
+        state: &State,
+        enforcer: &mut Enforcer,
+        policy: &Policy,
+        svc: usize,
+        pid: u32,
+        ts_ns: u64,
+    ) -> Vec<Record> {
+        let service = &policy.services[svc];
+        let Some(max) = service.budgets.tasks_max else {
+            return Vec::new();
+        };
+        if self.kernel_enforced(service) {
+            return Vec::new();
+        }
+        let count = self.tasks(state, svc);
+        let st = &mut self.services[svc];
+        if count <= max || ts_ns < st.thread_report_ns {
+            return Vec::new();
+        }
+        st.thread_report_ns = ts_ns + THREAD_REPORT_NS;
+        let Some(p) = state.table.alive(pid) else {
+            return Vec::new();
+        };
+        vec![enforcer.note(
+            &state.clock,
+            Note {
+                service: &service.name,
+                pid,
+                comm: &p.comm,
+                cmdline: p.cmdline(),
+                parent: p.parent,
+                action: "report",
+                reason: Reason::TasksMax,
+                performed: false,
+                result:
+                    "a new thread took the service over tasks_max (threads are not killed alone)"
+                        .into(),
+                usage: Some(count),
+                limit: Some(max),
+            },
+        )]
+    }
+
+    /// Kernel counters, memory checks and cgroup clean-up, once per monitor tick.
+    pub fn tick(&mut self, state: &State, enforcer: &mut Enforcer, policy: &Policy) -> Vec<Record> {
+        let mut records = Vec::new();
+        let now = procs::boottime_ns();
+        for (svc, service) in policy.services.iter().enumerate() {
+            if !service.budgets.any() {
+                continue;
+            }
+            let members = state.table.iter_alive().any(|p| p.service == Some(svc));
+            self.kernel_events(state, enforcer, service, svc, &mut records);
+            if !members {
+                self.release(svc, &service.name);
+                continue;
+            }
+            self.memory(state, enforcer, service, svc, now, &mut records);
+        }
+        records
+    }
+
+    /// Reports forks the kernel refused and processes its OOM killer took.
+    fn kernel_events(
+        &mut self,
+        state: &State,
+        enforcer: &mut Enforcer,
+        service: &Service,
+        svc: usize,
+        records: &mut Vec<Record>,
+    ) {
+        let st = &mut self.services[svc];
+        let Some(cg) = &st.cgroup else {
+            return;
+        };
+        let now = cg.counters();
+        let before = std::mem::replace(&mut st.seen, now);
+        let root = state
+            .table
+            .iter_alive()
+            .find(|p| p.service == Some(svc) && p.root)
+            .or_else(|| state.table.iter_alive().find(|p| p.service == Some(svc)));
+        let (pid, comm, cmdline, parent) = root.map_or((0, String::new(), String::new(), 0), |p| {
+            (p.pid, p.comm.clone(), p.cmdline(), p.parent)
+        });
+        let mut report =
+            |reason: Reason, result: String, usage: Option<u64>, limit: Option<u64>| {
+                records.push(enforcer.note(
+                    &state.clock,
+                    Note {
+                        service: &service.name,
+                        pid,
+                        comm: &comm,
+                        cmdline: cmdline.clone(),
+                        parent,
+                        action: "report",
+                        reason,
+                        performed: false,
+                        result,
+                        usage,
+                        limit,
+                    },
+                ));
+            };
+        if now.pids_max > before.pids_max {
+            report(
+                Reason::TasksMax,
+                format!(
+                    "the kernel refused {} fork(s) at pids.max",
+                    now.pids_max - before.pids_max
+                ),
+                cg.tasks(),
+                service.budgets.tasks_max,
+            );
+        }
+        if now.oom_kills > before.oom_kills {
+            report(
+                Reason::MemoryMax,
+                format!(
+                    "the kernel's OOM killer killed {} process(es) in the service",
+                    now.oom_kills - before.oom_kills
+                ),
+                cg.memory_usage(),
+                service.budgets.memory_max,
+            );
+        }
+    }
+
+    /// Above `memory_high` (or, where guardian enforces it, `memory_max`): one victim, then a
+    /// re-check once it is gone.
+    fn memory(
+        &mut self,
+        state: &State,
+        enforcer: &mut Enforcer,
+        service: &Service,
+        svc: usize,
+        now: u64,
+        records: &mut Vec<Record>,
+    ) {
+        let kernel = self.kernel_enforced(service);
+        let high = service.budgets.memory_high;
+        let own_max = if kernel {
+            None
+        } else {
+            service.budgets.memory_max
+        };
+        if high.is_none() && own_max.is_none() {
+            return;
+        }
+        let st = &mut self.services[svc];
+        if let Some((pid, start, since)) = st.victim {
+            let alive = state.table.alive(pid).is_some_and(|p| p.start_ns == start);
+            if alive && now < since + VICTIM_WAIT_NS {
+                return;
+            }
+            st.victim = None;
+        } else {
+            let notified = st.watch.as_ref().is_some_and(fired);
+            if !notified && now < st.next_poll_ns {
+                return;
+            }
+        }
+        st.next_poll_ns = now + MEMORY_POLL_NS;
+        let usage_of = |p: &Process| rss(p.pid);
+        let mut usage = match (&st.cgroup, kernel) {
+            (Some(cg), true) => cg.memory_usage().unwrap_or(0),
+            _ => state
+                .table
+                .iter_alive()
+                .filter(|p| p.service == Some(svc) && !st.skip.contains(&(p.pid, p.start_ns)))
+                .map(usage_of)
+                .sum(),
+        };
+        // At most one real kill per check; in audit mode every would-be victim, each once.
+        for _ in 0..state.table.len_alive() {
+            let (limit, reason) = match (own_max, high) {
+                (Some(max), _) if usage > max => (max, Reason::MemoryMax),
+                (_, Some(h)) if usage > h => (h, Reason::MemoryHigh),
+                _ => return,
+            };
+            let Some(victim) = pick(state, svc, service.memory_victim, &st.skip) else {
+                debug!(service = %service.name, "over budget with no member to choose");
+                return;
+            };
+            let victim_rss = usage_of(victim);
+            let record = enforcer.act(
+                &state.clock,
+                Request {
+                    service: &service.name,
+                    target: victim,
+                    action: OrphanAction::Kill,
+                    reason,
+                    kill_timeout: service.kill_timeout,
+                    old_parent: victim.parent,
+                    since_ns: Some(now),
+                    usage: Some(usage),
+                    limit: Some(limit),
+                },
+            );
+            let performed = matches!(
+                &record,
+                Record::Decision {
+                    performed: true,
+                    ..
+                }
+            );
+            records.push(record);
+            if performed {
+                st.victim = Some((victim.pid, victim.start_ns, now));
+                return;
+            }
+            // Not signalled (audit mode, or refused): decide on as if it had gone.
+            st.skip.insert((victim.pid, victim.start_ns));
+            usage = usage.saturating_sub(victim_rss);
+        }
+    }
+
+    /// The service has no process left: its cgroup is removed (kept if not empty).
+    fn release(&mut self, svc: usize, name: &str) {
+        let st = &mut self.services[svc];
+        st.skip.clear();
+        st.victim = None;
+        if let Some(mut cg) = st.cgroup.take() {
+            st.watch = None;
+            if !cg.remove() {
+                debug!(service = %name, "service cgroup kept: not empty");
+                st.cgroup = Some(cg);
+            }
+        }
+    }
+
+    /// Removes the cgroups guardian created that are empty; those with processes stay, with
+    /// their limits.
+    pub fn shutdown(&mut self, policy: &Policy) {
+        for (svc, service) in policy.services.iter().enumerate() {
+            if let Some(mut cg) = self.services[svc].cgroup.take() {
+                if !cg.remove() {
+                    tracing::info!(
+                        service = %service.name,
+                        dir = %cg.dirs()[0].display(),
+                        "service cgroup left in place with its limits: processes remain"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The limits of a service as (file, value, budget, amount).
+fn limit_list(cg: &ServiceCgroup, s: &Service) -> Vec<(std::path::PathBuf, String, Reason, u64)> {
+    cg.limits(&s.budgets)
+        .into_iter()
+        .map(|(path, value)| {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let reason = if name.starts_with("pids") {
+                Reason::TasksMax
+            } else if name == "memory.high" || name.starts_with("memory.soft") {
+                Reason::MemoryHigh
+            } else {
+                Reason::MemoryMax
+            };
+            let amount = value.parse().unwrap_or(0);
+            (path, format!("{name}={value}"), reason, amount)
+        })
+        .collect()
+}
+
+/// The member to kill: by `memory_victim`, never a root while another member is left.
+fn pick<'a>(
+    state: &'a State,
+    svc: usize,
+    how: Victim,
+    skip: &HashSet<(u32, u64)>,
+) -> Option<&'a Process> {
+    let mut members: Vec<&Process> = state
+        .table
+        .iter_alive()
+        .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
+        .collect();
+    if members.iter().any(|p| !p.root) {
+        members.retain(|p| !p.root);
+    }
+    let mut sized: Vec<(&Process, u64)> = members.into_iter().map(|p| (p, rss(p.pid))).collect();
+    match how {
+        Victim::OrphansThenLargest => {
+            sized.sort_by_key(|(p, r)| (std::cmp::Reverse(p.orphan), std::cmp::Reverse(*r)))
+        }
+        Victim::Largest => sized.sort_by_key(|(_, r)| std::cmp::Reverse(*r)),
+        Victim::Newest => sized.sort_by_key(|(p, _)| std::cmp::Reverse(p.start_ns)),
+    }
+    sized.first().map(|(p, _)| *p)
+}
