@@ -27,6 +27,9 @@ const MEMORY_POLL_NS: u64 = 250_000_000;
 const THREAD_REPORT_NS: u64 = 1_000_000_000;
 /// A victim still alive after this long is given up on, and the next one is chosen (ns).
 const VICTIM_WAIT_NS: u64 = 5_000_000_000;
+/// After a memory notification, usage is re-read on every tick for this long (ns): the kernel's
+/// usage figure lags its threshold event by a few pages, and the next event may never come.
+const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
 
 #[derive(Default)]
 struct ServiceState {
@@ -40,6 +43,8 @@ struct ServiceState {
     /// not signal.
     skip: HashSet<(u32, u64)>,
     next_poll_ns: u64,
+    /// Until when every tick re-reads usage (see [`NOTIFIED_FOLLOW_NS`]).
+    follow_until_ns: u64,
     /// Audit mode: the limits guardian would write were recorded.
     limits_noted: bool,
     thread_report_ns: u64,
@@ -203,15 +208,16 @@ impl BudgetEngine {
         records
     }
 
-    /// Tasks of a service as guardian counts them (processes and their threads).
+    /// Tasks of a service as guardian counts them (processes and their threads), without those
+    /// it already decided to kill.
     fn tasks(&self, state: &State, svc: usize) -> u64 {
-        let skip = &self.services[svc].skip;
-        state
-            .table
-            .iter_alive()
-            .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
+        let skipped: u64 = self.services[svc]
+            .skip
+            .iter()
+            .filter_map(|&(pid, start)| state.table.alive(pid).filter(|p| p.start_ns == start))
             .map(|p| u64::from(p.threads))
-            .sum()
+            .sum();
+        state.table.service_count(svc).tasks.saturating_sub(skipped)
     }
 
     /// A member forked `child`: where guardian counts tasks, a fork over `tasks_max` loses its
@@ -312,7 +318,11 @@ impl BudgetEngine {
             if !service.budgets.any() {
                 continue;
             }
-            let members = state.table.iter_alive().any(|p| p.service == Some(svc));
+            let members = state.table.service_count(svc).processes > 0;
+            // Forget decided-on processes that are gone (pids come back).
+            self.services[svc].skip.retain(|&(pid, start)| {
+                state.table.alive(pid).is_some_and(|p| p.start_ns == start)
+            });
             self.kernel_events(state, enforcer, service, svc, &mut records);
             if !members {
                 self.release(svc, &service.name);
@@ -338,6 +348,9 @@ impl BudgetEngine {
         };
         let now = cg.counters();
         let before = std::mem::replace(&mut st.seen, now);
+        if now == before {
+            return;
+        }
         let root = state
             .table
             .iter_alive()
@@ -418,8 +431,10 @@ impl BudgetEngine {
             }
             st.victim = None;
         } else {
-            let notified = st.watch.as_ref().is_some_and(fired);
-            if !notified && now < st.next_poll_ns {
+            if st.watch.as_ref().is_some_and(fired) {
+                st.follow_until_ns = now + NOTIFIED_FOLLOW_NS;
+            }
+            if now >= st.follow_until_ns && now < st.next_poll_ns {
                 return;
             }
         }

@@ -239,10 +239,7 @@ impl Daemon {
                     _ => continue,
                 }
             }
-            if let Some(e) = state.table.alive_mut(p) {
-                e.service = Some(svc);
-                e.root = root && p == pid;
-            }
+            state.table.set_service(p, Some(svc), root && p == pid);
             // In the service's cgroup before its children are listed (see `track` above).
             if let Some(member) = state.table.alive(p) {
                 for record in
@@ -314,9 +311,7 @@ impl Daemon {
         if state.table.get(old_parent).and_then(|p| p.service) != Some(svc) {
             return Ok(());
         }
-        if let Some(c) = state.table.alive_mut(pid) {
-            c.orphan = true;
-        }
+        state.table.set_orphan(pid);
         let Some(c) = state.table.alive(pid) else {
             return Ok(());
         };

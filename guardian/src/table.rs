@@ -119,9 +119,19 @@ pub struct TableStats {
     pub duplicate_exits: u64,
 }
 
+/// Live members of one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCount {
+    pub processes: u64,
+    /// Processes plus their threads.
+    pub tasks: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Table {
     procs: HashMap<u32, Process>,
+    /// Kept as processes come and go, so that budget checks on the fork path cost O(1).
+    services: HashMap<usize, ServiceCount>,
     /// Exited entries in the order they expire: (expiry ns, pid, start ns).
     expiry: VecDeque<(u64, u32, u64)>,
     early_exits: HashMap<u32, EarlyExit>,
@@ -154,6 +164,37 @@ impl Table {
 
     pub fn iter_alive(&self) -> impl Iterator<Item = &Process> {
         self.procs.values().filter(|p| p.alive())
+    }
+
+    /// Live members of a service.
+    pub fn service_count(&self, svc: usize) -> ServiceCount {
+        self.services.get(&svc).copied().unwrap_or_default()
+    }
+
+    fn account(&mut self, svc: Option<usize>, processes: i64, tasks: i64) {
+        let Some(svc) = svc else { return };
+        let c = self.services.entry(svc).or_default();
+        c.processes = c.processes.saturating_add_signed(processes);
+        c.tasks = c.tasks.saturating_add_signed(tasks);
+    }
+
+    /// Makes a live process a member of `service` (or of none), a root or not.
+    pub fn set_service(&mut self, pid: u32, service: Option<usize>, root: bool) {
+        let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) else {
+            return;
+        };
+        let (old, threads) = (p.service, i64::from(p.threads));
+        p.service = service;
+        p.root = root;
+        self.account(old, -1, -threads);
+        self.account(service, 1, threads);
+    }
+
+    /// Marks a live member as an orphan of its service.
+    pub fn set_orphan(&mut self, pid: u32) {
+        if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
+            p.orphan = true;
+        }
     }
 
     /// Adds processes read from `/proc`. A process already known with the same start time is
@@ -266,6 +307,7 @@ impl Table {
         if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
             p.children.insert(f.pid);
         }
+        self.account(service, 1, 1);
         changes.push(Change::Forked { pid: f.pid });
 
         if let Some(early) = self.early_exits.remove(&f.pid) {
@@ -284,14 +326,19 @@ impl Table {
 
     fn thread(&mut self, t: &Thread) -> Option<Change> {
         let p = self.procs.get_mut(&t.pid).filter(|p| p.alive())?;
+        let service = p.service;
         if t.started {
             p.threads += 1;
+            self.account(service, 0, 1);
             Some(Change::ThreadStarted {
                 pid: t.pid,
                 tid: t.tid,
             })
         } else {
-            p.threads = p.threads.saturating_sub(1).max(1);
+            if p.threads > 1 {
+                p.threads -= 1;
+                self.account(service, 0, -1);
+            }
             None
         }
     }
@@ -331,6 +378,7 @@ impl Table {
             }
         }
         let p = self.procs.get_mut(&e.pid)?;
+        let (service, gone_threads) = (p.service, i64::from(p.threads) - 1);
         p.comm = e.comm.clone();
         p.exe = Some(e.filename.clone());
         p.argv = e.argv.clone();
@@ -343,6 +391,7 @@ impl Table {
         if let Some(start) = e.start_ns {
             p.start_ns = start;
         }
+        self.account(service, 0, -gone_threads);
         Some(Change::Execed { pid: e.pid })
     }
 
@@ -404,6 +453,8 @@ impl Table {
         let parent = p.parent;
         let start = p.start_ns;
         let children = std::mem::take(&mut p.children);
+        let (service, threads) = (p.service, i64::from(p.threads));
+        self.account(service, -1, -threads);
         self.expiry.push_back((at_ns + EXITED_GRACE_NS, pid, start));
         if let Some(pp) = self.procs.get_mut(&parent) {
             pp.children.remove(&pid);
@@ -452,11 +503,6 @@ impl Table {
             }
         }
         self.early_exits.retain(|_, e| e.expires_ns > now_ns);
-    }
-
-    /// Mutable access to a live process (for the policy engine's membership marks).
-    pub fn alive_mut(&mut self, pid: u32) -> Option<&mut Process> {
-        self.procs.get_mut(&pid).filter(|p| p.alive())
     }
 
     /// Live descendants of `pid` (not including it), depth first.
@@ -694,6 +740,49 @@ mod tests {
             1,
             "never below the process itself"
         );
+    }
+
+    #[test]
+    fn service_counts_follow_forks_threads_execs_and_exits() {
+        let mut t = seeded();
+        t.set_service(100, Some(0), true);
+        t.apply(&fork(200, 100, 1000 * MS));
+        let th = Event::Thread(Thread {
+            ts_ns: 1001 * MS,
+            tid: 201,
+            pid: 200,
+            started: true,
+        });
+        t.apply(&th);
+        t.apply(&th);
+        assert_eq!(
+            t.service_count(0),
+            ServiceCount {
+                processes: 2,
+                tasks: 4
+            }
+        );
+        t.apply(&Event::Exec(Exec {
+            ts_ns: 1002 * MS,
+            pid: 200,
+            ppid: Some(100),
+            start_ns: None,
+            comm: "x".into(),
+            filename: "/bin/x".into(),
+            argv: vec![],
+            argv_incomplete: false,
+        }));
+        assert_eq!(t.service_count(0).tasks, 2, "exec leaves one thread");
+        t.apply(&exit(200, 1000 * MS, 1100 * MS));
+        assert_eq!(
+            t.service_count(0),
+            ServiceCount {
+                processes: 1,
+                tasks: 1
+            }
+        );
+        t.set_service(100, None, false);
+        assert_eq!(t.service_count(0), ServiceCount::default());
     }
 
     #[test]

@@ -26,6 +26,20 @@ pub enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Budgets: the time from a member crossing memory_high (the kernel's threshold
+    /// notification) to the victim's exit (the kernel's trace), and the fork-path cost of task
+    /// accounting in inherit mode (fork rate with and without it, alternating).
+    Budgets {
+        /// memory_high trials.
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        /// Forks per loop per round for the fork-path part.
+        #[arg(long, default_value_t = 10_000)]
+        forks: u64,
+        /// Rounds of each kind for the fork-path part.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Orphan-kill latency: a parent with N workers is SIGKILLed, again and again; the time from
     /// the parent's exit to each worker's exit is read from the kernel's own trace (ftrace).
     Orphans {
@@ -45,6 +59,11 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
     match which {
         Bench::Fork { forks, rounds } => fork(forks, rounds),
         Bench::Orphans { trials, workers } => orphans(trials, workers),
+        Bench::Budgets {
+            trials,
+            forks,
+            rounds,
+        } => budgets(trials, forks, rounds),
     }
 }
 
@@ -115,12 +134,13 @@ struct Round {
 }
 
 /// Runs one fork-loop per CPU at once; returns the combined fork rate.
-fn fork_round(workload: &Path, forks: u64, loops: usize) -> anyhow::Result<Round> {
+/// `tag` marks the loops' command line (for a policy to match), or is empty.
+fn fork_round(workload: &Path, forks: u64, loops: usize, tag: &str) -> anyhow::Result<Round> {
     let start = Instant::now();
     let children: Vec<Child> = (0..loops)
         .map(|_| {
             Command::new(workload)
-                .args(["fork-loop", &forks.to_string()])
+                .args(["fork-loop", &forks.to_string(), tag])
                 .stdout(Stdio::piped())
                 .spawn()
         })
@@ -155,14 +175,14 @@ fn fork(forks: u64, rounds: usize) -> anyhow::Result<()> {
     let (mut base, mut traced) = (Vec::new(), Vec::new());
     let (mut lost, mut seen, mut expected) = (0u64, 0u64, 0u64);
     // Warm-up (page cache, CPU frequency) not counted.
-    fork_round(&workload, forks / 10, loops)?;
+    fork_round(&workload, forks / 10, loops, "")?;
     for r in 0..rounds {
-        let b = fork_round(&workload, forks, loops)?;
+        let b = fork_round(&workload, forks, loops, "")?;
         println!("round {r}: baseline {:>8.0} forks/s", b.rate);
         base.push(b.rate);
 
         let d = Daemon::start(&guardian, &["trace"], out.clone())?;
-        let t = fork_round(&workload, forks, loops)?;
+        let t = fork_round(&workload, forks, loops, "")?;
         let records = d.stop()?;
         let forks_seen = records
             .iter()
@@ -392,5 +412,222 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     if missing > 0 {
         println!("  {missing} worker exits missing from the kernel trace");
     }
+    Ok(())
+}
+
+/// The memory cgroup directory of service `svc` under a relative `cgroup_parent`, as guardian
+/// creates it (v2 when it has the memory controller, else the v1 memory hierarchy).
+fn memory_cgroup(parent: &str, svc: &str) -> anyhow::Result<(PathBuf, bool)> {
+    let own = fs::read_to_string("/proc/self/cgroup")?;
+    let path_of = |ctrl: &str| {
+        own.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+            let hit = if ctrl.is_empty() {
+                c.is_empty()
+            } else {
+                c.split(',').any(|x| x == ctrl)
+            };
+            hit.then(|| path.trim_start_matches('/').to_owned())
+        })
+    };
+    let v2 = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    if v2.split_whitespace().any(|c| c == "memory") {
+        let own = path_of("").unwrap_or_default();
+        return Ok((
+            Path::new("/sys/fs/cgroup").join(own).join(parent).join(svc),
+            true,
+        ));
+    }
+    let own = path_of("memory").context("no memory cgroup")?;
+    Ok((
+        Path::new("/sys/fs/cgroup/memory")
+            .join(own)
+            .join(parent)
+            .join(svc),
+        false,
+    ))
+}
+
+/// Blocks (bounded) until `fd` is readable.
+fn wait_readable(fd: &std::os::fd::OwnedFd, limit: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one valid fd.
+    unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) > 0 }
+}
+
+fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writing into a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Registers a v1 usage-threshold notification (`cgroup.event_control`) on a memory cgroup.
+fn usage_threshold(dir: &Path, bytes: u64) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: eventfd returns a new fd or -1.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        bail!("eventfd: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd we own.
+    let efd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    let usage = fs::File::open(dir.join("memory.usage_in_bytes"))?;
+    fs::write(
+        dir.join("cgroup.event_control"),
+        format!("{} {} {bytes}", efd.as_raw_fd(), usage.as_raw_fd()),
+    )?;
+    Ok(efd)
+}
+
+fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
+    let (guardian, workload) = build()?;
+    let tag = format!("benchbudgets{}", std::process::id());
+    let high_mb = 100u64;
+    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    fs::write(
+        &policy,
+        format!(
+            "cgroup_parent = \"{tag}\"\n[[service]]\nname = \"mem\"\nmatch = {{ cmdline = \"{tag}mem\" }}\norphans = \"report\"\nmemory_high = \"{high_mb}M\"\nmemory_max = \"400M\"\ncgroup = \"own\"\n\n[[service]]\nname = \"forks\"\nmatch = {{ cmdline = \"{tag}forks\" }}\norphans = \"report\"\ntasks_max = 100000\ncgroup = \"inherit\"\n"
+        ),
+    )?;
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    let daemon = Daemon::start(
+        &guardian,
+        &["--policy", policy.to_str().unwrap()],
+        out.clone(),
+    )?;
+    let trace = ExitTrace::start()?;
+    let (memcg, v2) = memory_cgroup(&tag, "mem")?;
+    step(&format!(
+        "bench budgets: {trials} trials of a member crossing memory_high ({high_mb}M)"
+    ));
+    let mut latencies_ms = Vec::new();
+    let mem_tag = format!("{tag}mem");
+    for _ in 0..trials {
+        trace.clear()?;
+        let mut child = Command::new(&workload)
+            .args(["hog-tree", "150", &mem_tag])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+        let hog: u32 = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("hog="))
+            .and_then(|p| p.parse().ok())
+            .context("workload output")?;
+        let parent = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&out)?
+            .lines()
+            .any(|l| l.contains("\"action\":\"move\"") && l.contains(&format!("\"pid\":{parent},")))
+        {
+            if Instant::now() > deadline {
+                bail!("guardian never moved the root {parent}");
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        // The kernel tells this process when usage crosses memory_high, as it tells guardian.
+        let crossed = if v2 {
+            None
+        } else {
+            Some(usage_threshold(&memcg, high_mb << 20)?)
+        };
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(b"go\n")?;
+        }
+        let t_cross = match &crossed {
+            Some(fd) if wait_readable(fd, Duration::from_secs(10)) => boot_ns(),
+            _ => boot_ns(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while running(hog) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(&exit) = trace.exits()?.get(&hog) {
+            latencies_ms.push(exit * 1e3 - t_cross as f64 / 1e6);
+        }
+        // SAFETY: ending our own workload.
+        unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        unsafe { libc::kill(hog as i32, libc::SIGKILL) };
+        // Let guardian notice the service is gone and remove its cgroup.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while memcg.exists() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    drop(trace);
+
+    step(&format!(
+        "bench budgets: fork path with inherit-mode task accounting, {rounds} rounds each"
+    ));
+    let loops = thread::available_parallelism().map_or(2, |n| n.get());
+    let fork_tag = format!("{tag}forks");
+    let (mut base, mut counted) = (Vec::new(), Vec::new());
+    fork_round(&workload, forks / 10, loops, "")?;
+    for r in 0..rounds {
+        let b = fork_round(&workload, forks, loops, "")?;
+        let c = fork_round(&workload, forks, loops, &fork_tag)?;
+        println!(
+            "round {r}: not counted {:>8.0} forks/s   counted {:>8.0} forks/s",
+            b.rate, c.rate
+        );
+        base.push(b.rate);
+        counted.push(c.rate);
+    }
+    let records = daemon.stop()?;
+    let _ = fs::remove_file(&policy);
+    let _ = fs::remove_file(&out);
+    let kills = records
+        .iter()
+        .filter(|v| {
+            v["event"] == "decision"
+                && v["reason"] == "memory_high"
+                && v["action"] == "kill"
+                && v["performed"] == true
+        })
+        .count();
+    let lost: u64 = records
+        .iter()
+        .filter(|v| v["event"] == "lost")
+        .map(|v| v["count"].as_u64().unwrap_or(0))
+        .sum();
+    if latencies_ms.is_empty() {
+        bail!("no memory_high latency measured");
+    }
+    latencies_ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "\nmemory_high crossing -> victim exit ({}, {} trials, {kills} victims killed by guardian):",
+        if v2 { "v2: from the go signal" } else { "v1 threshold notification" },
+        latencies_ms.len()
+    );
+    println!(
+        "  p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+        percentile(&latencies_ms, 0.5),
+        percentile(&latencies_ms, 0.99),
+        latencies_ms[latencies_ms.len() - 1]
+    );
+    let (b, c) = (median(&mut base), median(&mut counted));
+    println!("fork+exit rate, median of {rounds} rounds ({loops} loops in parallel):");
+    println!("  not in any service          {b:>8.0} forks/s");
+    println!("  counted by guardian (inherit) {c:>8.0} forks/s");
+    println!(
+        "  ratio                       {:>8.3}   lost events {lost}",
+        c / b
+    );
     Ok(())
 }
