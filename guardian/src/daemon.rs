@@ -533,7 +533,11 @@ pub fn check(policy: &Policy) -> String {
         ));
     }
     let mut names: Vec<&str> = crate::enforce::BUILTIN_PROTECTED.to_vec();
-    names.extend(policy.protect.iter().map(String::as_str));
+    for n in &policy.protect {
+        if !names.contains(&n.as_str()) {
+            names.push(n);
+        }
+    }
     s.push_str(&format!(
         "  never signalled: pid 1, kernel threads, guardian and its ancestors, names {}\n",
         names.join(", ")
