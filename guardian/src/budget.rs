@@ -31,6 +31,15 @@ const VICTIM_WAIT_NS: u64 = 5_000_000_000;
 /// usage figure lags its threshold event by a few pages, and the next event may never come.
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
 
+/// A task a member just started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewTask {
+    /// The new process, or the process of the new thread.
+    pub pid: u32,
+    pub thread: bool,
+    pub ts_ns: u64,
+}
+
 #[derive(Default)]
 struct ServiceState {
     cgroup: Option<ServiceCgroup>,
@@ -220,60 +229,18 @@ impl BudgetEngine {
         state.table.service_count(svc).tasks.saturating_sub(skipped)
     }
 
-    /// A member forked `child`: where guardian counts tasks, a fork over `tasks_max` loses its
-    /// new process at once.
-    pub fn forked(
+    /// A member gained a task. Where guardian counts tasks, a fork over `tasks_max` loses its
+    /// new process at once; a thread over it is reported, at most once a second (a thread cannot
+    /// be killed without its whole process).
+    pub fn new_task(
         &mut self,
         state: &State,
         enforcer: &mut Enforcer,
         policy: &Policy,
         svc: usize,
-        child: u32,
-        ts_ns: u64,
+        task: NewTask,
     ) -> Vec<Record> {
-        let service = &policy.services[svc];
-        let Some(max) = service.budgets.tasks_max else {
-            return Vec::new();
-        };
-        if self.kernel_enforced(service) {
-            return Vec::new();
-        }
-        let count = self.tasks(state, svc);
-        if count <= max {
-            return Vec::new();
-        }
-        let Some(p) = state.table.alive(child) else {
-            return Vec::new();
-        };
-        let record = enforcer.act(
-            &state.clock,
-            Request {
-                service: &service.name,
-                target: p,
-                action: OrphanAction::Kill,
-                reason: Reason::TasksMax,
-                kill_timeout: service.kill_timeout,
-                old_parent: p.parent,
-                since_ns: Some(ts_ns),
-                usage: Some(count),
-                limit: Some(max),
-            },
-        );
-        self.services[svc].skip.insert((p.pid, p.start_ns));
-        vec![record]
-    }
-
-    /// A member started a thread: over `tasks_max` it is reported (a thread cannot be killed
-    /// without its whole process), at most once a second.
-    pub fn thread_started(
-        &mut self,
-        state: &State,
-        enforcer: &mut Enforcer,
-        policy: &Policy,
-        svc: usize,
-        pid: u32,
-        ts_ns: u64,
-    ) -> Vec<Record> {
+        let NewTask { pid, thread, ts_ns } = task;
         let service = &policy.services[svc];
         let Some(max) = service.budgets.tasks_max else {
             return Vec::new();
@@ -283,31 +250,53 @@ impl BudgetEngine {
         }
         let count = self.tasks(state, svc);
         let st = &mut self.services[svc];
-        if count <= max || ts_ns < st.thread_report_ns {
-            return Vec::new();
-        }
-        st.thread_report_ns = ts_ns + THREAD_REPORT_NS;
         let Some(p) = state.table.alive(pid) else {
             return Vec::new();
         };
-        vec![enforcer.note(
-            &state.clock,
-            Note {
-                service: &service.name,
-                pid,
-                comm: &p.comm,
-                cmdline: p.cmdline(),
-                parent: p.parent,
-                action: "report",
-                reason: Reason::TasksMax,
-                performed: false,
-                result:
-                    "a new thread took the service over tasks_max (threads are not killed alone)"
-                        .into(),
-                usage: Some(count),
-                limit: Some(max),
-            },
-        )]
+        if count <= max {
+            return Vec::new();
+        }
+        let record = match thread {
+            false => {
+                st.skip.insert((p.pid, p.start_ns));
+                enforcer.act(
+                    &state.clock,
+                    Request {
+                        service: &service.name,
+                        target: p,
+                        action: OrphanAction::Kill,
+                        reason: Reason::TasksMax,
+                        kill_timeout: service.kill_timeout,
+                        old_parent: p.parent,
+                        since_ns: Some(ts_ns),
+                        usage: Some(count),
+                        limit: Some(max),
+                    },
+                )
+            }
+            true if ts_ns >= st.thread_report_ns => {
+                st.thread_report_ns = ts_ns + THREAD_REPORT_NS;
+                enforcer.note(
+                    &state.clock,
+                    Note {
+                        service: &service.name,
+                        pid,
+                        comm: &p.comm,
+                        cmdline: p.cmdline(),
+                        parent: p.parent,
+                        action: "report",
+                        reason: Reason::TasksMax,
+                        performed: false,
+                        result: "a new thread took the service over tasks_max (threads are not killed alone)"
+                            .into(),
+                        usage: Some(count),
+                        limit: Some(max),
+                    },
+                )
+            }
+            true => return Vec::new(),
+        };
+        vec![record]
     }
 
     /// Kernel counters, memory checks and cgroup clean-up, once per monitor tick.

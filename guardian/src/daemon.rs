@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use tracing::{debug, info};
 
 use crate::{
-    budget::BudgetEngine,
+    budget::{BudgetEngine, NewTask},
     enforce::{Enforcer, Protections, Reason, Request},
     events::{Exec, ExitStatus},
     loader::LoadOptions,
@@ -398,30 +398,17 @@ impl Handler for Daemon {
                     total,
                 })?;
             }
-            Notice::Fork { pid, ts_ns } => {
+            Notice::Fork { pid, ts_ns } | Notice::Thread { pid, ts_ns, .. } => {
                 if let Some(svc) = state.table.alive(pid).and_then(|p| p.service) {
-                    for record in self.budgets.forked(
-                        state,
-                        &mut self.enforcer,
-                        &self.policy,
-                        svc,
+                    let task = NewTask {
                         pid,
+                        thread: matches!(notice, Notice::Thread { .. }),
                         ts_ns,
-                    ) {
-                        self.out.emit(&record)?;
-                    }
-                }
-            }
-            Notice::Thread { pid, ts_ns, .. } => {
-                if let Some(svc) = state.table.alive(pid).and_then(|p| p.service) {
-                    for record in self.budgets.thread_started(
-                        state,
-                        &mut self.enforcer,
-                        &self.policy,
-                        svc,
-                        pid,
-                        ts_ns,
-                    ) {
+                    };
+                    for record in
+                        self.budgets
+                            .new_task(state, &mut self.enforcer, &self.policy, svc, task)
+                    {
                         self.out.emit(&record)?;
                     }
                 }
