@@ -505,6 +505,10 @@ mod tests {
     /// hierarchy has no memory or pids controller; the VM matrix runs it for real).
     #[test]
     fn v2_paths_limits_counters_in_a_scratch_tree() {
+        eprintln!(
+            "cgroup v2 code path exercised on a scratch directory laid out like cgroupfs \
+             (the privileged suite runs it for real where the memory and pids controllers are on v2)"
+        );
         let root = std::env::temp_dir().join(format!("guardian-cg-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).unwrap();
