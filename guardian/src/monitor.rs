@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     time::{interval, MissedTickBehavior},
 };
 use tracing::{debug, warn};
@@ -103,6 +103,8 @@ pub struct Monitor {
     pending: Vec<PendingReparent>,
     kstats: KernelStats,
     decode_errors: u64,
+    sigint: Signal,
+    sigterm: Signal,
 }
 
 impl Monitor {
@@ -110,6 +112,10 @@ impl Monitor {
     /// in between are seen twice, which the table tolerates, and none is missed. Otherwise the
     /// handler adds the processes it follows.
     pub fn start(opts: LoadOptions) -> anyhow::Result<Self> {
+        // Handlers go in before the caller reports `ready`: a SIGTERM sent right after it must
+        // stop guardian cleanly, not kill it with the default action.
+        let sigint = signal(SignalKind::interrupt())?;
+        let sigterm = signal(SignalKind::terminate())?;
         let mut probes = Probes::load(opts)?;
         let ring = probes.events.take().context("ring buffer already taken")?;
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as it is wrapped.
@@ -136,13 +142,13 @@ impl Monitor {
             pending: Vec::new(),
             kstats: KernelStats::default(),
             decode_errors: 0,
+            sigint,
+            sigterm,
         })
     }
 
     /// Runs until SIGINT or SIGTERM.
     pub async fn run(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
         let mut tick = interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ticks = 0u32;
@@ -171,8 +177,8 @@ impl Monitor {
                     }
                     handler.tick(&mut self.state)?;
                 }
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
+                _ = self.sigint.recv() => break,
+                _ = self.sigterm.recv() => break,
             }
         }
         let records = drain(self.ring.get_mut());
