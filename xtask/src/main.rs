@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what building the eBPF program needs (Debian/Ubuntu, as root); idempotent.
+    /// Install what building the eBPF program and the kernel matrix need (Debian/Ubuntu, as
+    /// root); idempotent.
     Setup {
         /// Only report what is missing and how to install it.
         #[arg(long)]
@@ -70,7 +71,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Builds the eBPF object and the release daemon; returns the daemon's path.
 fn build_release() -> anyhow::Result<PathBuf> {
-    setup::setup(false)?;
+    setup::ebpf_toolchain(false)?;
     let object = ebpf::build()?;
     run(cargo()
         .args(["build", "--release", "-p", "guardian"])
@@ -80,7 +81,7 @@ fn build_release() -> anyhow::Result<PathBuf> {
 
 fn test(unit_only: bool) -> anyhow::Result<()> {
     let root = workspace_root();
-    setup::setup(false)?;
+    setup::ebpf_toolchain(false)?;
     let object = ebpf::build()?;
 
     util::step("format");
