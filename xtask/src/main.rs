@@ -4,6 +4,7 @@ mod bench;
 mod ebpf;
 mod setup;
 mod util;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -43,10 +44,26 @@ enum Command {
         #[arg(long)]
         unit_only: bool,
     },
+    /// Integration tests in other environments.
+    IntegrationTest {
+        #[command(subcommand)]
+        which: IntegrationTest,
+    },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
         which: bench::Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IntegrationTest {
+    /// Boot each kernel of the matrix under qemu and run the privileged suite inside it.
+    Vm {
+        /// A kernel series to run (repeatable; default: the whole matrix).
+        #[arg(long = "kernel", value_name = "SERIES",
+              value_parser = clap::builder::PossibleValuesParser::new(vm::series_names()))]
+        kernels: Vec<String>,
     },
 }
 
@@ -65,6 +82,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Command::Test { unit_only } => test(unit_only),
+        Command::IntegrationTest {
+            which: IntegrationTest::Vm { kernels },
+        } => {
+            setup::ebpf_toolchain(false)?;
+            vm::run(&ebpf::build()?, &kernels)
+        }
         Command::Bench { which } => bench::run(which),
     }
 }
@@ -106,7 +129,15 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
 
     util::step("unit tests");
     run(cargo()
-        .args(["test", "-p", "guardian", "-p", "guardian-common"])
+        .args([
+            "test",
+            "-p",
+            "guardian",
+            "-p",
+            "guardian-common",
+            "-p",
+            "xtask",
+        ])
         .env("GUARDIAN_EBPF_OBJECT", &object))?;
 
     if unit_only {
