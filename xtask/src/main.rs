@@ -38,11 +38,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The whole suite: setup, build, fmt, clippy, unit tests and privileged integration tests.
+    /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
+    /// the same integration tests on the kernel matrix in VMs.
     Test {
-        /// Skip the privileged integration tests.
+        /// Skip the privileged integration tests (here and in VMs).
         #[arg(long)]
         unit_only: bool,
+        /// Skip the kernel matrix (quick local runs).
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Integration tests in other environments.
     IntegrationTest {
@@ -81,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Command::Test { unit_only } => test(unit_only),
+        Command::Test { unit_only, no_vm } => test(unit_only, no_vm),
         Command::IntegrationTest {
             which: IntegrationTest::Vm { kernels },
         } => {
@@ -102,7 +106,7 @@ fn build_release() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release/guardian"))
 }
 
-fn test(unit_only: bool) -> anyhow::Result<()> {
+fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
     let root = workspace_root();
     setup::ebpf_toolchain(false)?;
     let object = ebpf::build()?;
@@ -144,19 +148,40 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     util::step("privileged integration tests");
-    if !is_root() {
+    if is_root() {
+        host_integration_tests(&object)?;
+    } else {
         eprintln!(
             "SKIPPED: the integration tests load eBPF programs and signal processes; run \
              `sudo cargo xtask test` (or as root) to run them"
         );
+    }
+
+    util::step("kernel matrix");
+    if no_vm {
+        eprintln!("SKIPPED: the kernel matrix (--no-vm)");
         return Ok(());
     }
+    // The guests need no root on the host, only qemu and busybox, which root can install.
+    if !is_root() && !setup::vm_tools_missing().is_empty() {
+        eprintln!(
+            "SKIPPED: the kernel matrix needs {}: run `sudo cargo xtask setup`, or pass --no-vm",
+            setup::vm_tools_missing().join(" and ")
+        );
+        return Ok(());
+    }
+    vm::run(&object, &[])
+}
+
+/// The privileged integration tests on this machine's kernel.
+fn host_integration_tests(object: &std::path::Path) -> anyhow::Result<()> {
+    let root = workspace_root();
     run(cargo()
         .args(["build", "-p", "guardian"])
-        .env("GUARDIAN_EBPF_OBJECT", &object))?;
+        .env("GUARDIAN_EBPF_OBJECT", object))?;
     run(cargo()
         .args(["test", "-p", "guardian-tests", "--", "--test-threads=1"])
-        .env("GUARDIAN_EBPF_OBJECT", &object)
+        .env("GUARDIAN_EBPF_OBJECT", object)
         .env("GUARDIAN_BIN", root.join("target/debug/guardian"))
         // Inside the suite, a missing capability fails instead of skipping.
         .env("GUARDIAN_REQUIRE_PRIVILEGED", "1"))?;
