@@ -4,6 +4,7 @@ mod bench;
 mod ebpf;
 mod setup;
 mod util;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -21,7 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what building the eBPF program needs (Debian/Ubuntu, as root); idempotent.
+    /// Install what building the eBPF program and the kernel matrix need (Debian/Ubuntu, as
+    /// root); idempotent.
     Setup {
         /// Only report what is missing and how to install it.
         #[arg(long)]
@@ -36,16 +38,36 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The whole suite: setup, build, fmt, clippy, unit tests and privileged integration tests.
+    /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
+    /// the same integration tests on the kernel matrix in VMs.
     Test {
-        /// Skip the privileged integration tests.
+        /// Skip the privileged integration tests (here and in VMs).
         #[arg(long)]
         unit_only: bool,
+        /// Skip the kernel matrix (quick local runs).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Integration tests in other environments.
+    IntegrationTest {
+        #[command(subcommand)]
+        which: IntegrationTest,
     },
     /// Benchmarks that print figures.
     Bench {
         #[command(subcommand)]
         which: bench::Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IntegrationTest {
+    /// Boot each kernel of the matrix under qemu and run the privileged suite inside it.
+    Vm {
+        /// A kernel series to run (repeatable; default: the whole matrix).
+        #[arg(long = "kernel", value_name = "SERIES",
+              value_parser = clap::builder::PossibleValuesParser::new(vm::series_names()))]
+        kernels: Vec<String>,
     },
 }
 
@@ -63,14 +85,20 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        Command::Test { unit_only } => test(unit_only),
+        Command::Test { unit_only, no_vm } => test(unit_only, no_vm),
+        Command::IntegrationTest {
+            which: IntegrationTest::Vm { kernels },
+        } => {
+            setup::ebpf_toolchain(false)?;
+            vm::run(&ebpf::build()?, &kernels)
+        }
         Command::Bench { which } => bench::run(which),
     }
 }
 
 /// Builds the eBPF object and the release daemon; returns the daemon's path.
 fn build_release() -> anyhow::Result<PathBuf> {
-    setup::setup(false)?;
+    setup::ebpf_toolchain(false)?;
     let object = ebpf::build()?;
     run(cargo()
         .args(["build", "--release", "-p", "guardian"])
@@ -78,9 +106,9 @@ fn build_release() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release/guardian"))
 }
 
-fn test(unit_only: bool) -> anyhow::Result<()> {
+fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
     let root = workspace_root();
-    setup::setup(false)?;
+    setup::ebpf_toolchain(false)?;
     let object = ebpf::build()?;
 
     util::step("format");
@@ -105,26 +133,55 @@ fn test(unit_only: bool) -> anyhow::Result<()> {
 
     util::step("unit tests");
     run(cargo()
-        .args(["test", "-p", "guardian", "-p", "guardian-common"])
+        .args([
+            "test",
+            "-p",
+            "guardian",
+            "-p",
+            "guardian-common",
+            "-p",
+            "xtask",
+        ])
         .env("GUARDIAN_EBPF_OBJECT", &object))?;
 
     if unit_only {
         return Ok(());
     }
     util::step("privileged integration tests");
-    if !is_root() {
+    if is_root() {
+        host_integration_tests(&object)?;
+    } else {
         eprintln!(
             "SKIPPED: the integration tests load eBPF programs and signal processes; run \
              `sudo cargo xtask test` (or as root) to run them"
         );
+    }
+
+    util::step("kernel matrix");
+    if no_vm {
+        eprintln!("SKIPPED: the kernel matrix (--no-vm)");
         return Ok(());
     }
+    // The guests need no root on the host, only qemu and busybox, which root can install.
+    if !is_root() && !setup::vm_tools_missing().is_empty() {
+        eprintln!(
+            "SKIPPED: the kernel matrix needs {}: run `sudo cargo xtask setup`, or pass --no-vm",
+            setup::vm_tools_missing().join(" and ")
+        );
+        return Ok(());
+    }
+    vm::run(&object, &[])
+}
+
+/// The privileged integration tests on this machine's kernel.
+fn host_integration_tests(object: &std::path::Path) -> anyhow::Result<()> {
+    let root = workspace_root();
     run(cargo()
         .args(["build", "-p", "guardian"])
-        .env("GUARDIAN_EBPF_OBJECT", &object))?;
+        .env("GUARDIAN_EBPF_OBJECT", object))?;
     run(cargo()
         .args(["test", "-p", "guardian-tests", "--", "--test-threads=1"])
-        .env("GUARDIAN_EBPF_OBJECT", &object)
+        .env("GUARDIAN_EBPF_OBJECT", object)
         .env("GUARDIAN_BIN", root.join("target/debug/guardian"))
         // Inside the suite, a missing capability fails instead of skipping.
         .env("GUARDIAN_REQUIRE_PRIVILEGED", "1"))?;

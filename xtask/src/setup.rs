@@ -1,4 +1,6 @@
-//! `cargo xtask setup`: installs what building the eBPF program needs, on Debian or Ubuntu.
+//! `cargo xtask setup`: installs what building the eBPF program and running the kernel matrix
+//! need, on Debian or Ubuntu. Commands call the part they need, so a fresh root shell needs no
+//! separate setup step.
 
 use std::{path::Path, process::Command};
 
@@ -6,7 +8,7 @@ use anyhow::bail;
 
 use crate::{
     ebpf::{bpf_linker, Toolchain},
-    util::{is_root, output, run, step, tools_dir, which},
+    util::{is_root, is_static_elf, output, run, step, tools_dir, which},
 };
 
 /// Debian's Rust with a prebuilt `core` for BPF targets.
@@ -20,9 +22,22 @@ const RUST_PACKAGES: [&str; 4] = [
 const LLVM_PACKAGE: &str = "llvm-22-dev";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER: &str = "bpf-linker@0.13.0";
+/// The kernel matrix's tools, (package, command): qemu emulates the guests, and the static
+/// busybox is their userland.
+const VM_PACKAGES: [(&str, &str); 2] = [
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
+];
 
+/// Everything: the eBPF toolchain and the kernel matrix's tools.
 pub fn setup(check_only: bool) -> anyhow::Result<()> {
-    step("setup");
+    ebpf_toolchain(check_only)?;
+    vm_tools(check_only)
+}
+
+/// The toolchain that builds the eBPF program.
+pub fn ebpf_toolchain(check_only: bool) -> anyhow::Result<()> {
+    step("setup (eBPF toolchain)");
     let need_rust = Toolchain::detect().is_none();
     let need_linker = bpf_linker().is_none();
     if !need_rust && !need_linker {
@@ -90,6 +105,46 @@ pub fn setup(check_only: bool) -> anyhow::Result<()> {
     }
     if Toolchain::detect().is_none() || bpf_linker().is_none() {
         bail!("setup finished but the eBPF toolchain is still incomplete");
+    }
+    Ok(())
+}
+
+/// The kernel matrix's packages that are missing (a dynamically linked busybox counts as
+/// missing: the guests have no C library).
+pub fn vm_tools_missing() -> Vec<&'static str> {
+    VM_PACKAGES
+        .iter()
+        .filter(|(package, command)| match which(command) {
+            None => true,
+            Some(path) => *package == "busybox-static" && !is_static_elf(&path).unwrap_or(false),
+        })
+        .map(|(package, _)| *package)
+        .collect()
+}
+
+/// What `cargo xtask integration-test vm` needs.
+pub fn vm_tools(check_only: bool) -> anyhow::Result<()> {
+    step("setup (kernel matrix)");
+    let missing = vm_tools_missing();
+    if missing.is_empty() {
+        eprintln!("kernel matrix tools ready: qemu-system-x86_64, static busybox");
+        return Ok(());
+    }
+    let can_install = is_root() && which("apt-get").is_some();
+    if check_only || !can_install {
+        eprintln!(
+            "missing for the kernel matrix; install with:\n  apt-get update && apt-get install -y \
+             --no-install-recommends {}",
+            missing.join(" ")
+        );
+        if check_only {
+            return Ok(());
+        }
+        bail!("the kernel matrix's tools are missing and this is not a root shell on Debian/Ubuntu: run the command above");
+    }
+    apt_install(&missing)?;
+    if !vm_tools_missing().is_empty() {
+        bail!("setup finished but the kernel matrix's tools are still missing");
     }
     Ok(())
 }

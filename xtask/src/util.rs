@@ -61,3 +61,26 @@ pub fn is_root() -> bool {
 pub fn step(name: &str) {
     eprintln!("\n==> {name}");
 }
+
+/// Whether an ELF executable runs without a dynamic loader (it has no `PT_INTERP` header).
+pub fn is_static_elf(path: &Path) -> anyhow::Result<bool> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let field = |at: usize, len: usize| -> anyhow::Result<u64> {
+        let b = bytes
+            .get(at..at + len)
+            .with_context(|| format!("{} is truncated", path.display()))?;
+        Ok(b.iter().rev().fold(0, |acc, &x| (acc << 8) | u64::from(x)))
+    };
+    // 64-bit little-endian ELF only: the guests are x86_64.
+    if bytes.get(..6) != Some(b"\x7fELF\x02\x01") {
+        bail!("{} is not a 64-bit little-endian ELF file", path.display());
+    }
+    let (phoff, phentsize, phnum) = (field(32, 8)?, field(54, 2)?, field(56, 2)?);
+    for i in 0..phnum {
+        const PT_INTERP: u64 = 3;
+        if field((phoff + i * phentsize) as usize, 4)? == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
