@@ -21,7 +21,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use guardian_common::{
     exec_flags, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
+    ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT,
+    TRACKED_CAPACITY,
 };
 
 /// `CLONE_THREAD` from `include/uapi/linux/sched.h`: the new task joins the caller's group.
