@@ -14,7 +14,7 @@ use aya_ebpf::{
         generated::bpf_ktime_get_boot_ns,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext as _, Global,
 };
@@ -54,6 +54,16 @@ fn count(stat: Stat) -> bool {
         },
         None => false,
     }
+}
+
+/// Reserves a record, counting (and once per CPU logging) a full ring buffer.
+#[inline(always)]
+fn reserve<T: 'static>(ctx: &TracePointContext) -> Option<RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() && count(Stat::RingbufFull) {
+        warn!(ctx, "event ring buffer full: events are being lost");
+    }
+    entry
 }
 
 #[inline(always)]
@@ -159,10 +169,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         }
     }
 
-    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        if count(Stat::RingbufFull) {
-            warn!(ctx, "event ring buffer full: events are being lost");
-        }
+    let Some(mut entry) = reserve::<ForkEvent>(ctx) else {
         return Ok(0);
     };
     let ev = entry.as_mut_ptr();
@@ -197,10 +204,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
     if tgid == cfg.self_tgid {
         return Ok(0);
     }
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        if count(Stat::RingbufFull) {
-            warn!(ctx, "event ring buffer full: events are being lost");
-        }
+    let Some(mut entry) = reserve::<ExecEvent>(ctx) else {
         return Ok(0);
     };
     let ev = entry.as_mut_ptr();
@@ -301,10 +305,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     let had_children = tracked.unwrap_or(0) & tracked_flags::HAS_CHILDREN != 0;
 
-    let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
-        if count(Stat::RingbufFull) {
-            warn!(ctx, "event ring buffer full: events are being lost");
-        }
+    let Some(mut entry) = reserve::<ExitEvent>(ctx) else {
         return Ok(0);
     };
     let ev = entry.as_mut_ptr();
@@ -344,10 +345,7 @@ fn thread_event(ctx: &TracePointContext, cfg: &Config, tid: u32, tgid: u32, star
     if tgid == cfg.self_tgid || TRACKED.get_ptr(tgid).is_none() {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<ThreadEvent>(0) else {
-        if count(Stat::RingbufFull) {
-            warn!(ctx, "event ring buffer full: events are being lost");
-        }
+    let Some(mut entry) = reserve::<ThreadEvent>(ctx) else {
         return;
     };
     let ev = entry.as_mut_ptr();

@@ -298,19 +298,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Starts guardian with a policy written to a temporary file; returns the daemon, the policy
+/// file and the records file.
+fn start_with_policy(
+    guardian: &Path,
+    tag: &str,
+    policy_text: &str,
+) -> anyhow::Result<(Daemon, PathBuf, PathBuf)> {
+    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    fs::write(&policy, policy_text)?;
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    let daemon = Daemon::start(
+        guardian,
+        &["--policy", policy.to_str().unwrap()],
+        out.clone(),
+    )?;
+    Ok((daemon, policy, out))
+}
+
 fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     let (guardian, workload) = build()?;
     let tag = format!("benchorphans{}", std::process::id());
-    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
-    fs::write(
-        &policy,
-        format!("[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\" }}\norphans = \"kill\"\n"),
-    )?;
-    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
-    let daemon = Daemon::start(
+    let (daemon, policy, out) = start_with_policy(
         &guardian,
-        &["--policy", policy.to_str().unwrap()],
-        out.clone(),
+        &tag,
+        &format!("[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\" }}\norphans = \"kill\"\n"),
     )?;
     let trace = ExitTrace::start()?;
     step(&format!(
@@ -493,18 +505,12 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
     let (guardian, workload) = build()?;
     let tag = format!("benchbudgets{}", std::process::id());
     let high_mb = 100u64;
-    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
-    fs::write(
-        &policy,
-        format!(
+    let (daemon, policy, out) = start_with_policy(
+        &guardian,
+        &tag,
+        &format!(
             "cgroup_parent = \"{tag}\"\n[[service]]\nname = \"mem\"\nmatch = {{ cmdline = \"{tag}mem\" }}\norphans = \"report\"\nmemory_high = \"{high_mb}M\"\nmemory_max = \"400M\"\ncgroup = \"own\"\n\n[[service]]\nname = \"forks\"\nmatch = {{ cmdline = \"{tag}forks\" }}\norphans = \"report\"\ntasks_max = 100000\ncgroup = \"inherit\"\n"
         ),
-    )?;
-    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
-    let daemon = Daemon::start(
-        &guardian,
-        &["--policy", policy.to_str().unwrap()],
-        out.clone(),
     )?;
     let trace = ExitTrace::start()?;
     let (memcg, v2) = memory_cgroup(&tag, "mem")?;
