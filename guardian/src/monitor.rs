@@ -113,6 +113,8 @@ pub struct Monitor {
     pending: Vec<PendingReparent>,
     kstats: KernelStats,
     decode_errors: u64,
+    /// Reused between drains.
+    decoded: Vec<Result<Event, events::DecodeError>>,
 }
 
 impl Monitor {
@@ -150,6 +152,7 @@ impl Monitor {
             pending: Vec::new(),
             kstats: KernelStats::default(),
             decode_errors: 0,
+            decoded: Vec::new(),
         })
     }
 
@@ -161,17 +164,13 @@ impl Monitor {
         loop {
             tokio::select! {
                 guard = self.ring.readable_mut() => {
-                    let mut guard = guard?;
-                    let records = drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                    self.process(records, handler)?;
-                    // Records committed between the drain and clear_ready raised no new edge.
-                    let late = drain(self.ring.get_mut());
-                    self.process(late, handler)?;
+                    // Cleared before draining: a record committed meanwhile is drained now and at
+                    // worst wakes one empty pass; none is left waiting for an edge.
+                    guard?.clear_ready();
+                    self.drain(handler)?;
                 }
                 _ = tick.tick() => {
-                    let records = drain(self.ring.get_mut());
-                    self.process(records, handler)?;
+                    self.drain(handler)?;
                     self.confirm_reparents(handler)?;
                     ticks = ticks.wrapping_add(1);
                     if ticks.is_multiple_of(STATS_EVERY_TICKS) {
@@ -187,16 +186,22 @@ impl Monitor {
                 _ = self.sigterm.recv() => break,
             }
         }
-        let records = drain(self.ring.get_mut());
-        self.process(records, handler)?;
+        self.drain(handler)?;
         self.report_losses(handler)?;
         debug!(stats = ?self.state.table.stats, "stopping");
         Ok(())
     }
 
-    fn process(&mut self, records: Vec<Vec<u8>>, handler: &mut impl Handler) -> anyhow::Result<()> {
-        for rec in records {
-            match events::decode(&rec) {
+    /// Decodes every record waiting in the ring buffer (in place, no copy of the bytes), then
+    /// applies them in kernel order.
+    fn drain(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            decoded.push(events::decode(&item));
+        }
+        for ev in decoded.drain(..) {
+            match ev {
                 Ok(ev) => self.apply(ev, handler)?,
                 Err(e) => {
                     self.decode_errors += 1;
@@ -212,6 +217,7 @@ impl Monitor {
                 }
             }
         }
+        self.decoded = decoded;
         Ok(())
     }
 
@@ -372,12 +378,4 @@ impl Monitor {
         }
         Ok(())
     }
-}
-
-fn drain(ring: &mut RingBuf<MapData>) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while let Some(item) = ring.next() {
-        out.push(item.to_vec());
-    }
-    out
 }

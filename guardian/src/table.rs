@@ -275,7 +275,7 @@ impl Table {
                 // The previous holder of this PID died without an exit event: its children are
                 // orphans, but there is no exit to report.
                 self.stats.missed_exits += 1;
-                changes.extend(self.retire(f.pid, f.ts_ns, None).into_iter().skip(1));
+                changes.extend(self.retire(f.pid, f.ts_ns, None));
             }
             self.procs.remove(&f.pid);
         }
@@ -416,11 +416,8 @@ impl Table {
                 return Vec::new();
             }
             self.stats.missed_exits += 1;
-            let orphans = self
-                .retire(x.pid, x.ts_ns, None)
-                .into_iter()
-                .skip(1)
-                .collect();
+            // Its children are orphans, but that exit was never seen: there is none to report.
+            let orphans = self.retire(x.pid, x.ts_ns, None);
             self.hold_early(x);
             return orphans;
         }
@@ -429,7 +426,9 @@ impl Table {
                 p.comm = x.comm.clone();
             }
         }
-        self.retire(x.pid, x.ts_ns, x.status)
+        let mut changes = vec![Change::Exited { pid: x.pid }];
+        changes.extend(self.retire(x.pid, x.ts_ns, x.status));
+        changes
     }
 
     fn hold_early(&mut self, x: &Exit) {
@@ -443,8 +442,8 @@ impl Table {
         );
     }
 
-    /// Marks a live process exited, unlinks it from its parent, and orphans its children.
-    /// Returns `Exited` first, then one `Orphaned` per live child.
+    /// Marks a live process exited, unlinks it from its parent, and returns one `Orphaned` per
+    /// live child.
     fn retire(&mut self, pid: u32, at_ns: u64, status: Option<ExitStatus>) -> Vec<Change> {
         let Some(p) = self.procs.get_mut(&pid) else {
             return Vec::new();
@@ -459,18 +458,16 @@ impl Table {
         if let Some(pp) = self.procs.get_mut(&parent) {
             pp.children.remove(&pid);
         }
-        let mut changes = vec![Change::Exited { pid }];
         // The children keep the dead parent as theirs until the new one is confirmed: until the
         // kernel has moved them (right after this exit) that is what the kernel says too.
-        for child in children {
-            if self.alive(child).is_some() {
-                changes.push(Change::Orphaned {
-                    pid: child,
-                    old_parent: pid,
-                });
-            }
-        }
-        changes
+        children
+            .into_iter()
+            .filter(|&child| self.alive(child).is_some())
+            .map(|child| Change::Orphaned {
+                pid: child,
+                old_parent: pid,
+            })
+            .collect()
     }
 
     /// Records a confirmed new parent (from `/proc`) of a live process.
