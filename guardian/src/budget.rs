@@ -6,13 +6,13 @@
 //! `cgroup = "inherit"` (and audit mode, where nothing is created): guardian counts tasks from
 //! its process table and memory from the members' resident memory, and acts itself.
 
-use std::collections::HashSet;
+use std::{cmp::Reverse, collections::HashSet};
 
 use anyhow::Context as _;
 use tracing::{debug, warn};
 
 use crate::{
-    cgroup::{fired, Counters, Layout, ServiceCgroup},
+    cgroup::{fired, Counters, Layout, Limit, ServiceCgroup},
     enforce::{Enforcer, Note, Reason, Request},
     monitor::State,
     output::{Clock, Record},
@@ -150,15 +150,15 @@ impl BudgetEngine {
             if !st.limits_noted {
                 st.limits_noted = true;
                 let cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
-                for (path, value, reason, limit) in limit_list(&cg, service) {
+                for l in cg.limits(&service.budgets) {
                     records.push(enforcer.note(
                         clock,
                         note(
                             "limit",
-                            reason,
+                            l.budget.into(),
                             false,
-                            format!("audit: would write {value} to {}", path.display()),
-                            Some(limit),
+                            format!("audit: would write {}", describe(&l)),
+                            Some(l.value),
                         ),
                     ));
                 }
@@ -170,14 +170,20 @@ impl BudgetEngine {
             let created = cg
                 .create(&layout)
                 .and_then(|()| cg.write_limits(&service.budgets));
-            for (path, value, reason, limit) in limit_list(&cg, service) {
+            for l in cg.limits(&service.budgets) {
                 let result = match &created {
-                    Ok(()) => format!("wrote {value} to {}", path.display()),
+                    Ok(()) => format!("wrote {}", describe(&l)),
                     Err(e) => format!("error: {e:#}"),
                 };
                 records.push(enforcer.note(
                     clock,
-                    note("limit", reason, created.is_ok(), result, Some(limit)),
+                    note(
+                        "limit",
+                        l.budget.into(),
+                        created.is_ok(),
+                        result,
+                        Some(l.value),
+                    ),
                 ));
             }
             if let Err(e) = created {
@@ -428,28 +434,18 @@ impl BudgetEngine {
             }
         }
         st.next_poll_ns = now + MEMORY_POLL_NS;
-        let usage_of = |p: &Process| rss(p.pid);
+        let order = victims(state, svc, service.memory_victim, &st.skip);
         let mut usage = match (&st.cgroup, kernel) {
             (Some(cg), true) => cg.memory_usage().unwrap_or(0),
-            _ => state
-                .table
-                .iter_alive()
-                .filter(|p| p.service == Some(svc) && !st.skip.contains(&(p.pid, p.start_ns)))
-                .map(usage_of)
-                .sum(),
+            _ => order.iter().map(|(_, rss)| rss).sum(),
         };
         // At most one real kill per check; in audit mode every would-be victim, each once.
-        for _ in 0..state.table.len_alive() {
+        for (victim, victim_rss) in order {
             let (limit, reason) = match (own_max, high) {
                 (Some(max), _) if usage > max => (max, Reason::MemoryMax),
                 (_, Some(h)) if usage > h => (h, Reason::MemoryHigh),
                 _ => return,
             };
-            let Some(victim) = pick(state, svc, service.memory_victim, &st.skip) else {
-                debug!(service = %service.name, "over budget with no member to choose");
-                return;
-            };
-            let victim_rss = usage_of(victim);
             let record = enforcer.act(
                 &state.clock,
                 Request {
@@ -479,6 +475,9 @@ impl BudgetEngine {
             // Not signalled (audit mode, or refused): decide on as if it had gone.
             st.skip.insert((victim.pid, victim.start_ns));
             usage = usage.saturating_sub(victim_rss);
+        }
+        if own_max.is_some_and(|m| usage > m) || high.is_some_and(|h| usage > h) {
+            debug!(service = %service.name, "over budget with no member left to choose");
         }
     }
 
@@ -513,50 +512,32 @@ impl BudgetEngine {
     }
 }
 
-/// The limits of a service as (file, value, budget, amount).
-fn limit_list(cg: &ServiceCgroup, s: &Service) -> Vec<(std::path::PathBuf, String, Reason, u64)> {
-    cg.limits(&s.budgets)
-        .into_iter()
-        .map(|(path, value)| {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let reason = if name.starts_with("pids") {
-                Reason::TasksMax
-            } else if name == "memory.high" || name.starts_with("memory.soft") {
-                Reason::MemoryHigh
-            } else {
-                Reason::MemoryMax
-            };
-            let amount = value.parse().unwrap_or(0);
-            (path, format!("{name}={value}"), reason, amount)
-        })
-        .collect()
+/// `memory.max=209715200 to /sys/fs/cgroup/.../memory.max`
+fn describe(l: &Limit) -> String {
+    let name = l.path.file_name().unwrap_or_default().to_string_lossy();
+    format!("{name}={} to {}", l.value, l.path.display())
 }
 
-/// The member to kill: by `memory_victim`, never a root while another member is left.
-fn pick<'a>(
+/// Members with their resident memory (read once), in the order `memory_victim` kills them; a
+/// root comes only after every other member.
+fn victims<'a>(
     state: &'a State,
     svc: usize,
     how: Victim,
     skip: &HashSet<(u32, u64)>,
-) -> Option<&'a Process> {
-    let mut members: Vec<&Process> = state
+) -> Vec<(&'a Process, u64)> {
+    let mut sized: Vec<(&Process, u64)> = state
         .table
         .iter_alive()
         .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
+        .map(|p| (p, rss(p.pid)))
         .collect();
-    if members.iter().any(|p| !p.root) {
-        members.retain(|p| !p.root);
-    }
-    let mut sized: Vec<(&Process, u64)> = members.into_iter().map(|p| (p, rss(p.pid))).collect();
     match how {
         Victim::OrphansThenLargest => {
-            sized.sort_by_key(|(p, r)| (std::cmp::Reverse(p.orphan), std::cmp::Reverse(*r)))
+            sized.sort_by_key(|(p, r)| (p.root, Reverse(p.orphan), Reverse(*r)))
         }
-        Victim::Largest => sized.sort_by_key(|(_, r)| std::cmp::Reverse(*r)),
-        Victim::Newest => sized.sort_by_key(|(p, _)| std::cmp::Reverse(p.start_ns)),
+        Victim::Largest => sized.sort_by_key(|(p, r)| (p.root, Reverse(*r))),
+        Victim::Newest => sized.sort_by_key(|(p, _)| (p.root, Reverse(p.start_ns))),
     }
-    sized.first().map(|(p, _)| *p)
+    sized
 }

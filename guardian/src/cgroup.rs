@@ -16,7 +16,7 @@ use rustix::{
 };
 use thiserror::Error;
 
-use crate::policy::Budgets;
+use crate::policy::{Budget, Budgets};
 
 #[derive(Debug, Error)]
 pub enum CgroupError {
@@ -161,6 +161,14 @@ impl Layout {
     }
 }
 
+/// A limit file and the value a budget writes there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub path: PathBuf,
+    pub value: u64,
+    pub budget: Budget,
+}
+
 /// Counters the kernel keeps for a service cgroup.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -302,38 +310,34 @@ impl ServiceCgroup {
         Ok(())
     }
 
-    /// The limit files and values a budget sets, in the order they are written.
-    pub fn limits(&self, b: &Budgets) -> Vec<(PathBuf, String)> {
-        let mut out = Vec::new();
-        if let Some(t) = b.tasks_max {
-            out.push((self.pids.join("pids.max"), t.to_string()));
-        }
-        if self.v2 {
-            if let Some(m) = b.memory_max {
-                out.push((self.memory.join("memory.max"), m.to_string()));
-            }
-            if let Some(h) = b.memory_high {
-                out.push((self.memory.join("memory.high"), h.to_string()));
-            }
+    /// The limit files a service's budgets set, in the order they are written.
+    pub fn limits(&self, b: &Budgets) -> Vec<Limit> {
+        let (max_file, high_file) = if self.v2 {
+            ("memory.max", "memory.high")
         } else {
-            if let Some(m) = b.memory_max {
-                out.push((self.memory.join("memory.limit_in_bytes"), m.to_string()));
-            }
             // v1 has no throttling `high`; the soft limit is its nearest equivalent (reclaim
             // target under pressure). guardian enforces memory_high itself either way.
-            if let Some(h) = b.memory_high {
-                out.push((
-                    self.memory.join("memory.soft_limit_in_bytes"),
-                    h.to_string(),
-                ));
-            }
-        }
-        out
+            ("memory.limit_in_bytes", "memory.soft_limit_in_bytes")
+        };
+        [
+            (b.tasks_max, &self.pids, "pids.max", Budget::TasksMax),
+            (b.memory_max, &self.memory, max_file, Budget::MemoryMax),
+            (b.memory_high, &self.memory, high_file, Budget::MemoryHigh),
+        ]
+        .into_iter()
+        .filter_map(|(value, dir, file, budget)| {
+            value.map(|value| Limit {
+                path: dir.join(file),
+                value,
+                budget,
+            })
+        })
+        .collect()
     }
 
     pub fn write_limits(&self, b: &Budgets) -> Result<(), CgroupError> {
-        for (path, value) in self.limits(b) {
-            write(&path, &value)?;
+        for limit in self.limits(b) {
+            write(&limit.path, &limit.value.to_string())?;
         }
         Ok(())
     }
@@ -585,7 +589,7 @@ mod tests {
         let files: Vec<String> = c
             .limits(&b)
             .iter()
-            .map(|(p, v)| format!("{}={v}", p.display()))
+            .map(|l| format!("{}={}", l.path.display(), l.value))
             .collect();
         assert_eq!(
             files,

@@ -104,6 +104,16 @@ pub enum Reason {
     Budget,
 }
 
+impl From<crate::policy::Budget> for Reason {
+    fn from(b: crate::policy::Budget) -> Self {
+        match b {
+            crate::policy::Budget::TasksMax => Self::TasksMax,
+            crate::policy::Budget::MemoryMax => Self::MemoryMax,
+            crate::policy::Budget::MemoryHigh => Self::MemoryHigh,
+        }
+    }
+}
+
 impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {

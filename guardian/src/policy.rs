@@ -113,6 +113,14 @@ impl CgroupMode {
     }
 }
 
+/// One of a service's budgets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    TasksMax,
+    MemoryMax,
+    MemoryHigh,
+}
+
 /// A service's resource budgets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Budgets {
