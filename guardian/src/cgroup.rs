@@ -46,6 +46,16 @@ pub enum CgroupError {
     },
 }
 
+/// The lines of `/proc/PID/cgroup` ("ID:controllers:path") as (controllers, path); the v2
+/// line has no controllers.
+pub fn entries(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines().filter_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let _id = parts.next()?;
+        Some((parts.next()?, parts.next()?))
+    })
+}
+
 /// The hierarchies guardian uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -98,9 +108,7 @@ impl Layout {
         read: impl Fn(&Path) -> Option<String>,
     ) -> Result<Self, CgroupError> {
         let own = |controller: &str| -> Option<String> {
-            cgroup.lines().find_map(|l| {
-                let mut parts = l.splitn(3, ':');
-                let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            entries(cgroup).find_map(|(ctrls, path)| {
                 let hit = if controller.is_empty() {
                     ctrls.is_empty()
                 } else {

@@ -119,9 +119,7 @@ impl Daemon {
         let by_pid: HashMap<u32, &ProcInfo> = scan.iter().map(|p| (p.pid, p)).collect();
         let mut matched: HashMap<u32, usize> = HashMap::new();
         for p in &scan {
-            let cmdline = p.argv.join(" ");
-            let c = Candidate::new(p.pid, &p.comm, &cmdline, p.exe.as_deref());
-            if let Some(svc) = self.match_service(&c) {
+            if let Some(svc) = self.match_service(&Candidate::from(p)) {
                 matched.insert(p.pid, svc);
             }
         }
@@ -206,10 +204,7 @@ impl Daemon {
             return false;
         }
         match &self.policy.services[svc].orphan_match {
-            Some(m) => {
-                let cmdline = p.argv.join(" ");
-                m.matches(&Candidate::new(p.pid, &p.comm, &cmdline, p.exe.as_deref()))
-            }
+            Some(m) => m.matches(&Candidate::from(p)),
             None => true,
         }
     }
@@ -337,8 +332,7 @@ impl Daemon {
         }
         let service = &self.policy.services[svc];
         if let Some(m) = &service.orphan_match {
-            let cmdline = c.cmdline();
-            if !m.matches(&Candidate::new(pid, &c.comm, &cmdline, c.exe.as_deref())) {
+            if !m.matches(&Candidate::from(c)) {
                 debug!(pid, service = %service.name, "orphan not selected by orphan_match");
                 return Ok(());
             }
@@ -377,9 +371,7 @@ impl Handler for Daemon {
                 let Some(p) = state.table.alive(pid) else {
                     return Ok(());
                 };
-                let cmdline = p.cmdline();
-                let c = Candidate::new(pid, &p.comm, &cmdline, p.exe.as_deref());
-                if let Some(svc) = self.match_service(&c) {
+                if let Some(svc) = self.match_service(&Candidate::from(p)) {
                     if !(p.root && p.service == Some(svc)) {
                         let members = self.adopt(state, pid, svc, true)?;
                         self.emit_root(state, pid, svc, "exec", members)?;
@@ -419,9 +411,7 @@ impl Handler for Daemon {
     }
 
     fn exec_unknown(&mut self, state: &mut State, exec: &Exec) -> anyhow::Result<()> {
-        let cmdline = exec.argv.join(" ");
-        let c = Candidate::new(exec.pid, &exec.comm, &cmdline, Some(&exec.filename));
-        if let Some(svc) = self.match_service(&c) {
+        if let Some(svc) = self.match_service(&Candidate::from(exec)) {
             let members = self
                 .adopt(state, exec.pid, svc, true)
                 .context("following a new service root")?;

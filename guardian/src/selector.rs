@@ -1,9 +1,11 @@
 //! Process selectors: the `match` and `orphan_match` tables of a policy.
 
-use std::cell::OnceCell;
+use std::{borrow::Cow, cell::OnceCell};
 
 use globset::GlobMatcher;
 use regex::Regex;
+
+use crate::{events::Exec, procs::ProcInfo, table::Process};
 
 /// Conditions that must all hold. Built by [`crate::policy`].
 #[derive(Debug, Default)]
@@ -38,7 +40,7 @@ impl Selector {
             }
         }
         if let Some(re) = &self.cmdline {
-            if !re.is_match(c.cmdline) {
+            if !re.is_match(&c.cmdline) {
                 return false;
             }
         }
@@ -88,7 +90,7 @@ impl Selector {
 pub struct Candidate<'a> {
     pub pid: u32,
     pub comm: &'a str,
-    pub cmdline: &'a str,
+    pub cmdline: Cow<'a, str>,
     pub exe: Option<&'a str>,
     resolved_exe: OnceCell<Option<String>>,
     cgroups: OnceCell<Vec<String>>,
@@ -96,11 +98,16 @@ pub struct Candidate<'a> {
 }
 
 impl<'a> Candidate<'a> {
-    pub fn new(pid: u32, comm: &'a str, cmdline: &'a str, exe: Option<&'a str>) -> Self {
+    pub fn new(
+        pid: u32,
+        comm: &'a str,
+        cmdline: impl Into<Cow<'a, str>>,
+        exe: Option<&'a str>,
+    ) -> Self {
         Self {
             pid,
             comm,
-            cmdline,
+            cmdline: cmdline.into(),
             exe,
             resolved_exe: OnceCell::new(),
             cgroups: OnceCell::new(),
@@ -137,14 +144,30 @@ impl<'a> Candidate<'a> {
     }
 }
 
+impl<'a> From<&'a Process> for Candidate<'a> {
+    fn from(p: &'a Process) -> Self {
+        Self::new(p.pid, &p.comm, p.cmdline(), p.exe.as_deref())
+    }
+}
+
+impl<'a> From<&'a ProcInfo> for Candidate<'a> {
+    fn from(p: &'a ProcInfo) -> Self {
+        Self::new(p.pid, &p.comm, p.argv.join(" "), p.exe.as_deref())
+    }
+}
+
+impl<'a> From<&'a Exec> for Candidate<'a> {
+    fn from(e: &'a Exec) -> Self {
+        Self::new(e.pid, &e.comm, e.argv.join(" "), Some(&e.filename))
+    }
+}
+
 /// The paths of `/proc/PID/cgroup` ("ID:controllers:path" per line), without duplicates.
 pub fn parse_cgroups(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
-    for line in text.lines() {
-        if let Some(path) = line.splitn(3, ':').nth(2) {
-            if !paths.iter().any(|p| p == path) {
-                paths.push(path.to_owned());
-            }
+    for (_, path) in crate::cgroup::entries(text) {
+        if !paths.iter().any(|p| p == path) {
+            paths.push(path.to_owned());
         }
     }
     paths
