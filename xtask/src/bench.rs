@@ -12,6 +12,8 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 
+use guardian_tests::{alive, service_cgroup_dirs};
+
 use crate::util::{self, cargo, is_root, step, workspace_root};
 
 #[derive(Debug, Subcommand)]
@@ -281,18 +283,6 @@ impl Drop for ExitTrace {
     }
 }
 
-/// Whether a process exists and is not a zombie (init may take a while to reap).
-fn running(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|r| !r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -363,7 +353,7 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
         unsafe { libc::kill(parent as i32, libc::SIGKILL) };
         let _ = child.wait();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while kids.iter().any(|&k| running(k)) {
+        while kids.iter().any(|&k| alive(k)) {
             if Instant::now() > deadline {
                 for &k in &kids {
                     // SAFETY: cleaning up our own workload's processes.
@@ -427,40 +417,6 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The memory cgroup directory of service `svc` under a relative `cgroup_parent`, as guardian
-/// creates it (v2 when it has the memory controller, else the v1 memory hierarchy).
-fn memory_cgroup(parent: &str, svc: &str) -> anyhow::Result<(PathBuf, bool)> {
-    let own = fs::read_to_string("/proc/self/cgroup")?;
-    let path_of = |ctrl: &str| {
-        own.lines().find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
-            let hit = if ctrl.is_empty() {
-                c.is_empty()
-            } else {
-                c.split(',').any(|x| x == ctrl)
-            };
-            hit.then(|| path.trim_start_matches('/').to_owned())
-        })
-    };
-    let v2 = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
-    if v2.split_whitespace().any(|c| c == "memory") {
-        let own = path_of("").unwrap_or_default();
-        return Ok((
-            Path::new("/sys/fs/cgroup").join(own).join(parent).join(svc),
-            true,
-        ));
-    }
-    let own = path_of("memory").context("no memory cgroup")?;
-    Ok((
-        Path::new("/sys/fs/cgroup/memory")
-            .join(own)
-            .join(parent)
-            .join(svc),
-        false,
-    ))
-}
-
 /// Blocks (bounded) until `fd` is readable.
 fn wait_readable(fd: &std::os::fd::OwnedFd, limit: Duration) -> bool {
     use std::os::fd::AsRawFd;
@@ -513,7 +469,9 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
         ),
     )?;
     let trace = ExitTrace::start()?;
-    let (memcg, v2) = memory_cgroup(&tag, "mem")?;
+    // The service's cgroup as guardian creates it: one v2 directory, or v1 memory then pids.
+    let dirs = service_cgroup_dirs(&tag, "mem");
+    let (memcg, v2) = (dirs[0].clone(), dirs.len() == 1);
     step(&format!(
         "bench budgets: {trials} trials of a member crossing memory_high ({high_mb}M)"
     ));
@@ -560,7 +518,7 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
             _ => boot_ns(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while running(hog) && Instant::now() < deadline {
+        while alive(hog) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(1));
         }
         if let Some(&exit) = trace.exits()?.get(&hog) {
