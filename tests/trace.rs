@@ -375,18 +375,15 @@ fn group_dead_source_matches_the_kernel() {
     if !privileged("group_dead_source_matches_the_kernel") {
         return;
     }
+    let g = Guardian::trace();
+    let ready = g.wait_for("ready", |v| v["event"] == "ready");
+    // guardian has mounted tracefs if it was missing, so the format is readable now.
     let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .find_map(|root| {
             std::fs::read_to_string(format!("{root}/events/sched/sched_process_exit/format")).ok()
-        });
-    let g = Guardian::trace();
-    let ready = g.wait_for("ready", |v| v["event"] == "ready");
-    // guardian mounts tracefs itself when it is missing, so the format is readable now.
-    let format = format.or_else(|| {
-        std::fs::read_to_string("/sys/kernel/tracing/events/sched/sched_process_exit/format").ok()
-    });
-    let format = format.expect("sched_process_exit format");
+        })
+        .expect("sched_process_exit format");
     let expected = if format.contains(" group_dead;") {
         "tracepoint"
     } else {

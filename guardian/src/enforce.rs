@@ -506,32 +506,6 @@ mod tests {
         let start = procs::stat(pid).unwrap().start_ns;
         let mut p = proc(pid, "sleep");
         p.start_ns = start;
-        let mut e = Enforcer::new(Mode::Audit, Protections::new(&[]));
-        let rec = e.act(
-            &Clock::new(),
-            Request {
-                service: "s",
-                target: &p,
-                action: OrphanAction::Kill,
-                reason: Reason::Orphan,
-                kill_timeout: Duration::from_secs(1),
-                old_parent: 42,
-                since_ns: None,
-                usage: None,
-                limit: None,
-            },
-        );
-        let v = serde_json::to_value(&rec).unwrap();
-        assert_eq!(v["performed"], false);
-        assert_eq!(v["mode"], "audit");
-        assert_eq!(v["result"], "audit: would send SIGKILL");
-        assert!(child.try_wait().unwrap().is_none(), "still running");
-        assert_eq!(e.counts.would_signal, 1);
-
-        // The same decision in enforce mode kills it, and a stale start time is refused.
-        let mut stale = p.clone();
-        stale.start_ns = start + 3_600 * 1_000_000_000;
-        let mut e = Enforcer::new(Mode::Enforce, Protections::new(&[]));
         let req = |t| Request {
             service: "s",
             target: t,
@@ -543,6 +517,18 @@ mod tests {
             usage: None,
             limit: None,
         };
+        let mut e = Enforcer::new(Mode::Audit, Protections::new(&[]));
+        let v = serde_json::to_value(e.act(&Clock::new(), req(&p))).unwrap();
+        assert_eq!(v["performed"], false);
+        assert_eq!(v["mode"], "audit");
+        assert_eq!(v["result"], "audit: would send SIGKILL");
+        assert!(child.try_wait().unwrap().is_none(), "still running");
+        assert_eq!(e.counts.would_signal, 1);
+
+        // The same decision in enforce mode kills it, and a stale start time is refused.
+        let mut stale = p.clone();
+        stale.start_ns = start + 3_600 * 1_000_000_000;
+        let mut e = Enforcer::new(Mode::Enforce, Protections::new(&[]));
         let v = serde_json::to_value(e.act(&Clock::new(), req(&stale))).unwrap();
         assert_eq!(v["performed"], false);
         assert!(v["result"].as_str().unwrap().contains("pid reused"), "{v}");

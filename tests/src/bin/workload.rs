@@ -78,6 +78,31 @@ fn pipe() -> [i32; 2] {
     fds
 }
 
+/// Forks a middle process that forks a child running `body`, reports the child's pid and exits,
+/// orphaning it. Returns (middle, orphan) once the middle is reaped.
+fn orphan(body: impl FnOnce()) -> (i32, i32) {
+    let report = pipe();
+    let middle = fork();
+    if middle == 0 {
+        let child = fork();
+        if child == 0 {
+            body();
+            // SAFETY: the orphan ends if its body ever returns.
+            unsafe { libc::_exit(0) }
+        }
+        let msg = child.to_ne_bytes();
+        // SAFETY: writing 4 bytes from a local to our pipe.
+        unsafe { libc::write(report[1], msg.as_ptr().cast(), 4) };
+        // SAFETY: the middle process ends here.
+        unsafe { libc::_exit(0) }
+    }
+    let mut msg = [0u8; 4];
+    // SAFETY: reading 4 bytes into a local from our pipe.
+    unsafe { libc::read(report[0], msg.as_mut_ptr().cast(), 4) };
+    wait(middle);
+    (middle, i32::from_ne_bytes(msg))
+}
+
 /// Waits for a line (or EOF) on stdin, bounded by MAX_LIFETIME.
 fn hold() {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -140,29 +165,10 @@ fn main() {
                     io::Error::last_os_error()
                 );
             }
-            let mut fds = [0; 2];
-            // SAFETY: pipe into a local array.
-            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-            let middle = fork();
-            if middle == 0 {
-                let grandchild = fork();
-                if grandchild == 0 {
-                    linger();
-                }
-                let msg = grandchild.to_ne_bytes();
-                // SAFETY: writing 4 bytes from a local to our pipe.
-                unsafe { libc::write(fds[1], msg.as_ptr().cast(), 4) };
-                // SAFETY: exiting the middle process.
-                unsafe { libc::_exit(0) }
-            }
-            let mut msg = [0u8; 4];
-            // SAFETY: reading 4 bytes into a local from our pipe.
-            unsafe { libc::read(fds[0], msg.as_mut_ptr().cast(), 4) };
-            wait(middle);
+            let (middle, grandchild) = orphan(|| linger());
             say(&format!(
-                "parent={} middle={middle} grandchild={}",
-                std::process::id(),
-                i32::from_ne_bytes(msg)
+                "parent={} middle={middle} grandchild={grandchild}",
+                std::process::id()
             ));
             hold();
             // The subreaper reaps what it inherited before leaving.
@@ -315,35 +321,19 @@ fn main() {
             say(&format!("parent={}", std::process::id()));
             let mut line = String::new();
             let _ = io::stdin().lock().read_line(&mut line);
-            let (go_orphan, go_member, report) = (pipe(), pipe(), pipe());
+            let (go_orphan, go_member) = (pipe(), pipe());
             let member = fork();
             if member == 0 {
                 wait_pipe(go_member[0]);
                 let _mem = allocate(member_mb);
                 linger();
             }
-            let middle = fork();
-            if middle == 0 {
-                let orphan = fork();
-                if orphan == 0 {
-                    wait_pipe(go_orphan[0]);
-                    let _mem = allocate(orphan_mb);
-                    linger();
-                }
-                let msg = orphan.to_ne_bytes();
-                // SAFETY: writing 4 bytes from a local to our pipe.
-                unsafe { libc::write(report[1], msg.as_ptr().cast(), 4) };
-                // SAFETY: the middle process ends, orphaning its child.
-                unsafe { libc::_exit(0) }
-            }
-            let mut msg = [0u8; 4];
-            // SAFETY: reading 4 bytes into a local from our pipe.
-            unsafe { libc::read(report[0], msg.as_mut_ptr().cast(), 4) };
-            wait(middle);
-            say(&format!(
-                "member={member} orphan={}",
-                i32::from_ne_bytes(msg)
-            ));
+            let (_, orphan) = orphan(|| {
+                wait_pipe(go_orphan[0]);
+                let _mem = allocate(orphan_mb);
+                linger();
+            });
+            say(&format!("member={member} orphan={orphan}"));
             hold();
             poke_pipe(go_orphan[1]);
             thread::sleep(Duration::from_millis(500));
