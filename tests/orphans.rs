@@ -475,3 +475,52 @@ fn invalid_policies_are_refused() {
     let summary = String::from_utf8_lossy(&good.stdout);
     assert!(summary.contains("analyticbot-mtproto"), "{summary}");
 }
+
+/// The grace a launcher's young child gets to exec into a root of its own spares nothing else:
+/// orphans that never exec die after it when their parent exits normally, and orphans of a
+/// killed parent get no grace at all.
+#[test]
+fn the_launcher_grace_spares_no_orphan_that_does_not_exec() {
+    let test = "launcher_grace";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let policy = policy_file(test, &kill_policy(&tok, ""));
+    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+
+    // The parent exits normally (exit code 0) right after forking.
+    let mut exits = workload(&["tree", "2", "", &tok]);
+    let p = exits.read_pairs();
+    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    exits.cleanup.extend(&kids);
+    wait_root(&g, parent);
+    assert!(exits.wait().success());
+    all_gone(&kids, Duration::from_secs(2));
+
+    // The parent is killed right after forking: its young orphans go at once.
+    let mut killed = workload(&["tree", "2", "", &tok]);
+    let p = killed.read_pairs();
+    let (parent, young) = (pid(&p, "parent"), pids(&p, "children"));
+    killed.cleanup.extend(&young);
+    wait_root(&g, parent);
+    kill(parent, libc::SIGKILL);
+    all_gone(&young, Duration::from_secs(1));
+
+    let records = g.stop();
+    for &k in &kids {
+        let d = decisions(&records, k);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0]["result"], "sent SIGKILL", "{}", d[0]);
+    }
+    for &k in &young {
+        let d = decisions(&records, k);
+        assert_eq!(d.len(), 1, "{d:?}");
+        // Held back by the 250 ms grace, this would read at least ~200 ms.
+        let latency = d[0]["latency_us"].as_u64().unwrap();
+        assert!(
+            latency < 200_000,
+            "a killed parent's orphan waited {latency} µs"
+        );
+    }
+}
