@@ -135,9 +135,12 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     if clone_flags & CLONE_THREAD != 0 {
         if cfg.track_threads != 0 {
-            // SAFETY: as above.
-            let tid: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
-            thread_event(ctx, &cfg, tid as u32, (pid_tgid >> 32) as u32, 1);
+            let tgid = (pid_tgid >> 32) as u32;
+            if tgid != cfg.self_tgid && TRACKED.get_ptr(tgid).is_some() {
+                // SAFETY: as above.
+                let tid: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
+                thread_event(ctx, tid as u32, tgid, 1);
+            }
         }
         return Ok(0);
     }
@@ -290,14 +293,16 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     if tgid == cfg.self_tgid {
         return Ok(0);
     }
-    if !group_dead(ctx, &cfg) {
-        if cfg.track_threads != 0 {
-            thread_event(ctx, &cfg, pid_tgid as u32, tgid, 0);
-        }
-        return Ok(0);
-    }
+    // Untracked processes leave first, before any field is read: every thread exit on the
+    // host passes here.
     let tracked = TRACKED.get_ptr(tgid).map(|f| unsafe { *f });
     if cfg.track_all == 0 && tracked.is_none() {
+        return Ok(0);
+    }
+    if !group_dead(ctx, &cfg) {
+        if cfg.track_threads != 0 && tracked.is_some() {
+            thread_event(ctx, pid_tgid as u32, tgid, 0);
+        }
         return Ok(0);
     }
     if tracked.is_some() {
@@ -339,12 +344,9 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// Reports a thread start or end of a tracked process.
+/// Reports a thread start or end of a tracked process (the callers check it is tracked).
 #[inline(always)]
-fn thread_event(ctx: &TracePointContext, cfg: &Config, tid: u32, tgid: u32, started: u32) {
-    if tgid == cfg.self_tgid || TRACKED.get_ptr(tgid).is_none() {
-        return;
-    }
+fn thread_event(ctx: &TracePointContext, tid: u32, tgid: u32, started: u32) {
     let Some(mut entry) = reserve::<ThreadEvent>(ctx) else {
         return;
     };

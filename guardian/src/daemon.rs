@@ -158,11 +158,11 @@ impl Daemon {
             }
         }
         for (pid, svc) in roots {
-            let members = self.adopt(state, pid, svc, true)?;
+            let members = self.adopt(state, pid, svc, true, &by_pid)?;
             self.emit_root(state, pid, svc, "startup", members)?;
         }
         for (pid, svc) in orphans {
-            self.adopt(state, pid, svc, false)?;
+            self.adopt(state, pid, svc, false, &by_pid)?;
             let service = &self.policy.services[svc];
             let action = match service.orphans_at_start {
                 AtStart::Report => OrphanAction::Report,
@@ -218,6 +218,7 @@ impl Daemon {
         pid: u32,
         svc: usize,
         root: bool,
+        known: &HashMap<u32, &ProcInfo>,
     ) -> anyhow::Result<usize> {
         let mut stack = vec![pid];
         let mut n = 0;
@@ -227,7 +228,8 @@ impl Daemon {
             }
             state.probes.track(p, false)?;
             if state.table.alive(p).is_none() {
-                match procs::read(p) {
+                // What the start-up scan read already is not read again.
+                match known.get(&p).map(|&i| i.clone()).or_else(|| procs::read(p)) {
                     Some(info) if !info.kernel_thread => {
                         state.table.insert(info);
                     }
@@ -373,7 +375,7 @@ impl Handler for Daemon {
                 };
                 if let Some(svc) = self.match_service(&Candidate::from(p)) {
                     if !(p.root && p.service == Some(svc)) {
-                        let members = self.adopt(state, pid, svc, true)?;
+                        let members = self.adopt(state, pid, svc, true, &HashMap::new())?;
                         self.emit_root(state, pid, svc, "exec", members)?;
                     }
                 }
@@ -413,7 +415,7 @@ impl Handler for Daemon {
     fn exec_unknown(&mut self, state: &mut State, exec: &Exec) -> anyhow::Result<()> {
         if let Some(svc) = self.match_service(&Candidate::from(exec)) {
             let members = self
-                .adopt(state, exec.pid, svc, true)
+                .adopt(state, exec.pid, svc, true, &HashMap::new())
                 .context("following a new service root")?;
             if members > 0 {
                 self.emit_root(state, exec.pid, svc, "exec", members)?;
