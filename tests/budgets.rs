@@ -31,6 +31,19 @@ thread_local! {
     static CLEANUP: std::cell::RefCell<Vec<CgroupCleanup>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Starts guardian on a one-service policy for `test` (with `policy` keys and extra arguments);
+/// `None` (said aloud) when the test cannot run here.
+fn start(test: &str, needs_cgroups: bool, keys: &str, args: &[&str]) -> Option<(String, Guardian)> {
+    if !ready(test, needs_cgroups) {
+        return None;
+    }
+    let tok = token(test);
+    let p = policy(test, &tok, keys);
+    let mut all = vec!["--policy", p.to_str().unwrap()];
+    all.extend(args);
+    Some((tok, Guardian::start(&all)))
+}
+
 fn ready(test: &str, needs_cgroups: bool) -> bool {
     if !privileged(test) {
         return false;
@@ -108,12 +121,14 @@ fn assert_removed(tok: &str) {
 
 fn storm(test: &str, mode: &str) {
     let own = mode == "own";
-    if !ready(test, own) {
+    let Some((tok, g)) = start(
+        test,
+        own,
+        &format!("tasks_max = 8\ncgroup = \"{mode}\""),
+        &[],
+    ) else {
         return;
-    }
-    let tok = token(test);
-    let p = policy(test, &tok, &format!("tasks_max = 8\ncgroup = \"{mode}\""));
-    let g = Guardian::start(&["--policy", p.to_str().unwrap()]);
+    };
     let mut inside = workload(&["storm", "60", "800", &tok]);
     let root = pid(&inside.read_pairs(), "pid");
     wait_placed(&g, root, own);
@@ -187,16 +202,14 @@ fn inherit_tasks_max_kills_forks_over_budget() {
 
 fn memory_high(test: &str, mode: &str) {
     let own = mode == "own";
-    if !ready(test, own) {
-        return;
-    }
-    let tok = token(test);
-    let p = policy(
+    let Some((tok, g)) = start(
         test,
-        &tok,
+        own,
         &format!("memory_high = \"100M\"\nmemory_max = \"200M\"\ncgroup = \"{mode}\""),
-    );
-    let g = Guardian::start(&["--policy", p.to_str().unwrap()]);
+        &[],
+    ) else {
+        return;
+    };
     let mut w = workload(&["hog-tree", "150", &tok]);
     let m = w.read_pairs();
     let (root, hog) = (pid(&m, "parent"), pid(&m, "hog"));
@@ -247,12 +260,9 @@ fn inherit_memory_high_kills_the_largest_member() {
 #[test]
 fn own_memory_max_reports_the_kernel_oom_kill() {
     let test = "own_memory_max";
-    if !ready(test, true) {
+    let Some((tok, g)) = start(test, true, "memory_max = \"100M\"\ncgroup = \"own\"", &[]) else {
         return;
-    }
-    let tok = token(test);
-    let p = policy(test, &tok, "memory_max = \"100M\"\ncgroup = \"own\"");
-    let g = Guardian::start(&["--policy", p.to_str().unwrap()]);
+    };
     let mut w = workload(&["hog-tree", "150", &tok]);
     let m = w.read_pairs();
     let (root, hog) = (pid(&m, "parent"), pid(&m, "hog"));
@@ -284,16 +294,14 @@ fn own_memory_max_reports_the_kernel_oom_kill() {
 #[test]
 fn memory_victim_takes_the_orphan_first() {
     let test = "victim_orphan";
-    if !ready(test, true) {
-        return;
-    }
-    let tok = token(test);
-    let p = policy(
+    let Some((tok, g)) = start(
         test,
-        &tok,
+        true,
         "memory_high = \"100M\"\nmemory_max = \"400M\"\ncgroup = \"own\"",
-    );
-    let g = Guardian::start(&["--policy", p.to_str().unwrap()]);
+        &[],
+    ) else {
+        return;
+    };
     let mut w = workload(&["victims", "60", "80", &tok]);
     let root = pid(&w.read_pairs(), "parent");
     wait_placed(&g, root, true);
@@ -328,16 +336,14 @@ fn memory_victim_takes_the_orphan_first() {
 #[test]
 fn audit_mode_limits_and_kills_nothing() {
     let test = "budget_audit";
-    if !ready(test, true) {
-        return;
-    }
-    let tok = token(test);
-    let p = policy(
+    let Some((tok, g)) = start(
         test,
-        &tok,
+        true,
         "tasks_max = 8\nmemory_high = \"100M\"\nmemory_max = \"200M\"\ncgroup = \"own\"",
-    );
-    let g = Guardian::start(&["--policy", p.to_str().unwrap(), "--dry-run"]);
+        &["--dry-run"],
+    ) else {
+        return;
+    };
     let mut w = workload(&["hog-tree", "150", &tok]);
     let m = w.read_pairs();
     let (root, hog) = (pid(&m, "parent"), pid(&m, "hog"));
