@@ -19,6 +19,18 @@ fn workload(args: &[&str]) -> Workload {
     Workload::spawn(cmd)
 }
 
+/// Starts guardian on the policy `text` builds from the test's token; `None` (said aloud) when
+/// the test cannot run here.
+fn start(test: &str, text: impl FnOnce(&str) -> String) -> Option<(String, Guardian)> {
+    if !privileged(test) {
+        return None;
+    }
+    let tok = token(test);
+    let policy = policy_file(test, &text(&tok));
+    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    Some((tok, g))
+}
+
 fn kill_policy(tok: &str, extra: &str) -> String {
     format!(
         "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n{extra}\n"
@@ -175,17 +187,13 @@ fn audit_mode_forkserver_kills_nothing() {
 #[test]
 fn terminate_escalates_only_when_sigterm_is_ignored() {
     let test = "terminate_escalates";
-    if !privileged(test) {
-        return;
-    }
-    let tok = token(test);
-    let policy = policy_file(
-        test,
-        &format!(
+    let Some((tok, g)) = start(test, |tok| {
+        format!(
             "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"1s\"\n"
-        ),
-    );
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+        )
+    }) else {
+        return;
+    };
     let mut w = workload(&["tree", "2", "split", &tok]);
     let p = w.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
@@ -219,12 +227,9 @@ fn terminate_escalates_only_when_sigterm_is_ignored() {
 #[test]
 fn processes_outside_the_policy_survive() {
     let test = "outside_policy";
-    if !privileged(test) {
+    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
         return;
-    }
-    let tok = token(test);
-    let policy = policy_file(test, &kill_policy(&tok, ""));
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    };
     // An orphan of a process no service names.
     let mut outsider = workload(&["double-fork"]);
     let p = outsider.read_pairs();
@@ -247,15 +252,11 @@ fn processes_outside_the_policy_survive() {
 #[test]
 fn orphans_not_selected_by_orphan_match_survive() {
     let test = "orphan_match";
-    if !privileged(test) {
+    let Some((tok, g)) = start(test, |tok| {
+        kill_policy(tok, "orphan_match = { cmdline = \"multiprocessing\" }")
+    }) else {
         return;
-    }
-    let tok = token(test);
-    let policy = policy_file(
-        test,
-        &kill_policy(&tok, "orphan_match = { cmdline = \"multiprocessing\" }"),
-    );
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    };
     let mut w = workload(&["tree", "2", "", &tok]);
     let p = w.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
@@ -278,12 +279,9 @@ fn orphans_not_selected_by_orphan_match_survive() {
 #[test]
 fn a_root_whose_launching_shell_exits_is_left_alone() {
     let test = "shell_root";
-    if !privileged(test) {
+    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
         return;
-    }
-    let tok = token(test);
-    let policy = policy_file(test, &kill_policy(&tok, ""));
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    };
     let out = std::env::temp_dir().join(format!("{tok}.out"));
     let script = format!(
         "{} tree 2 keep {tok} > {} 2>&1 &",
@@ -324,17 +322,13 @@ fn a_root_whose_launching_shell_exits_is_left_alone() {
 #[test]
 fn protected_names_are_never_signalled() {
     let test = "protected";
-    if !privileged(test) {
-        return;
-    }
-    let tok = token(test);
-    let policy = policy_file(
-        test,
-        &format!(
+    let Some((tok, g)) = start(test, |tok| {
+        format!(
             "protect = [\"sleep\"]\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n"
-        ),
-    );
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+        )
+    }) else {
+        return;
+    };
     let mut sh = Command::new("/bin/sh")
         .args(["-c", "sleep 60 & sleep 60 & wait", &tok])
         .spawn()
@@ -376,17 +370,13 @@ fn protected_names_are_never_signalled() {
 #[test]
 fn a_reused_pid_is_not_signalled() {
     let test = "pid_reuse";
-    if !privileged(test) {
-        return;
-    }
-    let tok = token(test);
-    let policy = policy_file(
-        test,
-        &format!(
+    let Some((tok, g)) = start(test, |tok| {
+        format!(
             "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"2s\"\n"
-        ),
-    );
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+        )
+    }) else {
+        return;
+    };
     let mut w = workload(&["tree", "1", "", &tok]);
     let p = w.read_pairs();
     let (parent, orphan) = (pid(&p, "parent"), pids(&p, "children")[0]);
@@ -417,12 +407,9 @@ fn a_reused_pid_is_not_signalled() {
 #[test]
 fn a_multithreaded_parent_orphans_nothing_until_its_last_thread_exits() {
     let test = "leader_exit";
-    if !privileged(test) {
+    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
         return;
-    }
-    let tok = token(test);
-    let policy = policy_file(test, &kill_policy(&tok, ""));
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    };
     let mut w = workload(&["leader-exit", &tok]);
     let p = w.read_pairs();
     let (me, child) = (pid(&p, "pid"), pid(&p, "child"));
@@ -482,12 +469,9 @@ fn invalid_policies_are_refused() {
 #[test]
 fn the_launcher_grace_spares_no_orphan_that_does_not_exec() {
     let test = "launcher_grace";
-    if !privileged(test) {
+    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
         return;
-    }
-    let tok = token(test);
-    let policy = policy_file(test, &kill_policy(&tok, ""));
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    };
 
     // The parent exits normally (exit code 0) right after forking.
     let mut exits = workload(&["tree", "2", "", &tok]);
