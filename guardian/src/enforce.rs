@@ -15,16 +15,12 @@ use tracing::warn;
 use crate::{
     output::{Clock, Record},
     policy::{Mode, OrphanAction},
-    procs,
+    procs::{self, Pin, Pinned},
     table::Process,
 };
 
 /// Process names never signalled whatever the policy says.
 pub const BUILTIN_PROTECTED: [&str; 4] = ["init", "systemd", "sshd", "guardian"];
-
-/// A start time read from `/proc` (clock ticks) matches the table's if it lies within this of
-/// it (ns): one tick of rounding plus the fork event's lateness.
-const IDENTITY_SLACK_NS: u64 = 50_000_000;
 
 /// Who must never be signalled.
 #[derive(Debug)]
@@ -61,8 +57,8 @@ impl Protections {
     }
 
     /// The same checks on what `/proc` shows right now (the table may lag an exec).
-    fn refuse_now(&self, pid: u32, st: &procs::Stat) -> Option<String> {
-        self.refuse_parts(pid, st.kernel_thread, &st.comm)
+    fn refuse_now(&self, p: &Pinned) -> Option<String> {
+        self.refuse_parts(p.pid, p.stat.kernel_thread, &p.stat.comm)
     }
 
     fn refuse_parts(&self, pid: u32, kernel_thread: bool, comm: &str) -> Option<String> {
@@ -191,7 +187,7 @@ pub struct Enforcer {
 
 /// The outcome of opening a verified handle on a process.
 enum Handle {
-    Ok { fd: OwnedFd, stat: procs::Stat },
+    Ok { fd: OwnedFd, proc: Pinned },
     Gone,
     Reused,
 }
@@ -230,8 +226,8 @@ impl Enforcer {
             return decision.record(clock, self.mode);
         }
         // The same checks in both modes: only the signal differs.
-        let (fd, stat) = match verified_handle(p) {
-            Handle::Ok { fd, stat } => (fd, stat),
+        let (fd, proc) = match verified_handle(p) {
+            Handle::Ok { fd, proc } => (fd, proc),
             Handle::Gone => {
                 decision.result = "gone".into();
                 return decision.record(clock, self.mode);
@@ -242,12 +238,12 @@ impl Enforcer {
                 return decision.record(clock, self.mode);
             }
         };
-        if let Some(why) = self.protections.refuse_now(p.pid, &stat) {
+        if let Some(why) = self.protections.refuse_now(&proc) {
             self.counts.refused += 1;
             decision.result = format!("refused: {why}");
             return decision.record(clock, self.mode);
         }
-        decision.new_parent = (stat.ppid != req.old_parent).then_some(stat.ppid);
+        decision.new_parent = (proc.stat.ppid != req.old_parent).then_some(proc.stat.ppid);
         let signal = match req.action {
             OrphanAction::Report => {
                 self.counts.reported += 1;
@@ -397,9 +393,11 @@ impl Decision {
     }
 }
 
-/// Opens a pidfd on `p` and checks, after opening it, that the pid still belongs to the process
-/// the table knows (same start time). A pid cannot be reused while a process holds it, so a
-/// handle that passes the check can only ever reach that process.
+/// Opens a pidfd on `p`, then its `/proc` directory, and checks through the latter that the pid
+/// still belongs to the process the table knows (same start time). The table knew the process
+/// before the pidfd was opened, so a pidfd opened on an older holder of the pid is impossible,
+/// and one opened on a newer holder fails the check: a handle that passes can only ever reach
+/// that process, and what the protections read comes from it too.
 fn verified_handle(p: &Process) -> Handle {
     let Some(pid) = Pid::from_raw(p.pid as i32) else {
         return Handle::Gone;
@@ -408,17 +406,11 @@ fn verified_handle(p: &Process) -> Handle {
         Ok(fd) => fd,
         Err(_) => return Handle::Gone,
     };
-    match procs::stat(p.pid) {
-        Some(stat) if same_process(p.start_ns, stat.start_ns) => Handle::Ok { fd, stat },
-        Some(_) => Handle::Reused,
-        None => Handle::Gone,
+    match Pinned::open(p.pid, Some(p.start_ns)) {
+        Pin::Ok(proc) => Handle::Ok { fd, proc },
+        Pin::Reused => Handle::Reused,
+        Pin::Gone => Handle::Gone,
     }
-}
-
-/// Whether a `/proc` start time (clock-tick resolution, rounded down) is the table's.
-fn same_process(table_ns: u64, proc_ns: u64) -> bool {
-    table_ns + IDENTITY_SLACK_NS >= proc_ns
-        && table_ns <= proc_ns + procs::tick_ns() + IDENTITY_SLACK_NS
 }
 
 /// A pidfd becomes readable when its process has exited.
@@ -480,6 +472,7 @@ mod tests {
 
     #[test]
     fn identity_window() {
+        use procs::{same_process, IDENTITY_SLACK_NS};
         let tick = procs::tick_ns();
         let start = 1_000 * tick + tick / 2; // started mid-tick
         let proc_ns = 1_000 * tick; // /proc rounds down

@@ -79,6 +79,93 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
     })
 }
 
+/// A start time read from `/proc` (clock ticks) matches the table's if it lies within this of
+/// it (ns): one tick of rounding plus the fork event's lateness.
+pub const IDENTITY_SLACK_NS: u64 = 50_000_000;
+
+/// Whether a `/proc` start time (clock-tick resolution, rounded down) is the one the table knows
+/// (exact, or from the fork event a few µs late).
+pub fn same_process(table_ns: u64, proc_ns: u64) -> bool {
+    table_ns + IDENTITY_SLACK_NS >= proc_ns && table_ns <= proc_ns + tick_ns() + IDENTITY_SLACK_NS
+}
+
+/// A process opened through its `/proc/PID` directory and checked to be the one guardian knows
+/// (same start time). Every later read goes through that directory, which the kernel ties to the
+/// process: once the process is gone the reads fail, even if its pid has been reused, so nothing
+/// read here can belong to another process.
+#[derive(Debug)]
+pub struct Pinned {
+    proc: Process,
+    pub pid: u32,
+    pub stat: Stat,
+}
+
+/// The outcome of [`Pinned::open`].
+#[derive(Debug)]
+pub enum Pin {
+    Ok(Pinned),
+    /// No such process (or it has exited).
+    Gone,
+    /// The pid belongs to another process now.
+    Reused,
+}
+
+impl Pinned {
+    /// Opens `pid`; with `start_ns`, checks that it is still the process that started then.
+    pub fn open(pid: u32, start_ns: Option<u64>) -> Pin {
+        let Ok(proc) = Process::new(pid as i32) else {
+            return Pin::Gone;
+        };
+        let Ok(st) = proc.stat() else {
+            return Pin::Gone;
+        };
+        let stat = Stat {
+            ppid: st.ppid.max(0) as u32,
+            start_ns: st.starttime * tick_ns(),
+            kernel_thread: st.flags & PF_KTHREAD != 0,
+            comm: st.comm,
+        };
+        if start_ns.is_some_and(|s| !same_process(s, stat.start_ns)) {
+            return Pin::Reused;
+        }
+        Pin::Ok(Self { proc, pid, stat })
+    }
+
+    /// The executable as the kernel resolved it (`/proc/PID/exe`). An executable deleted or
+    /// replaced since it was started (a package upgrade) keeps its path, without the kernel's
+    /// ` (deleted)` mark.
+    pub fn exe(&self) -> Option<String> {
+        let path = self.proc.exe().ok()?.to_string_lossy().into_owned();
+        Some(match path.strip_suffix(" (deleted)") {
+            Some(p) => p.to_owned(),
+            None => path,
+        })
+    }
+
+    pub fn argv(&self) -> Option<Vec<String>> {
+        self.proc.cmdline().ok()
+    }
+
+    /// Effective user id.
+    pub fn euid(&self) -> Option<u32> {
+        self.proc.status().ok().map(|s| s.euid)
+    }
+
+    /// The text of `/proc/PID/cgroup`.
+    pub fn cgroup_text(&self) -> Option<String> {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut self.proc.open_relative("cgroup").ok()?, &mut text)
+            .ok()?;
+        Some(text)
+    }
+
+    /// Resident memory in bytes (`/proc/PID/statm`).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let statm = self.proc.statm().ok()?;
+        Some(statm.resident * rustix::param::page_size() as u64)
+    }
+}
+
 /// The command line of a live process.
 pub fn argv(pid: u32) -> Option<Vec<String>> {
     Process::new(pid as i32).ok()?.cmdline().ok()
