@@ -22,10 +22,11 @@ pub const STATS_MAP: &str = "STATS";
 pub const TRACKED_MAP: &str = "TRACKED";
 /// Name of the [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
-/// Capacity of [`TRACKED_MAP`]. Above the default `pid_max` of most hosts; a full map is
-/// counted in [`Stat::TrackedFull`].
+/// Capacity [`TRACKED_MAP`] is built with; the loader sizes it to the host's `pid_max` (within
+/// bounds) before loading. A full map is counted in [`Stat::TrackedFull`].
 pub const TRACKED_CAPACITY: u32 = 65_536;
-/// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+/// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size);
+/// the loader may set another.
 pub const EVENTS_BYTES: u32 = 4 << 20;
 
 /// Kind of a ring-buffer record. Numbers are part of the wire format: never reuse one.

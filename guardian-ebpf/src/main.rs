@@ -167,9 +167,13 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     match TRACKED.get_ptr_mut(parent) {
         Some(flags) => unsafe { *flags |= tracked_flags::HAS_CHILDREN },
-        None => {
+        // Only `guardian trace` follows processes it was not told about. Otherwise the parent
+        // of a `CLONE_PARENT` child is nobody guardian follows, and tracking it here would
+        // follow all its future children and never be undone.
+        None if cfg.track_all != 0 => {
             let _ = TRACKED.insert(parent, tracked_flags::HAS_CHILDREN, BPF_NOEXIST as u64);
         }
+        None => {}
     }
 
     let Some(mut entry) = reserve::<ForkEvent>(ctx) else {

@@ -265,20 +265,23 @@ impl BudgetEngine {
         let record = match thread {
             false => {
                 st.skip.insert((p.pid, p.start_ns));
-                enforcer.act(
-                    &state.clock,
-                    Request {
-                        service: &service.name,
-                        target: p,
-                        action: OrphanAction::Kill,
-                        reason: Reason::TasksMax,
-                        kill_timeout: service.kill_timeout,
-                        old_parent: p.parent,
-                        since_ns: Some(ts_ns),
-                        usage: Some(count),
-                        limit: Some(max),
-                    },
-                )
+                return enforcer
+                    .act(
+                        &state.clock,
+                        Request {
+                            service: &service.name,
+                            target: p,
+                            action: OrphanAction::Kill,
+                            reason: Reason::TasksMax,
+                            kill_timeout: service.kill_timeout,
+                            old_parent: p.parent,
+                            since_ns: Some(ts_ns),
+                            usage: Some(count),
+                            limit: Some(max),
+                        },
+                    )
+                    .into_iter()
+                    .collect();
             }
             true if ts_ns >= st.thread_report_ns => {
                 st.thread_report_ns = ts_ns + THREAD_REPORT_NS;
@@ -460,14 +463,18 @@ impl BudgetEngine {
                     limit: Some(limit),
                 },
             );
-            let performed = matches!(
-                &record,
-                Record::Decision {
-                    performed: true,
-                    ..
-                }
-            );
-            records.push(record);
+            // No record yet: the victim could not be opened for want of resources, and the
+            // kill is being retried; wait for it as for a kill sent.
+            let performed = record.as_ref().is_none_or(|r| {
+                matches!(
+                    r,
+                    Record::Decision {
+                        performed: true,
+                        ..
+                    }
+                )
+            });
+            records.extend(record);
             if performed {
                 st.victim = Some((victim.pid, victim.start_ns, now));
                 return;

@@ -7,21 +7,21 @@
 //! orphans: a service started by a shell that exits is left alone, even when the shell's own
 //! command line matches too. Forked workers do not exec, so they stay members.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use anyhow::Context as _;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     budget::{BudgetEngine, NewTask},
     enforce::{Enforcer, Protections, Reason, Request},
     events::{Exec, ExitStatus},
     loader::LoadOptions,
-    monitor::{Handler, Monitor, Notice, State},
+    monitor::{Handler, Monitor, Notice, State, DRAIN_INTERVAL},
     output::{Output, OutputFormat, Proc, Record},
     policy::{AtStart, Mode, OrphanAction, Policy},
-    procs::{self, ProcInfo},
+    procs::{self, Pin, Pinned, ProcInfo},
     selector::Candidate,
+    table::Change,
 };
 
 /// Most processes one service adoption walks (a bound, not an expected size).
@@ -30,6 +30,19 @@ const MAX_ADOPT: usize = 100_000;
 /// a launcher's child on its way to exec a service of its own (`sh -c "app &"`): its decision
 /// waits this long (ns). Orphans of a parent killed by a signal are acted on at once.
 const FRESH_FORK_NS: u64 = 250_000_000;
+/// Every member is checked against `/proc` once in this period (ns), a slice on each tick: the
+/// reconciliation that catches what no loss counter reports.
+const CHECK_PERIOD_NS: u64 = 10_000_000_000;
+/// A member `/proc` shows differently than the table is only a suspect until it still differs
+/// this much later (ns): the event that explains it may be waiting in the ring buffer.
+const SUSPECT_GRACE_NS: u64 = 200_000_000;
+/// While members cannot be tracked in the kernel (its map is full), `/proc` is re-read this
+/// often (ns) to follow them.
+const UNTRACKED_RESYNC_NS: u64 = 1_000_000_000;
+/// How often pids the kernel tracks for nobody are looked for (ns).
+const TRACKED_GC_NS: u64 = 30_000_000_000;
+/// At most one warning this often about members the kernel cannot track (ns).
+const UNTRACKED_WARN_NS: u64 = 10_000_000_000;
 
 /// An orphan whose decision waits for a possible exec.
 struct Deferred {
@@ -39,6 +52,32 @@ struct Deferred {
     died_ns: u64,
 }
 
+/// What re-reading `/proc` changed.
+#[derive(Clone, Copy, Debug, Default)]
+struct Synced {
+    retired: u64,
+    adopted: u64,
+    reparented: u64,
+    execs: u64,
+    roots: u64,
+}
+
+/// The periodic reconciliation's state.
+#[derive(Default)]
+struct Checks {
+    /// Members (pid, start) still to check in this period.
+    queue: Vec<(u32, u64)>,
+    per_tick: usize,
+    next_period_ns: u64,
+    /// Members `/proc` showed differently, and when first seen so.
+    suspects: HashMap<(u32, u64), u64>,
+    next_untracked_ns: u64,
+    untracked_warned_ns: u64,
+    next_gc_ns: u64,
+    /// Tracked pids with no process behind them at the last collection.
+    gc_absent: HashSet<u32>,
+}
+
 pub struct Daemon {
     policy: Policy,
     enforcer: Enforcer,
@@ -46,6 +85,11 @@ pub struct Daemon {
     out: Output,
     self_pid: u32,
     deferred: Vec<Deferred>,
+    /// Members the kernel could not take into its tracked map (full): followed from `/proc`.
+    untracked: HashSet<u32>,
+    /// A full re-read of `/proc` is due, and why.
+    resync_due: Option<&'static str>,
+    checks: Checks,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -65,8 +109,11 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         out: Output::new(format),
         self_pid: std::process::id(),
         deferred: Vec::new(),
+        untracked: HashSet::new(),
+        resync_due: None,
+        checks: Checks::default(),
     };
-    daemon.startup(&mut monitor.state)?;
+    daemon.sync(&mut monitor.state, true);
     let ready = Record::Ready {
         ts: monitor.state.clock.now(),
         pid: daemon.self_pid,
@@ -74,8 +121,7 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         group_dead: monitor.state.probes.group_dead.as_str(),
         processes: monitor.state.table.len_alive(),
     };
-    daemon.out.emit(&ready)?;
-    daemon.out.flush()?;
+    daemon.out.emit(&ready);
     info!(
         policy = %daemon.policy.path.display(),
         mode = mode.as_str(),
@@ -83,9 +129,8 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         members = monitor.state.table.len_alive(),
         "guardian running"
     );
-    let result = monitor.run(&mut daemon).await;
+    monitor.run(&mut daemon).await;
     daemon.budgets.shutdown(&daemon.policy);
-    daemon.out.flush()?;
     let c = daemon.enforcer.counts;
     info!(
         signalled = c.signalled,
@@ -94,7 +139,14 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         refused = c.refused,
         "guardian stopped"
     );
-    result
+    daemon.out.close(std::time::Duration::from_secs(2));
+    Ok(())
+}
+
+/// Whether a `/proc` entry is a live process (a zombie leader with live threads still is one).
+fn live(p: &ProcInfo) -> bool {
+    let dead = matches!(p.state, 'Z' | 'X') && p.threads <= 1;
+    !p.kernel_thread && !dead
 }
 
 impl Daemon {
@@ -109,22 +161,136 @@ impl Daemon {
             .position(|s| s.selector.matches(c))
     }
 
-    /// Reads `/proc`, finds every service's roots and the processes already orphaned, and starts
-    /// following them.
-    fn startup(&mut self, state: &mut State) -> anyhow::Result<()> {
-        let scan: Vec<ProcInfo> = procs::scan()
-            .into_iter()
-            .filter(|p| !p.kernel_thread && !matches!(p.state, 'Z' | 'X'))
-            .collect();
+    fn emit(&mut self, records: impl IntoIterator<Item = Record>) {
+        for r in records {
+            self.out.emit(&r);
+        }
+    }
+
+    /// Brings the table in line with `/proc`: at start-up (every service's roots, and the
+    /// processes already orphaned), and after events were lost or a check found the table
+    /// wrong (members that died unseen are retired and their orphans acted on, parents
+    /// corrected, unseen execs and children followed, new roots found).
+    fn sync(&mut self, state: &mut State, startup: bool) -> Synced {
+        let now = procs::boottime_ns();
+        let scan: Vec<ProcInfo> = procs::scan().into_iter().filter(live).collect();
         let by_pid: HashMap<u32, &ProcInfo> = scan.iter().map(|p| (p.pid, p)).collect();
+        let mut n = Synced::default();
+
+        // Members the table has: the dead retired, parents and images corrected.
+        let members: Vec<(u32, u64)> = state.table.members().map(|p| (p.pid, p.start_ns)).collect();
+        let mut orphans: Vec<(u32, u32)> = Vec::new();
+        let mut execs = Vec::new();
+        for &(pid, start) in &members {
+            let Some(info) = by_pid
+                .get(&pid)
+                .filter(|i| procs::same_process(start, i.start_ns))
+            else {
+                n.retired += 1;
+                for change in state.table.retire_missed(pid, now) {
+                    if let Change::Orphaned { pid, old_parent } = change {
+                        orphans.push((pid, old_parent));
+                    }
+                }
+                self.untracked.remove(&pid);
+                continue;
+            };
+            let Some(entry) = state.table.alive(pid) else {
+                continue;
+            };
+            // Compared on the resolved executable: a process may rewrite its own command line
+            // (setproctitle) without exec'ing.
+            if info.exe.is_some() && entry.exe != info.exe {
+                execs.push(pid);
+            }
+        }
+        for &(pid, start) in &members {
+            let (Some(entry), Some(info)) = (state.table.alive(pid), by_pid.get(&pid)) else {
+                continue;
+            };
+            if !entry.same_start(start) || info.ppid == entry.parent {
+                continue;
+            }
+            let old_parent = entry.parent;
+            if !orphans.iter().any(|&(p, _)| p == pid)
+                && state
+                    .table
+                    .get(old_parent)
+                    .is_some_and(|op| !op.alive() && op.service.is_some())
+            {
+                orphans.push((pid, old_parent));
+            }
+            state.table.reparented(pid, info.ppid);
+            n.reparented += 1;
+        }
+        for pid in execs {
+            let Some(info) = by_pid.get(&pid) else {
+                continue;
+            };
+            state
+                .table
+                .update_image(pid, &info.comm, info.exe.clone(), info.argv.clone());
+            n.execs += 1;
+            self.execed(state, pid, "resync");
+        }
+        for (pid, old_parent) in orphans {
+            if let Some(info) = by_pid.get(&pid) {
+                state.table.reparented(pid, info.ppid);
+            }
+            self.orphaned(state, pid, old_parent, now, false);
+        }
+
+        // Processes no event announced: children of members become members (or roots of their
+        // own, if they exec'd into one), in start order so that parents come first.
+        let mut unknown: Vec<&ProcInfo> = scan
+            .iter()
+            .filter(|p| {
+                !state
+                    .table
+                    .alive(p.pid)
+                    .is_some_and(|e| procs::same_process(e.start_ns, p.start_ns))
+            })
+            .collect();
+        unknown.sort_by_key(|p| p.start_ns);
+        if !startup {
+            for p in &unknown {
+                if state.table.alive(p.pid).is_some() {
+                    continue; // adopted meanwhile, below its parent
+                }
+                let Some(svc) = state.table.alive(p.ppid).and_then(|pp| pp.service) else {
+                    continue;
+                };
+                let root = match self.match_service(&Candidate::from(*p)) {
+                    Some(s) if by_pid.get(&p.ppid).is_none_or(|pp| pp.argv != p.argv) => Some(s),
+                    _ => None,
+                };
+                match root {
+                    Some(s) => {
+                        let members = self.adopt(state, p.pid, s, true, &by_pid);
+                        n.roots += 1;
+                        self.emit_root(state, p.pid, s, "resync", members);
+                    }
+                    None => n.adopted += self.adopt(state, p.pid, svc, false, &by_pid) as u64,
+                }
+            }
+        }
+
+        // Service roots among processes that belong to no service.
         let mut matched: HashMap<u32, usize> = HashMap::new();
         for p in &scan {
+            if state
+                .table
+                .alive(p.pid)
+                .is_some_and(|e| e.service.is_some())
+            {
+                continue;
+            }
             if let Some(svc) = self.match_service(&Candidate::from(p)) {
                 matched.insert(p.pid, svc);
             }
         }
         let mut roots = Vec::new();
-        let mut orphans = Vec::new();
+        let mut at_start = Vec::new();
         for p in &scan {
             let Some(&svc) = matched.get(&p.pid) else {
                 continue;
@@ -152,17 +318,22 @@ impl Daemon {
                 continue;
             }
             if self.orphaned_at_start(p, svc, &by_pid) {
-                orphans.push((p.pid, svc));
+                at_start.push((p.pid, svc));
             } else {
                 roots.push((p.pid, svc));
             }
         }
+        let found = if startup { "startup" } else { "resync" };
         for (pid, svc) in roots {
-            let members = self.adopt(state, pid, svc, true, &by_pid)?;
-            self.emit_root(state, pid, svc, "startup", members)?;
+            if state.table.alive(pid).is_some_and(|e| e.service.is_some()) {
+                continue; // adopted below an earlier root
+            }
+            let members = self.adopt(state, pid, svc, true, &by_pid);
+            n.roots += 1;
+            self.emit_root(state, pid, svc, found, members);
         }
-        for (pid, svc) in orphans {
-            self.adopt(state, pid, svc, false, &by_pid)?;
+        for (pid, svc) in at_start {
+            self.adopt(state, pid, svc, false, &by_pid);
             let service = &self.policy.services[svc];
             let action = match service.orphans_at_start {
                 AtStart::Report => OrphanAction::Report,
@@ -185,9 +356,46 @@ impl Daemon {
                     limit: None,
                 },
             );
-            self.out.emit(&record)?;
+            self.emit(record);
         }
-        Ok(())
+
+        // Members the kernel could not track before may fit now.
+        for pid in self.untracked.clone() {
+            let has_children = state.table.alive(pid).map(|p| !p.children.is_empty());
+            match has_children {
+                Some(kids) => self.follow(state, pid, kids),
+                None => {
+                    self.untracked.remove(&pid);
+                }
+            }
+        }
+        n
+    }
+
+    /// Re-reads `/proc` and says what that changed.
+    fn resync(&mut self, state: &mut State, trigger: &'static str) {
+        let start = procs::boottime_ns();
+        let n = self.sync(state, false);
+        let mut members: BTreeMap<String, u64> = BTreeMap::new();
+        for (i, s) in self.policy.services.iter().enumerate() {
+            members.insert(s.name.clone(), state.table.service_count(i).processes);
+        }
+        let took_us = procs::boottime_ns().saturating_sub(start) / 1_000;
+        info!(trigger, ?n, took_us, "process table re-read from /proc");
+        let record = Record::Resync {
+            ts: state.clock.now(),
+            trigger,
+            retired: n.retired,
+            adopted: n.adopted,
+            reparented: n.reparented,
+            execs: n.execs,
+            roots: n.roots,
+            members,
+            took_us,
+        };
+        self.out.emit(&record);
+        // What was wrong has been put right; checks start afresh.
+        self.checks.suspects.clear();
     }
 
     /// A selector-matching process found at start whose parent is init, which is not its own
@@ -209,9 +417,34 @@ impl Daemon {
         }
     }
 
+    /// Tracks a member in the kernel; when its map is full, the member is followed from
+    /// `/proc` instead (see [`UNTRACKED_RESYNC_NS`]).
+    fn follow(&mut self, state: &mut State, pid: u32, has_children: bool) {
+        match state.probes.track(pid, has_children) {
+            Ok(()) => {
+                self.untracked.remove(&pid);
+            }
+            Err(e) => {
+                self.untracked.insert(pid);
+                let now = procs::boottime_ns();
+                if now >= self.checks.untracked_warned_ns + UNTRACKED_WARN_NS {
+                    self.checks.untracked_warned_ns = now;
+                    warn!(
+                        untracked = self.untracked.len(),
+                        capacity = state.probes.sizes.tracked,
+                        "the kernel cannot track more processes ({e}); members beyond its map are \
+                         followed from /proc every second"
+                    );
+                }
+            }
+        }
+    }
+
     /// Makes `pid` and its descendants members of service `svc` (and `pid` a root if `root`).
-    /// Each process is tracked in the kernel before its children are listed, so a fork that
-    /// races with the walk is either listed or reported by the kernel. Returns the member count.
+    /// A descendant that is a root of its own stays one, with its own members. Each process is
+    /// tracked in the kernel before its children are listed, so a fork that races with the walk
+    /// is either listed or reported by the kernel; one found gone once tracked is untracked
+    /// (its exit will never come to remove it). Returns the member count.
     fn adopt(
         &mut self,
         state: &mut State,
@@ -219,43 +452,56 @@ impl Daemon {
         svc: usize,
         root: bool,
         known: &HashMap<u32, &ProcInfo>,
-    ) -> anyhow::Result<usize> {
+    ) -> usize {
         let mut stack = vec![pid];
         let mut n = 0;
         while let Some(p) = stack.pop() {
             if n >= MAX_ADOPT {
+                warn!(pid, "service adoption stopped at {MAX_ADOPT} processes");
                 break;
             }
-            state.probes.track(p, false)?;
-            if state.table.alive(p).is_none() {
+            if p != pid && state.table.alive(p).is_some_and(|e| e.root) {
+                continue;
+            }
+            self.follow(state, p, false);
+            let start = match state.table.alive(p) {
+                Some(e) => Some(e.start_ns),
                 // What the start-up scan read already is not read again.
-                match known.get(&p).map(|&i| i.clone()).or_else(|| procs::read(p)) {
-                    Some(info) if !info.kernel_thread => {
+                None => match known.get(&p).map(|&i| i.clone()).or_else(|| procs::read(p)) {
+                    Some(info) if live(&info) => {
+                        let start = info.start_ns;
                         state.table.insert(info);
+                        Some(start)
                     }
-                    _ => continue,
-                }
+                    _ => None,
+                },
+            };
+            // Tracked only now: a process already gone will never have its exit seen.
+            let gone = match start {
+                Some(s) => matches!(Pinned::open(p, Some(s)), Pin::Gone | Pin::Reused),
+                None => true,
+            };
+            if gone {
+                state.probes.untrack(p);
+                self.untracked.remove(&p);
+                continue;
             }
             state.table.set_service(p, Some(svc), root && p == pid);
-            // In the service's cgroup before its children are listed (see `track` above).
+            // In the service's cgroup before its children are listed (see `follow` above).
             if let Some(member) = state.table.alive(p) {
-                for record in
+                let records =
                     self.budgets
-                        .place(&mut self.enforcer, &state.clock, &self.policy, svc, member)
-                {
-                    self.out.emit(&record)?;
-                }
+                        .place(&mut self.enforcer, &state.clock, &self.policy, svc, member);
+                self.emit(records);
             }
             let kids = procs::children_of(p);
             if !kids.is_empty() {
-                state.probes.track(p, true)?;
+                self.follow(state, p, true);
             }
-            for k in kids {
-                stack.push(k);
-            }
+            stack.extend(kids);
             n += 1;
         }
-        Ok(n)
+        n
     }
 
     fn emit_root(
@@ -265,13 +511,13 @@ impl Daemon {
         svc: usize,
         found: &'static str,
         members: usize,
-    ) -> anyhow::Result<()> {
+    ) {
         let Some(p) = state.table.alive(pid) else {
-            return Ok(());
+            return;
         };
         let name = &self.policy.services[svc].name;
         info!(service = %name, pid, found, members, "service root");
-        self.out.emit(&Record::Root {
+        let record = Record::Root {
             ts: state.clock.now(),
             service: name.clone(),
             proc: Proc {
@@ -282,9 +528,22 @@ impl Daemon {
             cmdline: p.cmdline(),
             found,
             members,
-        })?;
-        self.out.flush()?;
-        Ok(())
+        };
+        self.out.emit(&record);
+    }
+
+    /// A member exec'd: if it now matches a service's selectors, it becomes that service's
+    /// root (a service launched by a matching shell must outlive the shell).
+    fn execed(&mut self, state: &mut State, pid: u32, found: &'static str) {
+        let Some(p) = state.table.alive(pid) else {
+            return;
+        };
+        if let Some(svc) = self.match_service(&Candidate::from(p)) {
+            if !(p.root && p.service == Some(svc)) {
+                let members = self.adopt(state, pid, svc, true, &HashMap::new());
+                self.emit_root(state, pid, svc, found, members);
+            }
+        }
     }
 
     /// A member's parent died: act if it is an orphan of its service.
@@ -295,22 +554,22 @@ impl Daemon {
         old_parent: u32,
         ts_ns: u64,
         may_defer: bool,
-    ) -> anyhow::Result<()> {
+    ) {
         let Some(c) = state.table.alive(pid) else {
-            return Ok(());
+            return;
         };
         let Some(svc) = c.service else {
-            return Ok(()); // not in any service: never touched
+            return; // not in any service: never touched
         };
         if c.root {
-            return Ok(()); // a root's parent is outside the service
+            return; // a root's parent is outside the service
         }
         if state.table.get(old_parent).and_then(|p| p.service) != Some(svc) {
-            return Ok(());
+            return;
         }
         state.table.set_orphan(pid);
         let Some(c) = state.table.alive(pid) else {
-            return Ok(());
+            return;
         };
         let parent_exited_normally = matches!(
             state.table.get(old_parent).map(|p| p.state),
@@ -330,13 +589,13 @@ impl Daemon {
                 old_parent,
                 died_ns: ts_ns,
             });
-            return Ok(());
+            return;
         }
         let service = &self.policy.services[svc];
         if let Some(m) = &service.orphan_match {
             if !m.matches(&Candidate::from(c)) {
                 debug!(pid, service = %service.name, "orphan not selected by orphan_match");
-                return Ok(());
+                return;
             }
         }
         let record = self.enforcer.act(
@@ -353,44 +612,142 @@ impl Daemon {
                 limit: None,
             },
         );
-        self.out.emit(&record)?;
-        self.out.flush()?;
-        Ok(())
+        self.emit(record);
+    }
+
+    /// The periodic reconciliation: a slice of the members is checked against `/proc` on each
+    /// tick (each member once per [`CHECK_PERIOD_NS`]); a difference that outlives
+    /// [`SUSPECT_GRACE_NS`] means an event was missed without a loss being counted, and `/proc`
+    /// is re-read. Members the kernel cannot track are followed from `/proc` every second, and
+    /// pids tracked for nobody are dropped from the kernel's map.
+    fn check(&mut self, state: &mut State) {
+        let now = procs::boottime_ns();
+        let c = &mut self.checks;
+        if c.queue.is_empty() && now >= c.next_period_ns {
+            c.queue = state.table.members().map(|p| (p.pid, p.start_ns)).collect();
+            let ticks = (CHECK_PERIOD_NS / DRAIN_INTERVAL.as_nanos() as u64).max(1) as usize;
+            c.per_tick = c.queue.len().div_ceil(ticks).max(1);
+            c.next_period_ns = now + CHECK_PERIOD_NS;
+        }
+        let take = c.per_tick.min(c.queue.len());
+        let mut batch: Vec<(u32, u64)> = c.queue.split_off(c.queue.len() - take);
+        // Suspects due for their second look.
+        batch.extend(
+            c.suspects
+                .iter()
+                .filter(|&(_, &since)| now >= since + SUSPECT_GRACE_NS)
+                .map(|(&k, _)| k),
+        );
+        for (pid, start) in batch {
+            let Some(entry) = state
+                .table
+                .alive(pid)
+                .filter(|e| e.same_start(start) && e.service.is_some())
+            else {
+                self.checks.suspects.remove(&(pid, start));
+                continue; // its exit was seen meanwhile
+            };
+            let wrong = match Pinned::open(pid, Some(start)) {
+                Pin::Ok(p) => p.stat.ppid != entry.parent,
+                Pin::Gone | Pin::Reused => true,
+                Pin::Failed(_) => false,
+            };
+            if !wrong {
+                self.checks.suspects.remove(&(pid, start));
+                continue;
+            }
+            match self.checks.suspects.get(&(pid, start)) {
+                Some(&since) if now >= since + SUSPECT_GRACE_NS => {
+                    debug!(pid, "the table disagrees with /proc; re-reading it");
+                    self.resync_due.get_or_insert("check");
+                }
+                Some(_) => {}
+                None => {
+                    self.checks.suspects.insert((pid, start), now);
+                }
+            }
+        }
+        if !self.untracked.is_empty() && now >= self.checks.next_untracked_ns {
+            self.checks.next_untracked_ns = now + UNTRACKED_RESYNC_NS;
+            self.resync_due.get_or_insert("untracked");
+        }
+        if now >= self.checks.next_gc_ns {
+            self.checks.next_gc_ns = now + TRACKED_GC_NS;
+            self.collect_tracked(state, now);
+        }
+    }
+
+    /// Drops from the kernel's map the pids it tracks for no member: a pid whose process was
+    /// gone at two collections in a row (a fork the kernel tracked whose record is still on
+    /// its way shows up in `/proc` within microseconds), or a live process that belongs to no
+    /// service and was not started in the last second (its fork record has been read).
+    fn collect_tracked(&mut self, state: &mut State, now: u64) {
+        let mut absent = HashSet::new();
+        let mut dropped = 0;
+        for pid in state.probes.tracked_pids() {
+            if state.table.alive(pid).is_some_and(|p| p.service.is_some()) {
+                continue;
+            }
+            match Pinned::open(pid, None) {
+                Pin::Gone => {
+                    if self.checks.gc_absent.contains(&pid) {
+                        state.probes.untrack(pid);
+                        dropped += 1;
+                    } else {
+                        absent.insert(pid);
+                    }
+                }
+                Pin::Ok(p) if p.stat.start_ns + 1_000_000_000 < now => {
+                    state.probes.untrack(pid);
+                    dropped += 1;
+                }
+                _ => {}
+            }
+        }
+        self.checks.gc_absent = absent;
+        if dropped > 0 {
+            debug!(
+                dropped,
+                "pids tracked for no member dropped from the kernel's map"
+            );
+        }
     }
 }
 
 impl Handler for Daemon {
-    fn notice(&mut self, state: &mut State, notice: &Notice) -> anyhow::Result<()> {
+    fn notice(&mut self, state: &mut State, notice: &Notice) {
         match *notice {
             Notice::Orphaned {
                 pid,
                 old_parent,
                 ts_ns,
-            } => self.orphaned(state, pid, old_parent, ts_ns, true)?,
+            } => self.orphaned(state, pid, old_parent, ts_ns, true),
             Notice::Exec { pid, .. } => {
-                // A member that execs into a service's selectors becomes that service's root
-                // (a service launched by a matching shell must outlive the shell).
-                let Some(p) = state.table.alive(pid) else {
-                    return Ok(());
-                };
-                if let Some(svc) = self.match_service(&Candidate::from(p)) {
-                    if !(p.root && p.service == Some(svc)) {
-                        let members = self.adopt(state, pid, svc, true, &HashMap::new())?;
-                        self.emit_root(state, pid, svc, "exec", members)?;
+                // Kept resolved, as `/proc` shows it: how a later re-read tells an exec it
+                // never saw from a command line rewritten in place.
+                if let Some(start) = state.table.alive(pid).map(|p| p.start_ns) {
+                    if let Pin::Ok(p) = Pinned::open(pid, Some(start)) {
+                        if let (Some(exe), Some(entry)) = (p.exe(), state.table.alive(pid)) {
+                            let (comm, argv) = (entry.comm.clone(), entry.argv.clone());
+                            state.table.update_image(pid, &comm, Some(exe), argv);
+                        }
                     }
                 }
+                self.execed(state, pid, "exec");
             }
             Notice::Lost {
                 reason,
                 count,
                 total,
             } => {
-                self.out.emit(&Record::Lost {
+                let record = Record::Lost {
                     ts: state.clock.now(),
                     reason,
                     count,
                     total,
-                })?;
+                };
+                self.out.emit(&record);
+                self.resync_due = Some("lost");
             }
             Notice::Fork { pid, ts_ns } | Notice::Thread { pid, ts_ns, .. } => {
                 if let Some(svc) = state.table.alive(pid).and_then(|p| p.service) {
@@ -399,32 +756,26 @@ impl Handler for Daemon {
                         thread: matches!(notice, Notice::Thread { .. }),
                         ts_ns,
                     };
-                    for record in
+                    let records =
                         self.budgets
-                            .new_task(state, &mut self.enforcer, &self.policy, svc, task)
-                    {
-                        self.out.emit(&record)?;
-                    }
+                            .new_task(state, &mut self.enforcer, &self.policy, svc, task);
+                    self.emit(records);
                 }
             }
             Notice::Exit { .. } | Notice::Reparent { .. } => {}
         }
-        Ok(())
     }
 
-    fn exec_unknown(&mut self, state: &mut State, exec: &Exec) -> anyhow::Result<()> {
+    fn exec_unknown(&mut self, state: &mut State, exec: &Exec) {
         if let Some(svc) = self.match_service(&Candidate::from(exec)) {
-            let members = self
-                .adopt(state, exec.pid, svc, true, &HashMap::new())
-                .context("following a new service root")?;
+            let members = self.adopt(state, exec.pid, svc, true, &HashMap::new());
             if members > 0 {
-                self.emit_root(state, exec.pid, svc, "exec", members)?;
+                self.emit_root(state, exec.pid, svc, "exec", members);
             }
         }
-        Ok(())
     }
 
-    fn tick(&mut self, state: &mut State) -> anyhow::Result<()> {
+    fn tick(&mut self, state: &mut State) {
         if !self.deferred.is_empty() {
             let now = procs::boottime_ns();
             let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
@@ -437,18 +788,18 @@ impl Handler for Daemon {
                     .alive(d.pid)
                     .is_some_and(|p| p.same_start(d.start_ns))
                 {
-                    self.orphaned(state, d.pid, d.old_parent, d.died_ns, false)?;
+                    self.orphaned(state, d.pid, d.old_parent, d.died_ns, false);
                 }
             }
         }
-        for record in self.enforcer.tick(&state.clock) {
-            self.out.emit(&record)?;
+        let records = self.enforcer.tick(&state.clock);
+        self.emit(records);
+        let records = self.budgets.tick(state, &mut self.enforcer, &self.policy);
+        self.emit(records);
+        self.check(state);
+        if let Some(trigger) = self.resync_due.take() {
+            self.resync(state, trigger);
         }
-        for record in self.budgets.tick(state, &mut self.enforcer, &self.policy) {
-            self.out.emit(&record)?;
-        }
-        self.out.flush()?;
-        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use rustix::{
     event::{poll, PollFd, PollFlags},
     process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal},
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     output::{Clock, Record},
@@ -156,17 +156,19 @@ pub struct Note<'a> {
     pub limit: Option<u64>,
 }
 
-/// A process sent SIGTERM, waiting for its deadline.
-struct Termination {
-    fd: OwnedFd,
-    deadline_ns: u64,
+/// A decision that could not be carried out yet: its process could not be checked or opened
+/// for want of file descriptors or memory (retried on every tick until it is done or the
+/// process is gone), or it was sent SIGTERM and waits for its deadline. No file descriptor is
+/// held meanwhile: the process is opened and checked again when its turn comes, so any number
+/// of them can wait under any RLIMIT_NOFILE.
+struct Waiting {
     pid: u32,
-    service: String,
-    comm: String,
-    cmdline: String,
-    old_parent: u32,
-    new_parent: Option<u32>,
-    since_ns: Option<u64>,
+    start_ns: u64,
+    decision: Decision,
+    action: OrphanAction,
+    kill_timeout: Duration,
+    /// Terminations: when SIGKILL follows (boot ns). `None`: a decision to retry.
+    deadline_ns: Option<u64>,
 }
 
 /// Counts of what was enforced and what would have been.
@@ -176,20 +178,39 @@ pub struct Counts {
     pub would_signal: u64,
     pub reported: u64,
     pub refused: u64,
+    /// Attempts put off because a process could not be opened (out of descriptors or memory).
+    pub retried: u64,
 }
 
 pub struct Enforcer {
     pub mode: Mode,
     protections: Protections,
-    terminations: Vec<Termination>,
+    waiting: Vec<Waiting>,
     pub counts: Counts,
+    /// When the last warning about decisions put off was given (boot ns).
+    retry_warned_ns: u64,
 }
+
+/// At most one warning this often about decisions put off for want of resources (ns).
+const RETRY_WARN_NS: u64 = 5_000_000_000;
 
 /// The outcome of opening a verified handle on a process.
 enum Handle {
-    Ok { fd: OwnedFd, proc: Pinned },
+    Ok {
+        fd: OwnedFd,
+        proc: Pinned,
+    },
     Gone,
     Reused,
+    /// Opening failed for want of resources: try again later.
+    Failed(std::io::Error),
+}
+
+/// What one attempt at a decision came to.
+enum Attempt {
+    Done(Decision),
+    /// The process could not be opened for want of resources.
+    Later,
 }
 
 impl Enforcer {
@@ -197,13 +218,16 @@ impl Enforcer {
         Self {
             mode,
             protections,
-            terminations: Vec::new(),
+            waiting: Vec::new(),
             counts: Counts::default(),
+            retry_warned_ns: 0,
         }
     }
 
-    /// Decides and (in enforce mode) acts; returns the decision record.
-    pub fn act(&mut self, clock: &Clock, req: Request<'_>) -> Record {
+    /// Decides and (in enforce mode) acts. Returns the decision record, or `None` when the
+    /// process could not be opened for want of resources: the decision is then retried on every
+    /// tick and its record comes from [`Enforcer::tick`].
+    pub fn act(&mut self, clock: &Clock, req: Request<'_>) -> Option<Record> {
         let p = req.target;
         let mut decision = Decision {
             service: req.service.to_owned(),
@@ -219,117 +243,153 @@ impl Enforcer {
             result: String::new(),
             usage: req.usage,
             limit: req.limit,
+            gone: false,
         };
         if let Some(why) = self.protections.refuse(p) {
             self.counts.refused += 1;
             decision.result = format!("refused: {why}");
-            return decision.record(clock, self.mode);
+            return Some(decision.record(clock, self.mode));
         }
+        let waiting = Waiting {
+            pid: p.pid,
+            start_ns: p.start_ns,
+            decision,
+            action: req.action,
+            kill_timeout: req.kill_timeout,
+            deadline_ns: None,
+        };
+        self.attempt(clock, waiting)
+    }
+
+    /// One attempt at a decision whose cheap checks passed.
+    fn attempt(&mut self, clock: &Clock, mut w: Waiting) -> Option<Record> {
+        match self.try_once(&mut w) {
+            Attempt::Done(d) => Some(d.record(clock, self.mode)),
+            Attempt::Later => {
+                self.counts.retried += 1;
+                self.waiting.push(w);
+                self.warn_waiting();
+                None
+            }
+        }
+    }
+
+    fn try_once(&mut self, w: &mut Waiting) -> Attempt {
+        let d = &mut w.decision;
         // The same checks in both modes: only the signal differs.
-        let (fd, proc) = match verified_handle(p) {
+        let (fd, proc) = match verified_handle(w.pid, w.start_ns) {
             Handle::Ok { fd, proc } => (fd, proc),
             Handle::Gone => {
-                decision.result = "gone".into();
-                return decision.record(clock, self.mode);
+                d.result = "gone".into();
+                d.gone = true;
+                return Attempt::Done(d.clone());
             }
             Handle::Reused => {
-                decision.result = "refused: pid reused by another process".into();
+                d.result = "refused: pid reused by another process".into();
+                d.gone = true;
                 self.counts.refused += 1;
-                return decision.record(clock, self.mode);
+                return Attempt::Done(d.clone());
+            }
+            Handle::Failed(e) => {
+                debug!(pid = w.pid, "cannot open the process yet: {e}");
+                return Attempt::Later;
             }
         };
         if let Some(why) = self.protections.refuse_now(&proc) {
             self.counts.refused += 1;
-            decision.result = format!("refused: {why}");
-            return decision.record(clock, self.mode);
+            d.result = format!("refused: {why}");
+            return Attempt::Done(d.clone());
         }
-        decision.new_parent = (proc.stat.ppid != req.old_parent).then_some(proc.stat.ppid);
-        let signal = match req.action {
+        d.new_parent = (proc.stat.ppid != d.old_parent).then_some(proc.stat.ppid);
+        let signal = match w.action {
             OrphanAction::Report => {
                 self.counts.reported += 1;
-                decision.result = "reported".into();
-                return decision.record(clock, self.mode);
+                d.result = "reported".into();
+                return Attempt::Done(d.clone());
             }
             OrphanAction::Kill => Signal::KILL,
             OrphanAction::Terminate => Signal::TERM,
         };
         if self.mode == Mode::Audit {
             self.counts.would_signal += 1;
-            decision.result = format!("audit: would send {}", sig_name(signal));
-            return decision.record(clock, self.mode);
+            d.result = format!("audit: would send {}", sig_name(signal));
+            return Attempt::Done(d.clone());
         }
         match pidfd_send_signal(&fd, signal) {
             Ok(()) => {
                 self.counts.signalled += 1;
-                decision.performed = true;
-                decision.result = format!("sent {}", sig_name(signal));
+                d.performed = true;
+                d.result = format!("sent {}", sig_name(signal));
                 if signal == Signal::TERM {
-                    self.terminations.push(Termination {
-                        fd,
-                        deadline_ns: procs::boottime_ns() + req.kill_timeout.as_nanos() as u64,
-                        pid: p.pid,
-                        service: decision.service.clone(),
-                        comm: decision.comm.clone(),
-                        cmdline: decision.cmdline.clone(),
-                        old_parent: req.old_parent,
-                        new_parent: decision.new_parent,
-                        since_ns: req.since_ns,
+                    let mut kill = d.clone();
+                    kill.action = OrphanAction::Kill.as_str();
+                    kill.reason = Reason::KillTimeout.as_str();
+                    kill.performed = false;
+                    self.waiting.push(Waiting {
+                        pid: w.pid,
+                        start_ns: w.start_ns,
+                        decision: kill,
+                        action: OrphanAction::Kill,
+                        kill_timeout: w.kill_timeout,
+                        deadline_ns: Some(procs::boottime_ns().saturating_add(
+                            u64::try_from(w.kill_timeout.as_nanos()).unwrap_or(u64::MAX),
+                        )),
                     });
                 }
             }
-            Err(rustix::io::Errno::SRCH) => decision.result = "gone".into(),
+            Err(rustix::io::Errno::SRCH) => {
+                d.result = "gone".into();
+                d.gone = true;
+            }
             Err(e) => {
-                warn!(pid = p.pid, "signal failed: {e}");
-                decision.result = format!("error: {e}");
+                warn!(pid = w.pid, "signal failed: {e}");
+                d.result = format!("error: {e}");
             }
         }
-        decision.record(clock, self.mode)
+        Attempt::Done(d.clone())
     }
 
-    /// Escalates terminations whose deadline passed; returns their decision records.
+    fn warn_waiting(&mut self) {
+        let now = procs::boottime_ns();
+        if self.retry_warned_ns != 0 && now < self.retry_warned_ns + RETRY_WARN_NS {
+            return;
+        }
+        self.retry_warned_ns = now;
+        let n = self
+            .waiting
+            .iter()
+            .filter(|w| w.deadline_ns.is_none())
+            .count();
+        warn!(
+            waiting = n,
+            "processes cannot be opened (out of file descriptors or memory): decisions put off \
+             and retried until they are carried out"
+        );
+    }
+
+    /// Retries decisions put off, and escalates terminations whose deadline passed; returns
+    /// their decision records.
     pub fn tick(&mut self, clock: &Clock) -> Vec<Record> {
-        if self.terminations.is_empty() {
+        if self.waiting.is_empty() {
             return Vec::new();
         }
         let now = procs::boottime_ns();
         let mut records = Vec::new();
-        let mut keep = Vec::new();
-        for t in std::mem::take(&mut self.terminations) {
-            if exited(&t.fd) {
-                continue; // it honoured SIGTERM
+        for mut w in std::mem::take(&mut self.waiting) {
+            match w.deadline_ns {
+                Some(deadline) if now < deadline => self.waiting.push(w),
+                Some(_) => match self.try_once(&mut w) {
+                    // Gone, or its pid taken by another process: it honoured SIGTERM.
+                    Attempt::Done(d) if d.gone => {}
+                    Attempt::Done(d) => records.push(d.record(clock, self.mode)),
+                    Attempt::Later => self.waiting.push(w),
+                },
+                None => match self.try_once(&mut w) {
+                    Attempt::Done(d) => records.push(d.record(clock, self.mode)),
+                    Attempt::Later => self.waiting.push(w),
+                },
             }
-            if now < t.deadline_ns {
-                keep.push(t);
-                continue;
-            }
-            let mut d = Decision {
-                service: t.service,
-                pid: t.pid,
-                comm: t.comm,
-                cmdline: t.cmdline,
-                action: OrphanAction::Kill.as_str(),
-                reason: Reason::KillTimeout.as_str(),
-                old_parent: t.old_parent,
-                new_parent: t.new_parent,
-                since_ns: t.since_ns,
-                performed: false,
-                result: String::new(),
-                usage: None,
-                limit: None,
-            };
-            // The pidfd still names the process SIGTERM went to: a reused pid cannot be hit.
-            match pidfd_send_signal(&t.fd, Signal::KILL) {
-                Ok(()) => {
-                    self.counts.signalled += 1;
-                    d.performed = true;
-                    d.result = "sent SIGKILL".into();
-                }
-                Err(rustix::io::Errno::SRCH) => d.result = "gone".into(),
-                Err(e) => d.result = format!("error: {e}"),
-            }
-            records.push(d.record(clock, self.mode));
         }
-        self.terminations = keep;
         records
     }
 
@@ -349,11 +409,13 @@ impl Enforcer {
             result: n.result,
             usage: n.usage,
             limit: n.limit,
+            gone: false,
         }
         .record(clock, self.mode)
     }
 }
 
+#[derive(Clone)]
 struct Decision {
     service: String,
     pid: u32,
@@ -368,6 +430,8 @@ struct Decision {
     result: String,
     usage: Option<u64>,
     limit: Option<u64>,
+    /// The process was gone (or its pid reused) when guardian came to act.
+    gone: bool,
 }
 
 impl Decision {
@@ -393,30 +457,39 @@ impl Decision {
     }
 }
 
-/// Opens a pidfd on `p`, then its `/proc` directory, and checks through the latter that the pid
-/// still belongs to the process the table knows (same start time). The table knew the process
-/// before the pidfd was opened, so a pidfd opened on an older holder of the pid is impossible,
-/// and one opened on a newer holder fails the check: a handle that passes can only ever reach
-/// that process, and what the protections read comes from it too.
-fn verified_handle(p: &Process) -> Handle {
-    let Some(pid) = Pid::from_raw(p.pid as i32) else {
+/// Opens a pidfd on the process, then its `/proc` directory, and checks through the latter that
+/// the pid still belongs to the process the table knows (same start time). The table knew the
+/// process before the pidfd was opened, so a pidfd opened on an older holder of the pid is
+/// impossible, and one opened on a newer holder fails the check: a handle that passes can only
+/// ever reach that process, and what the protections read comes from it too.
+fn verified_handle(pid: u32, start_ns: u64) -> Handle {
+    let Some(raw) = Pid::from_raw(pid as i32) else {
         return Handle::Gone;
     };
-    let fd = match pidfd_open(pid, PidfdFlags::empty()) {
+    let fd = match pidfd_open(raw, PidfdFlags::empty()) {
         Ok(fd) => fd,
-        Err(_) => return Handle::Gone,
+        Err(rustix::io::Errno::SRCH) => return Handle::Gone,
+        Err(e) => return Handle::Failed(e.into()),
     };
-    match Pinned::open(p.pid, Some(p.start_ns)) {
+    if exited(&fd) {
+        return Handle::Gone; // a zombie waiting to be reaped: nothing left to signal
+    }
+    match Pinned::open(pid, Some(start_ns)) {
         Pin::Ok(proc) => Handle::Ok { fd, proc },
         Pin::Reused => Handle::Reused,
         Pin::Gone => Handle::Gone,
+        Pin::Failed(e) => Handle::Failed(e),
     }
 }
 
 /// A pidfd becomes readable when its process has exited.
 fn exited(fd: &OwnedFd) -> bool {
     let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    matches!(poll(&mut fds, Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0)
+    let now = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
 }
 
 fn sig_name(s: Signal) -> &'static str {
@@ -426,7 +499,6 @@ fn sig_name(s: Signal) -> &'static str {
         "SIGTERM"
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,7 +583,7 @@ mod tests {
             limit: None,
         };
         let mut e = Enforcer::new(Mode::Audit, Protections::new(&[]));
-        let v = serde_json::to_value(e.act(&Clock::new(), req(&p))).unwrap();
+        let v = serde_json::to_value(e.act(&Clock::new(), req(&p)).unwrap()).unwrap();
         assert_eq!(v["performed"], false);
         assert_eq!(v["mode"], "audit");
         assert_eq!(v["result"], "audit: would send SIGKILL");
@@ -522,14 +594,14 @@ mod tests {
         let mut stale = p.clone();
         stale.start_ns = start + 3_600 * 1_000_000_000;
         let mut e = Enforcer::new(Mode::Enforce, Protections::new(&[]));
-        let v = serde_json::to_value(e.act(&Clock::new(), req(&stale))).unwrap();
+        let v = serde_json::to_value(e.act(&Clock::new(), req(&stale)).unwrap()).unwrap();
         assert_eq!(v["performed"], false);
         assert!(v["result"].as_str().unwrap().contains("pid reused"), "{v}");
         assert!(
             child.try_wait().unwrap().is_none(),
             "the mismatch spared it"
         );
-        let v = serde_json::to_value(e.act(&Clock::new(), req(&p))).unwrap();
+        let v = serde_json::to_value(e.act(&Clock::new(), req(&p)).unwrap()).unwrap();
         assert_eq!(v["performed"], true, "{v}");
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;

@@ -9,7 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use guardian_common::{
-    tracked_flags, Config, Stat, CONFIG_GLOBAL, EVENTS_MAP, OFFSET_NONE, STATS_MAP, TRACKED_MAP,
+    tracked_flags, Config, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP, OFFSET_NONE, STATS_MAP,
+    TRACKED_CAPACITY, TRACKED_MAP,
 };
 use tracing::{debug, info, warn};
 
@@ -61,7 +62,55 @@ pub struct Probes {
     tracked: HashMap<MapData, u32, u32>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub group_dead: GroupDeadSource,
+    pub sizes: MapSizes,
     _ebpf: Ebpf,
+}
+
+/// Most processes the kernel side follows, whatever `pid_max` says. The map is preallocated
+/// (about 48 bytes an entry; 6 MiB at this bound); a host with more live members than this has
+/// the rest followed from `/proc` (see [`Probes::track`]).
+pub const TRACKED_MAX: u32 = 131_072;
+/// Environment variable that sets the ring buffer's size in bytes (a power of two, at least a
+/// page): larger for hosts with bursts of execs, tiny to provoke loss in tests.
+pub const RING_BYTES_ENV: &str = "GUARDIAN_RING_BYTES";
+
+/// The sizes of the kernel maps, decided at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Entries of the tracked-process map: one per followed process. It follows `pid_max` (no
+    /// host can have more live processes than pids) up to [`TRACKED_MAX`].
+    pub tracked: u32,
+    pub ring_bytes: u32,
+}
+
+impl MapSizes {
+    fn for_this_host() -> anyhow::Result<Self> {
+        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(TRACKED_CAPACITY);
+        let ring_bytes = match std::env::var(RING_BYTES_ENV) {
+            Ok(v) => parse_ring_bytes(&v).with_context(|| format!("{RING_BYTES_ENV}={v:?}"))?,
+            Err(_) => EVENTS_BYTES,
+        };
+        Ok(Self {
+            tracked: pid_max.clamp(1024, TRACKED_MAX),
+            ring_bytes,
+        })
+    }
+}
+
+/// A ring buffer size: a power of two, at least one page, at most 1 GiB.
+fn parse_ring_bytes(v: &str) -> anyhow::Result<u32> {
+    let n: u32 = v
+        .trim()
+        .parse()
+        .context("the ring buffer size is a number of bytes")?;
+    let page = rustix::param::page_size() as u32;
+    if !n.is_power_of_two() || n < page || n > 1 << 30 {
+        bail!("the ring buffer size must be a power of two from {page} to 1073741824 bytes");
+    }
+    Ok(n)
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -84,8 +133,12 @@ impl Probes {
         let (config, group_dead) = kernel_config(opts)?;
         debug!(?config, "kernel configuration");
 
+        let sizes = MapSizes::for_this_host()?;
+        debug!(?sizes, "map sizes");
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
+            .map_max_entries(TRACKED_MAP, sizes.tracked)
+            .map_max_entries(EVENTS_MAP, sizes.ring_bytes)
             .load(OBJECT)
             .map_err(|e| explain(anyhow::Error::new(e)))
             .context("loading the eBPF object")?;
@@ -114,28 +167,43 @@ impl Probes {
         let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("no EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("no STATS map")?)?;
         let tracked = HashMap::try_from(ebpf.take_map(TRACKED_MAP).context("no TRACKED map")?)?;
-        info!(group_dead = group_dead.as_str(), "eBPF probes attached");
+        info!(
+            group_dead = group_dead.as_str(),
+            tracked_capacity = sizes.tracked,
+            ring_bytes = sizes.ring_bytes,
+            "eBPF probes attached"
+        );
         Ok(Self {
             events: Some(events),
             stats,
             tracked,
             logger,
             group_dead,
+            sizes,
             _ebpf: ebpf,
         })
     }
 
     /// Marks a process as tracked in the kernel (its forks and exit are reported, and so are
-    /// its future descendants').
-    pub fn track(&mut self, pid: u32, has_children: bool) -> anyhow::Result<()> {
+    /// its future descendants'). Fails when the map is full: the caller follows the process
+    /// from `/proc` instead.
+    pub fn track(&mut self, pid: u32, has_children: bool) -> Result<(), aya::maps::MapError> {
         let flags = if has_children {
             tracked_flags::HAS_CHILDREN
         } else {
             0
         };
-        self.tracked
-            .insert(pid, flags, 0)
-            .with_context(|| format!("tracking pid {pid}"))
+        self.tracked.insert(pid, flags, 0)
+    }
+
+    /// Stops tracking a pid (a process that died before the kernel could see its exit).
+    pub fn untrack(&mut self, pid: u32) {
+        let _ = self.tracked.remove(&pid);
+    }
+
+    /// The pids tracked in the kernel now.
+    pub fn tracked_pids(&self) -> Vec<u32> {
+        self.tracked.keys().filter_map(Result::ok).collect()
     }
 
     /// Reads the kernel-side counters.
@@ -251,4 +319,18 @@ fn explain(err: anyhow::Error) -> anyhow::Error {
         _ => return err,
     };
     err.context(hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_sizes_are_checked() {
+        assert_eq!(parse_ring_bytes("16384").unwrap(), 16384);
+        assert!(parse_ring_bytes("1000").is_err(), "not a power of two");
+        assert!(parse_ring_bytes("1024").is_err(), "below a page");
+        assert!(parse_ring_bytes("4G").is_err());
+        assert!(parse_ring_bytes(&(2u64 << 30).to_string()).is_err());
+    }
 }

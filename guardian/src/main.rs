@@ -1,21 +1,34 @@
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    process::ExitCode,
+};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Diagnostics go through a queue to a thread of their own: a stalled or closed stderr loses
+    // lines, never holds a decision.
+    let (stderr, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("guardian-stderr")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("GUARDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = guardian::cli::Cli::parse();
-    match guardian::run(cli) {
+    let result = guardian::run(cli);
+    // Diagnostics queued so far go out before the final word.
+    drop(flush_on_exit);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("guardian: error: {e:#}");
+            // Not `eprintln!`, which panics when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "guardian: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -79,20 +79,18 @@ pub struct State {
     pub clock: Clock,
 }
 
-/// Receives every notice, then a call per timer tick.
+/// Receives every notice, then a call per timer tick. Nothing a handler meets at run time (a
+/// vanished process, a failed write) may end the loop: only SIGINT and SIGTERM do, so handlers
+/// report faults as records or warnings and return nothing.
 pub trait Handler {
-    fn notice(&mut self, state: &mut State, notice: &Notice) -> anyhow::Result<()>;
+    fn notice(&mut self, state: &mut State, notice: &Notice);
 
     /// An exec of a process the table does not follow (only when not every process is
     /// tracked): the policy engine matches it against service selectors.
-    fn exec_unknown(&mut self, _state: &mut State, _exec: &Exec) -> anyhow::Result<()> {
-        Ok(())
-    }
+    fn exec_unknown(&mut self, _state: &mut State, _exec: &Exec) {}
 
-    /// Called after each drain.
-    fn tick(&mut self, _state: &mut State) -> anyhow::Result<()> {
-        Ok(())
-    }
+    /// Called after each timer drain.
+    fn tick(&mut self, _state: &mut State) {}
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +120,9 @@ impl Monitor {
     /// in between are seen twice, which the table tolerates, and none is missed. Otherwise the
     /// handler adds the processes it follows.
     pub fn start(opts: LoadOptions) -> anyhow::Result<Self> {
+        // The kernel side sees the host's pids; /proc and signals must speak of the same ones.
+        procs::check_host_pid_namespace()?;
+        raise_nofile();
         let sigint = signal(SignalKind::interrupt())?;
         let sigterm = signal(SignalKind::terminate())?;
         let mut probes = Probes::load(opts)?;
@@ -136,8 +137,15 @@ impl Monitor {
                 .iter_alive()
                 .map(|p| (p.pid, !p.children.is_empty()))
                 .collect();
+            let mut untracked = 0;
             for (pid, has_children) in pids {
-                probes.track(pid, has_children)?;
+                if probes.track(pid, has_children).is_err() {
+                    untracked += 1;
+                }
+            }
+            if untracked > 0 {
+                // Only the wakeup on their exit is lost: every process is reported anyway.
+                warn!(untracked, "the kernel's tracked map is full");
             }
         }
         Ok(Self {
@@ -156,45 +164,53 @@ impl Monitor {
         })
     }
 
-    /// Runs until SIGINT or SIGTERM.
-    pub async fn run(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+    /// Runs until SIGINT or SIGTERM: nothing else ends it.
+    pub async fn run(&mut self, handler: &mut impl Handler) {
         let mut tick = interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ticks = 0u32;
+        // The ring's readiness can only fail if the runtime is going away; should it ever, the
+        // timer drain alone keeps guardian working.
+        let mut ring_wakeups = true;
         loop {
             tokio::select! {
-                guard = self.ring.readable_mut() => {
-                    // Cleared before draining: a record committed meanwhile is drained now and at
-                    // worst wakes one empty pass; none is left waiting for an edge.
-                    guard?.clear_ready();
-                    self.drain(handler)?;
+                guard = self.ring.readable_mut(), if ring_wakeups => {
+                    match guard {
+                        // Cleared before draining: a record committed meanwhile is drained now
+                        // and at worst wakes one empty pass; none is left waiting for an edge.
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(e) => {
+                            warn!("ring buffer wakeups failed ({e}); draining on the timer only");
+                            ring_wakeups = false;
+                        }
+                    }
+                    self.drain(handler);
                 }
                 _ = tick.tick() => {
-                    self.drain(handler)?;
-                    self.confirm_reparents(handler)?;
+                    self.drain(handler);
+                    self.confirm_reparents(handler);
                     ticks = ticks.wrapping_add(1);
                     if ticks.is_multiple_of(STATS_EVERY_TICKS) {
-                        self.report_losses(handler)?;
+                        self.report_losses(handler);
                     }
                     self.state.table.expire(procs::boottime_ns());
                     if let Some(logger) = self.state.probes.logger.as_mut() {
                         logger.flush();
                     }
-                    handler.tick(&mut self.state)?;
+                    handler.tick(&mut self.state);
                 }
                 _ = self.sigint.recv() => break,
                 _ = self.sigterm.recv() => break,
             }
         }
-        self.drain(handler)?;
-        self.report_losses(handler)?;
+        self.drain(handler);
+        self.report_losses(handler);
         debug!(stats = ?self.state.table.stats, "stopping");
-        Ok(())
     }
 
     /// Decodes every record waiting in the ring buffer (in place, no copy of the bytes), then
     /// applies them in kernel order.
-    fn drain(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+    pub fn drain(&mut self, handler: &mut impl Handler) {
         let mut decoded = std::mem::take(&mut self.decoded);
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
@@ -202,7 +218,7 @@ impl Monitor {
         }
         for ev in decoded.drain(..) {
             match ev {
-                Ok(ev) => self.apply(ev, handler)?,
+                Ok(ev) => self.apply(ev, handler),
                 Err(e) => {
                     self.decode_errors += 1;
                     warn!("undecodable ring-buffer record: {e}");
@@ -213,15 +229,14 @@ impl Monitor {
                             count: 1,
                             total: self.decode_errors,
                         },
-                    )?;
+                    );
                 }
             }
         }
         self.decoded = decoded;
-        Ok(())
     }
 
-    fn apply(&mut self, mut ev: Event, handler: &mut impl Handler) -> anyhow::Result<()> {
+    fn apply(&mut self, mut ev: Event, handler: &mut impl Handler) {
         if let Event::Exec(e) = &mut ev {
             if e.argv_incomplete {
                 // Longer than the kernel side copies: complete it while the process lives.
@@ -238,7 +253,7 @@ impl Monitor {
                 // An orphan dying before /proc showed its new parent: the kernel just told it.
                 if let Some(i) = self.pending.iter().position(|p| p.pid == x.pid) {
                     let p = self.pending.swap_remove(i);
-                    self.confirm(p, x.ppid, handler)?;
+                    self.confirm(p, x.ppid, handler);
                 }
                 x.ts_ns
             }
@@ -246,9 +261,15 @@ impl Monitor {
         let changes = self.state.table.apply(&ev);
         if changes.is_empty() {
             if let Event::Exec(e) = &ev {
-                return handler.exec_unknown(&mut self.state, e);
+                handler.exec_unknown(&mut self.state, e);
             }
+            return;
         }
+        self.notify(changes, ts_ns, handler);
+    }
+
+    /// Hands table changes to the handler, in order; orphans get their new parent confirmed.
+    pub fn notify(&mut self, changes: Vec<Change>, ts_ns: u64, handler: &mut impl Handler) {
         for change in changes {
             let notice = match change {
                 Change::Forked { pid } => Notice::Fork { pid, ts_ns },
@@ -270,7 +291,7 @@ impl Monitor {
                             old_parent,
                             ts_ns,
                         },
-                    )?;
+                    );
                     if let Some(p) = self.state.table.alive(pid) {
                         let pending = PendingReparent {
                             pid,
@@ -278,41 +299,34 @@ impl Monitor {
                             old_parent,
                             ts_ns,
                         };
-                        self.confirm(pending, None, handler)?;
+                        self.confirm(pending, None, handler);
                     }
                     continue;
                 }
             };
-            handler.notice(&mut self.state, &notice)?;
+            handler.notice(&mut self.state, &notice);
         }
-        Ok(())
     }
 
     /// Retries the reparents `/proc` did not show yet.
-    fn confirm_reparents(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+    fn confirm_reparents(&mut self, handler: &mut impl Handler) {
         for p in std::mem::take(&mut self.pending) {
-            self.confirm(p, None, handler)?;
+            self.confirm(p, None, handler);
         }
-        Ok(())
     }
 
     /// Confirms one orphan's new parent and reports it. The kernel reparents right after the
     /// tracepoint fires, so `/proc` can still show the old parent for a moment: the orphan is then
     /// kept for the next pass. `at_exit` is the parent the kernel saw when the orphan itself died,
     /// for orphans that die before `/proc` showed their new parent.
-    fn confirm(
-        &mut self,
-        p: PendingReparent,
-        at_exit: Option<u32>,
-        handler: &mut impl Handler,
-    ) -> anyhow::Result<()> {
+    fn confirm(&mut self, p: PendingReparent, at_exit: Option<u32>, handler: &mut impl Handler) {
         let Some(entry) = self
             .state
             .table
             .alive(p.pid)
             .filter(|e| e.same_start(p.start_ns))
         else {
-            return Ok(()); // the PID belongs to someone else now
+            return; // the PID belongs to someone else now
         };
         let seen = match at_exit {
             Some(ppid) => Some(ppid),
@@ -324,13 +338,13 @@ impl Monitor {
             Some(ppid) if ppid != p.old_parent => ppid,
             Some(_) if procs::boottime_ns().saturating_sub(p.ts_ns) < REPARENT_GIVE_UP_NS => {
                 self.pending.push(p);
-                return Ok(());
+                return;
             }
             Some(_) => {
                 warn!(pid = p.pid, "no reparent visible in /proc; giving up");
-                return Ok(());
+                return;
             }
-            None => return Ok(()), // gone without an exit event yet; its exit will say
+            None => return, // gone without an exit event yet; its exit will say
         };
         self.state.table.reparented(p.pid, new_parent);
         handler.notice(
@@ -341,10 +355,10 @@ impl Monitor {
                 new_parent,
                 ts_ns: p.ts_ns,
             },
-        )
+        );
     }
 
-    fn report_losses(&mut self, handler: &mut impl Handler) -> anyhow::Result<()> {
+    fn report_losses(&mut self, handler: &mut impl Handler) {
         let now = self.state.probes.kernel_stats();
         let before = std::mem::replace(&mut self.kstats, now);
         for (reason, count, total) in [
@@ -373,9 +387,27 @@ impl Monitor {
                         count,
                         total,
                     },
-                )?;
+                );
             }
         }
-        Ok(())
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: every signal opens a pidfd and a
+/// `/proc` directory, and a burst of orphans must not run guardian out of descriptors. (A
+/// decision that still finds none is retried, see [`crate::enforce::Enforcer::tick`].)
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => debug!(limit = ?limit.maximum, "RLIMIT_NOFILE soft limit raised to the hard one"),
+        Err(e) => warn!("could not raise RLIMIT_NOFILE to its hard limit: {e}"),
     }
 }

@@ -1,11 +1,19 @@
 //! What guardian prints on stdout: one record per line, as JSON or as human text.
 
 use std::{
+    borrow::Cow,
+    collections::BTreeMap,
     io::{self, IsTerminal, Write},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError},
+        Arc,
+    },
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
+use tracing::warn;
 
 use crate::{events::ExitStatus, procs};
 
@@ -115,6 +123,28 @@ pub enum Record {
         count: u64,
         total: u64,
     },
+    /// The process table was re-read from `/proc` after events were lost (or a check found it
+    /// wrong), and what that changed.
+    Resync {
+        ts: String,
+        /// `lost` (the kernel could not deliver events), `untracked` (members the kernel cannot
+        /// follow, checked from `/proc`), or `check` (the periodic reconciliation found a change
+        /// no event reported).
+        trigger: &'static str,
+        /// Members found dead (their exit was never seen).
+        retired: u64,
+        /// Members found that no fork event announced.
+        adopted: u64,
+        /// Members whose parent `/proc` shows differently.
+        reparented: u64,
+        /// Members that exec'd without an event.
+        execs: u64,
+        /// Service roots found.
+        roots: u64,
+        /// Live members per service afterwards.
+        members: BTreeMap<String, u64>,
+        took_us: u64,
+    },
 }
 
 impl Record {
@@ -138,7 +168,12 @@ impl Record {
 
     fn text(&self) -> String {
         fn p(proc: &Proc) -> String {
-            format!("pid={} ppid={} comm={}", proc.pid, proc.ppid, proc.comm)
+            format!(
+                "pid={} ppid={} comm={}",
+                proc.pid,
+                proc.ppid,
+                escape_controls(&proc.comm)
+            )
         }
         match self {
             Self::Ready {
@@ -153,7 +188,11 @@ impl Record {
             Self::Fork { ts, proc } => format!("{ts} fork     {}", p(proc)),
             Self::Exec {
                 ts, proc, exe, cmdline, ..
-            } => format!("{ts} exec     {} exe={exe} cmdline={cmdline:?}", p(proc)),
+            } => format!(
+                "{ts} exec     {} exe={} cmdline={cmdline:?}",
+                p(proc),
+                escape_controls(exe)
+            ),
             Self::Exit {
                 ts,
                 proc,
@@ -207,8 +246,9 @@ impl Record {
                 let new_parent = new_parent.map_or("?".to_owned(), |p| p.to_string());
                 let latency = latency_us.map_or(String::new(), |l| format!(" latency={l}us"));
                 format!(
-                    "{ts} DECISION [{mode}] {action} {reason} service={service} pid={pid} comm={comm} \
-                     parent={old_parent}->{new_parent} performed={performed} result={result:?}{latency}"
+                    "{ts} DECISION [{mode}] {action} {reason} service={service} pid={pid} comm={} \
+                     parent={old_parent}->{new_parent} performed={performed} result={result:?}{latency}",
+                    escape_controls(comm)
                 )
             }
             Self::Lost {
@@ -217,6 +257,25 @@ impl Record {
                 count,
                 total,
             } => format!("{ts} LOST     {count} events ({reason}, {total} in all)"),
+            Self::Resync {
+                ts,
+                trigger,
+                retired,
+                adopted,
+                reparented,
+                execs,
+                roots,
+                members,
+                took_us,
+            } => {
+                let members: Vec<String> =
+                    members.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+                format!(
+                    "{ts} RESYNC   trigger={trigger} retired={retired} adopted={adopted} \
+                     reparented={reparented} execs={execs} roots={roots} members={} took={took_us}us",
+                    members.join(",")
+                )
+            }
         }
     }
 }
@@ -258,37 +317,192 @@ impl Default for Clock {
     }
 }
 
-/// Buffered record writer for stdout.
+/// Records waiting for the writer thread. Beyond this many, new records are dropped (and
+/// counted) rather than delay a decision.
+pub const QUEUE_RECORDS: usize = 8192;
+/// At most one warning this often about records that could not be printed (ns).
+const DROP_WARN_NS: u64 = 10_000_000_000;
+
+/// What the writer thread and the daemon share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Records dropped because the queue was full (a stalled reader).
+    dropped_full: AtomicU64,
+    /// Records dropped because stdout failed (closed pipe, full disk...).
+    dropped_closed: AtomicU64,
+    /// stdout failed for good: further records are discarded by the writer.
+    closed: AtomicBool,
+}
+
+/// Prints records on stdout from a thread of its own, through a bounded queue: a closed or
+/// stalled stdout costs records (counted, and warned about on stderr), never a decision or a
+/// delay in one.
 pub struct Output {
     json: bool,
-    out: io::BufWriter<io::Stdout>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
+    /// Drops already warned about, and when (boot ns).
+    warned: (u64, u64),
 }
 
 impl Output {
+    /// Prints to stdout.
     pub fn new(format: OutputFormat) -> Self {
         let json = match format {
             OutputFormat::Json => true,
             OutputFormat::Text => false,
             OutputFormat::Auto => !io::stdout().is_terminal(),
         };
+        Self::to_writer(json, io::stdout(), QUEUE_RECORDS)
+    }
+
+    fn to_writer(json: bool, out: impl Write + Send + 'static, capacity: usize) -> Self {
+        let (tx, rx) = sync_channel::<Vec<u8>>(capacity);
+        let shared = Arc::new(Shared::default());
+        let s = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("guardian-output".into())
+            .spawn(move || write_records(rx, out, &s))
+            .expect("spawning the output thread");
         Self {
             json,
-            out: io::BufWriter::with_capacity(64 * 1024, io::stdout()),
+            tx: Some(tx),
+            writer: Some(writer),
+            shared,
+            warned: (0, 0),
         }
     }
 
-    pub fn emit(&mut self, record: &Record) -> io::Result<()> {
-        if self.json {
-            serde_json::to_writer(&mut self.out, record)?;
+    /// Queues a record; never blocks.
+    pub fn emit(&mut self, record: &Record) {
+        let mut line = if self.json {
+            serde_json::to_vec(record).unwrap_or_default()
         } else {
-            self.out.write_all(record.text().as_bytes())?;
+            record.text().into_bytes()
+        };
+        line.push(b'\n');
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.shared.dropped_full.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped_closed.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        self.out.write_all(b"\n")
+        self.warn_drops();
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+    /// Records not printed so far.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped_full.load(Ordering::Relaxed)
+            + self.shared.dropped_closed.load(Ordering::Relaxed)
     }
+
+    /// Says on stderr (at most every [`DROP_WARN_NS`]) that records are being lost.
+    fn warn_drops(&mut self) {
+        let dropped = self.dropped();
+        let now = procs::boottime_ns();
+        if dropped == self.warned.0 || (self.warned.1 != 0 && now < self.warned.1 + DROP_WARN_NS) {
+            return;
+        }
+        let why = if self.shared.closed.load(Ordering::Relaxed) {
+            "stdout is closed or failing"
+        } else {
+            "stdout is not being read fast enough"
+        };
+        warn!(
+            dropped,
+            "{why}: {} record(s) not printed since the last warning; enforcement goes on",
+            dropped - self.warned.0
+        );
+        self.warned = (dropped, now);
+    }
+
+    /// Lets the writer print what is queued, waiting at most `limit` (a stalled stdout must not
+    /// hold guardian's exit), and reports what was lost.
+    pub fn close(&mut self, limit: Duration) {
+        self.tx = None;
+        if let Some(writer) = self.writer.take() {
+            let deadline = std::time::Instant::now() + limit;
+            while !writer.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let dropped = self.dropped();
+        if dropped > 0 {
+            warn!(dropped, "records that could not be printed on stdout");
+        }
+    }
+}
+
+/// The writer thread: prints each record, flushing whenever the queue is empty. Once stdout
+/// fails, it only counts what it discards.
+fn write_records(rx: Receiver<Vec<u8>>, out: impl Write, shared: &Shared) {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
+    // Records in the buffer not yet flushed: lost with it if stdout fails.
+    let mut buffered = 0u64;
+    let fail = |shared: &Shared, lost: u64, e: io::Error| {
+        shared.dropped_closed.fetch_add(lost, Ordering::Relaxed);
+        if !shared.closed.swap(true, Ordering::Relaxed) {
+            warn!("stdout failed ({e}): records are no longer printed; enforcement goes on");
+        }
+    };
+    loop {
+        let line = match rx.try_recv() {
+            Ok(line) => line,
+            Err(TryRecvError::Empty) => {
+                if !shared.closed.load(Ordering::Relaxed) {
+                    match out.flush() {
+                        Ok(()) => buffered = 0,
+                        Err(e) => fail(shared, std::mem::take(&mut buffered), e),
+                    }
+                }
+                match rx.recv() {
+                    Ok(line) => line,
+                    Err(_) => break,
+                }
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
+        if shared.closed.load(Ordering::Relaxed) {
+            shared.dropped_closed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let flushes = out.buffer().len() + line.len() > out.capacity();
+        match out.write_all(&line) {
+            // A write that went through to stdout took the earlier buffered records with it.
+            Ok(()) if flushes => buffered = 1,
+            Ok(()) => buffered += 1,
+            Err(e) => fail(shared, std::mem::take(&mut buffered) + 1, e),
+        }
+    }
+    if !shared.closed.load(Ordering::Relaxed) {
+        if let Err(e) = out.flush() {
+            fail(shared, buffered, e);
+        }
+    }
+}
+
+/// `s` with control characters escaped (`\n`, `\u{1b}`...), for text output: a process name or
+/// command line can hold anything, and must not forge a line or drive the terminal.
+pub fn escape_controls(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_debug().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -339,6 +553,124 @@ mod tests {
         assert_eq!(v["old_parent"], 5);
         assert_eq!(v["new_parent"], 1);
         assert_eq!(v["comm"], "sleep");
+    }
+
+    #[test]
+    fn text_escapes_control_characters() {
+        let mut forged = proc();
+        forged.comm = "x\n2026 DECISION".into();
+        let r = Record::Fork {
+            ts: "t".into(),
+            proc: forged,
+        };
+        let text = r.text();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("comm=x\\n2026"), "{text}");
+        assert_eq!(escape_controls("plain"), "plain");
+        assert_eq!(escape_controls("a\u{1b}[31m"), "a\\u{1b}[31m");
+    }
+
+    /// A writer that blocks until told to go on, like a pipe nobody reads; counts the lines it
+    /// was given.
+    struct Stalled(std::sync::mpsc::Receiver<()>, Arc<AtomicU64>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            let lines = buf.iter().filter(|&&b| b == b'\n').count() as u64;
+            self.1.fetch_add(lines, Ordering::Relaxed);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A writer whose reader has gone (EPIPE).
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    fn lost(n: u64) -> Record {
+        Record::Lost {
+            ts: "t".into(),
+            reason: "test",
+            count: n,
+            total: n,
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_costs_records_not_time() {
+        let (go, wait) = std::sync::mpsc::channel();
+        let written = Arc::new(AtomicU64::new(0));
+        let mut out = Output::to_writer(true, Stalled(wait, Arc::clone(&written)), 4);
+        let start = std::time::Instant::now();
+        for i in 0..5000 {
+            out.emit(&lost(i));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "emitting blocked for {:?}",
+            start.elapsed()
+        );
+        // The writer holds what its buffer takes (64 KiB) and the queue four more: the rest
+        // is dropped and counted.
+        let dropped = out.dropped();
+        assert!(dropped > 3000, "dropped {dropped}");
+        drop(go);
+        out.close(Duration::from_secs(5));
+        assert_eq!(written.load(Ordering::Relaxed) + dropped, 5000);
+    }
+
+    #[test]
+    fn a_closed_stdout_is_counted_and_never_an_error() {
+        let mut out = Output::to_writer(true, Closed, 16);
+        for i in 0..100 {
+            out.emit(&lost(i));
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        out.close(Duration::from_secs(5));
+        assert!(out.shared.closed.load(Ordering::Relaxed));
+        assert_eq!(out.dropped(), 100);
+    }
+
+    #[test]
+    fn records_reach_the_writer_in_order() {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        struct Shared(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut out = Output::to_writer(true, Shared(Arc::clone(&buf)), 64);
+        for i in 0..50 {
+            out.emit(&lost(i));
+        }
+        out.close(Duration::from_secs(5));
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let counts: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["count"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(counts, (0..50).collect::<Vec<_>>());
+        assert_eq!(out.dropped(), 0);
     }
 
     #[test]

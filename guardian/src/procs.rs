@@ -61,7 +61,9 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
         (None, Vec::new())
     } else {
         (
-            proc.exe().ok().map(|p| p.to_string_lossy().into_owned()),
+            proc.exe()
+                .ok()
+                .map(|p| strip_deleted(p.to_string_lossy().into_owned())),
             proc.cmdline().unwrap_or_default(),
         )
     };
@@ -108,16 +110,37 @@ pub enum Pin {
     Gone,
     /// The pid belongs to another process now.
     Reused,
+    /// `/proc` could not be read for another reason (out of file descriptors or memory): the
+    /// process may well be there, so this is worth retrying.
+    Failed(std::io::Error),
+}
+
+/// A `/proc` read error that says nothing about the process (the reader is short of file
+/// descriptors or memory), as opposed to the process being gone.
+fn resource_error(e: &procfs::ProcError) -> Option<std::io::Error> {
+    match e {
+        procfs::ProcError::Io(io, _)
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+            ) =>
+        {
+            Some(std::io::Error::from_raw_os_error(io.raw_os_error()?))
+        }
+        _ => None,
+    }
 }
 
 impl Pinned {
     /// Opens `pid`; with `start_ns`, checks that it is still the process that started then.
     pub fn open(pid: u32, start_ns: Option<u64>) -> Pin {
-        let Ok(proc) = Process::new(pid as i32) else {
-            return Pin::Gone;
+        let proc = match Process::new(pid as i32) {
+            Ok(p) => p,
+            Err(e) => return resource_error(&e).map_or(Pin::Gone, Pin::Failed),
         };
-        let Ok(st) = proc.stat() else {
-            return Pin::Gone;
+        let st = match proc.stat() {
+            Ok(st) => st,
+            Err(e) => return resource_error(&e).map_or(Pin::Gone, Pin::Failed),
         };
         let stat = Stat {
             ppid: st.ppid.max(0) as u32,
@@ -135,11 +158,9 @@ impl Pinned {
     /// replaced since it was started (a package upgrade) keeps its path, without the kernel's
     /// ` (deleted)` mark.
     pub fn exe(&self) -> Option<String> {
-        let path = self.proc.exe().ok()?.to_string_lossy().into_owned();
-        Some(match path.strip_suffix(" (deleted)") {
-            Some(p) => p.to_owned(),
-            None => path,
-        })
+        Some(strip_deleted(
+            self.proc.exe().ok()?.to_string_lossy().into_owned(),
+        ))
     }
 
     pub fn argv(&self) -> Option<Vec<String>> {
@@ -163,6 +184,15 @@ impl Pinned {
     pub fn rss_bytes(&self) -> Option<u64> {
         let statm = self.proc.statm().ok()?;
         Some(statm.resident * rustix::param::page_size() as u64)
+    }
+}
+
+/// `/proc/PID/exe` of an executable deleted or replaced since it started (a package upgrade)
+/// ends in ` (deleted)`: the process still runs that path's program.
+fn strip_deleted(path: String) -> String {
+    match path.strip_suffix(" (deleted)") {
+        Some(p) => p.to_owned(),
+        None => path,
     }
 }
 
@@ -217,6 +247,53 @@ pub fn scan() -> Vec<ProcInfo> {
         .collect()
 }
 
+/// The inode number of the host's (initial) pid namespace, fixed by the kernel
+/// (`PROC_PID_INIT_INO`).
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamespaceError {
+    #[error(
+        "guardian runs in a pid namespace other than the host's ({ns}): the kernel reports host \
+         pids, and this process would read and signal other numbers. Run it on the host, or in a \
+         container sharing the host's pid namespace (Kubernetes `hostPID: true`, `docker run \
+         --pid=host`)"
+    )]
+    NotHost { ns: String },
+    #[error(
+        "/proc belongs to another pid namespace than guardian (it is pid {own}, /proc says \
+         {proc}): mount the host's /proc"
+    )]
+    ForeignProc { own: u32, proc: u32 },
+    #[error("cannot read `{path}`")]
+    Read {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Refuses to run outside the host's pid namespace, or with a `/proc` of another one.
+pub fn check_host_pid_namespace() -> Result<(), NamespaceError> {
+    let path = "/proc/self/ns/pid";
+    let meta = std::fs::metadata(path).map_err(|source| NamespaceError::Read { path, source })?;
+    if std::os::unix::fs::MetadataExt::ino(&meta) != INIT_PID_NS_INO {
+        let ns = std::fs::read_link(path)
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("inode {}", std::os::unix::fs::MetadataExt::ino(&meta)));
+        return Err(NamespaceError::NotHost { ns });
+    }
+    let own = std::process::id();
+    let proc = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|l| l.to_string_lossy().parse::<u32>().ok())
+        .unwrap_or(0);
+    if proc != own {
+        return Err(NamespaceError::ForeignProc { own, proc });
+    }
+    Ok(())
+}
+
 /// The current `CLOCK_BOOTTIME` in nanoseconds.
 pub fn boottime_ns() -> u64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
@@ -239,6 +316,12 @@ mod tests {
         let st = stat(me).unwrap();
         assert_eq!((st.ppid, st.start_ns), (info.ppid, info.start_ns));
         assert_eq!(st.comm, info.comm);
+    }
+
+    #[test]
+    fn this_test_runs_in_the_host_pid_namespace() {
+        // Unit tests run on the host (or in the VM guests' only namespace).
+        check_host_pid_namespace().unwrap();
     }
 
     #[test]

@@ -470,6 +470,31 @@ impl Table {
             .collect()
     }
 
+    /// A live process found gone (or its pid held by another process) in `/proc`: its exit was
+    /// never seen. Returns one `Orphaned` per live child, as an exit would.
+    pub fn retire_missed(&mut self, pid: u32, at_ns: u64) -> Vec<Change> {
+        if self.alive(pid).is_none() {
+            return Vec::new();
+        }
+        self.stats.missed_exits += 1;
+        self.retire(pid, at_ns, None)
+    }
+
+    /// A live process found running another program in `/proc` than the table says: an exec
+    /// that was never seen.
+    pub fn update_image(&mut self, pid: u32, comm: &str, exe: Option<String>, argv: Vec<String>) {
+        if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
+            p.comm = comm.to_owned();
+            p.exe = exe;
+            p.argv = argv;
+        }
+    }
+
+    /// Live members of any service.
+    pub fn members(&self) -> impl Iterator<Item = &Process> {
+        self.iter_alive().filter(|p| p.service.is_some())
+    }
+
     /// Records a confirmed new parent (from `/proc`) of a live process.
     pub fn reparented(&mut self, pid: u32, new_parent: u32) {
         let Some(c) = self.procs.get_mut(&pid).filter(|c| c.alive()) else {

@@ -26,7 +26,7 @@ fn proc_of(state: &State, pid: u32) -> Proc {
 }
 
 impl Handler for Printer {
-    fn notice(&mut self, state: &mut State, notice: &Notice) -> anyhow::Result<()> {
+    fn notice(&mut self, state: &mut State, notice: &Notice) {
         let clock = state.clock;
         let record = match *notice {
             Notice::Fork { pid, ts_ns } => Record::Fork {
@@ -46,7 +46,7 @@ impl Handler for Printer {
             Notice::Exit { pid, ts_ns, status } => {
                 Record::exit(clock.ts(ts_ns), proc_of(state, pid), status)
             }
-            Notice::Orphaned { .. } | Notice::Thread { .. } => return Ok(()),
+            Notice::Orphaned { .. } | Notice::Thread { .. } => return,
             Notice::Reparent {
                 pid,
                 old_parent,
@@ -69,13 +69,7 @@ impl Handler for Printer {
                 total,
             },
         };
-        self.out.emit(&record)?;
-        Ok(())
-    }
-
-    fn tick(&mut self, _state: &mut State) -> anyhow::Result<()> {
-        self.out.flush()?;
-        Ok(())
+        self.out.emit(&record);
     }
 }
 
@@ -94,9 +88,8 @@ pub async fn run(format: OutputFormat) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION"),
         group_dead: state.probes.group_dead.as_str(),
         processes: state.table.len_alive(),
-    })?;
-    printer.out.flush()?;
-    let result = monitor.run(&mut printer).await;
-    printer.out.flush()?;
-    result
+    });
+    monitor.run(&mut printer).await;
+    printer.out.close(std::time::Duration::from_secs(2));
+    Ok(())
 }
