@@ -68,10 +68,22 @@ pub struct Guardian {
 impl Guardian {
     /// Starts `guardian <args> --output json` and waits for its `ready` record.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(guardian_bin())
-            .args(args)
+        Self::spawn(Self::command(args))
+    }
+
+    /// The command [`Guardian::start`] runs, to be adjusted before [`Guardian::spawn`].
+    pub fn command(args: &[&str]) -> Command {
+        let mut cmd = Command::new(guardian_bin());
+        cmd.args(args)
             .args(["--output", "json"])
-            .env("GUARDIAN_LOG", "info")
+            .env("GUARDIAN_LOG", "info");
+        cmd
+    }
+
+    /// Starts guardian from `cmd` with its stdout and stderr collected, and waits for its
+    /// `ready` record.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -118,6 +130,24 @@ impl Guardian {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What guardian printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until stderr holds `text`.
+    pub fn wait_stderr(&self, text: &str) {
+        eventually(&format!("`{text}` on guardian's stderr"), WAIT, || {
+            self.stderr().contains(text)
+        });
+    }
+
+    /// Kills guardian with SIGKILL and reaps it (nothing of a clean stop runs).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// All records so far.

@@ -358,11 +358,167 @@ fn main() {
                 start.elapsed().as_nanos()
             ));
         }
+        // `linger N ...`: forks N children that linger, prints `pid=P children=...`, lingers.
+        // (The rest of the command line only marks it for a policy.)
+        "linger" => {
+            let kids: Vec<String> = (0..num(1, 0))
+                .map(|_| {
+                    let c = fork();
+                    if c == 0 {
+                        linger();
+                    }
+                    c.to_string()
+                })
+                .collect();
+            say(&format!(
+                "pid={} children={}",
+                std::process::id(),
+                kids.join(",")
+            ));
+            linger();
+        }
+        // `roots-chain TAG`: R (this process) forks W, W forks C; C execs `linger 0 TAG`, then W
+        // execs `linger 1 TAG` (a root with one child of its own). Prints `r= w= c=` once C has
+        // exec'd, just before W does; R then holds.
+        "roots-chain" => {
+            let tag = args.get(1).cloned().unwrap_or_default();
+            let me = std::env::current_exe().expect("current_exe");
+            let exec = |n: &str| -> ! {
+                let err = std::os::unix::process::CommandExt::exec(
+                    std::process::Command::new(&me).args(["linger", n, &tag]),
+                );
+                panic!("exec {}: {err}", me.display());
+            };
+            let r = std::process::id();
+            let w = fork();
+            if w == 0 {
+                // C's copy of this pipe closes when C execs: that is how W knows it has.
+                let execd = pipe();
+                let c = fork();
+                if c == 0 {
+                    // SAFETY: closing our copy of the read end, and marking the write end
+                    // close-on-exec.
+                    unsafe {
+                        libc::close(execd[0]);
+                        libc::fcntl(execd[1], libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
+                    exec("0");
+                }
+                // SAFETY: closing our copy of the write end.
+                unsafe { libc::close(execd[1]) };
+                wait_pipe(execd[0]);
+                say(&format!("r={r} w={} c={c}", std::process::id()));
+                exec("1");
+            }
+            hold();
+        }
+        // `churn N KEEP`: prints `pid=P`; after a line on stdin forks N children that wait, then
+        // KEEP that linger, then ends the N (all their exits come after all the forks) and
+        // reaps them, and prints `workers=...`; after a second line forks one more lingering
+        // child and prints `extra=P`; then lingers.
+        "churn" => {
+            let (n, keep) = (num(1, 300), num(2, 4));
+            say(&format!("pid={}", std::process::id()));
+            let mut stdin = io::stdin().lock();
+            let mut line = String::new();
+            let _ = stdin.read_line(&mut line);
+            let release = pipe();
+            let quick: Vec<i32> = (0..n)
+                .map(|_| {
+                    let c = fork();
+                    if c == 0 {
+                        // SAFETY: closing our copy of the write end, so that the parent's close
+                        // ends the wait.
+                        unsafe { libc::close(release[1]) };
+                        wait_pipe(release[0]);
+                        // SAFETY: exiting the child.
+                        unsafe { libc::_exit(0) }
+                    }
+                    c
+                })
+                .collect();
+            let workers: Vec<String> = (0..keep)
+                .map(|_| {
+                    let w = fork();
+                    if w == 0 {
+                        // SAFETY: closing the copies of the pipe that would keep the waiting
+                        // children waiting.
+                        unsafe {
+                            libc::close(release[0]);
+                            libc::close(release[1]);
+                        }
+                        linger();
+                    }
+                    w.to_string()
+                })
+                .collect();
+            // SAFETY: closing our pipe ends.
+            unsafe {
+                libc::close(release[0]);
+                libc::close(release[1]);
+            }
+            for c in quick {
+                wait(c);
+            }
+            say(&format!("workers={}", workers.join(",")));
+            line.clear();
+            let _ = stdin.read_line(&mut line);
+            let extra = fork();
+            if extra == 0 {
+                linger();
+            }
+            say(&format!("extra={extra}"));
+            linger();
+        }
+        // `in-pidns [--host-proc] PROGRAM ARGS...`: runs PROGRAM as pid 1 of a new pid namespace
+        // (with a /proc of its own unless --host-proc) and exits with its status.
+        "in-pidns" => {
+            let host_proc = args.get(1).is_some_and(|a| a == "--host-proc");
+            let cmd = &args[if host_proc { 2 } else { 1 }..];
+            // SAFETY: unshare with flags only; the new pid namespace applies to our children.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) };
+            assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+            let child = fork();
+            if child == 0 {
+                if !host_proc {
+                    let none = std::ptr::null::<libc::c_char>();
+                    // SAFETY: mount(2) with static C strings; our mount namespace is our own.
+                    unsafe {
+                        libc::mount(
+                            none,
+                            c"/".as_ptr(),
+                            none,
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null(),
+                        );
+                        let rc = libc::mount(
+                            c"proc".as_ptr(),
+                            c"/proc".as_ptr(),
+                            c"proc".as_ptr(),
+                            0,
+                            std::ptr::null(),
+                        );
+                        assert_eq!(rc, 0, "mount proc: {}", io::Error::last_os_error());
+                    }
+                }
+                let err = std::os::unix::process::CommandExt::exec(
+                    std::process::Command::new(&cmd[0]).args(&cmd[1..]),
+                );
+                panic!("exec {}: {err}", cmd[0]);
+            }
+            let status = wait(child);
+            std::process::exit(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            });
+        }
         _ => {
             eprintln!(
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
                  leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
-                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N]"
+                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N] | linger [N] | \
+                 roots-chain TAG | churn [N] [KEEP] | in-pidns [--host-proc] PROGRAM ARGS..."
             );
             std::process::exit(2);
         }
