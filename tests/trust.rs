@@ -460,3 +460,53 @@ fn sigkill_leaves_nothing_loaded_and_a_restart_takes_over() {
         assert_eq!(decisions(&records, k).len(), 1);
     }
 }
+
+/// The kernel's map of followed processes is full (64 entries here; the real size follows
+/// pid_max): guardian says so, keeps running, and follows the members it could not track from
+/// /proc, so that the orphans of one that dies unseen still die.
+#[test]
+fn a_full_tracked_map_falls_back_to_proc() {
+    let test = "tracked_full";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let policy = policy_file(test, &kill_policy(&tok, ""));
+    let mut cmd = Guardian::command(&["--policy", policy.to_str().unwrap()]);
+    cmd.env("GUARDIAN_TRACKED_ENTRIES", "64");
+    let g = Guardian::spawn(cmd);
+    let mut w = workload(&["tree", "100", "nested", &tok]);
+    let p = w.read_pairs();
+    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    w.cleanup.extend(&kids);
+    let middle = *kids.last().unwrap();
+    let mut grandchildren = Vec::new();
+    eventually("the last child's own children", WAIT, || {
+        grandchildren = children_of(middle);
+        grandchildren.len() == 2
+    });
+    w.cleanup.extend(&grandchildren);
+    wait_root(&g, parent);
+    let lost = g.wait_for("the full map reported", |v| {
+        v["event"] == "lost" && v["reason"] == "tracked_map_full"
+    });
+    assert!(lost["count"].as_u64().unwrap() > 0, "{lost}");
+    // Forked last, the middle child is beyond the map: its children were never reported, and
+    // are found in /proc.
+    let found = g.wait_for("the untracked member's children found in /proc", |v| {
+        v["event"] == "resync" && v["adopted"].as_u64() >= Some(2)
+    });
+    assert_eq!(found["trigger"], "lost", "{found}");
+    // Its death is only seen in /proc too.
+    kill(middle, libc::SIGKILL);
+    let took = all_gone(&grandchildren, Duration::from_secs(5));
+    eprintln!("orphans of an untracked member gone {took:?} after its SIGKILL");
+    let resync = g.wait_for("a resync for untracked members", |v| {
+        v["event"] == "resync" && v["trigger"] == "untracked" && v["retired"].as_u64() >= Some(1)
+    });
+    assert!(resync["retired"].as_u64().unwrap() >= 1, "{resync}");
+    kill(parent, libc::SIGKILL);
+    let rest: Vec<u32> = kids.iter().copied().filter(|&k| k != middle).collect();
+    all_gone(&rest, Duration::from_secs(5));
+    g.stop();
+}

@@ -87,6 +87,9 @@ pub struct Daemon {
     deferred: Vec<Deferred>,
     /// Members the kernel could not take into its tracked map (full): followed from `/proc`.
     untracked: HashSet<u32>,
+    /// Processes that could not be tracked since the last report, and in all.
+    untracked_new: u64,
+    untracked_total: u64,
     /// A full re-read of `/proc` is due, and why.
     resync_due: Option<&'static str>,
     checks: Checks,
@@ -110,6 +113,8 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         self_pid: std::process::id(),
         deferred: Vec::new(),
         untracked: HashSet::new(),
+        untracked_new: 0,
+        untracked_total: 0,
         resync_due: None,
         checks: Checks::default(),
     };
@@ -186,6 +191,7 @@ impl Daemon {
                 .get(&pid)
                 .filter(|i| procs::same_process(start, i.start_ns))
             else {
+                debug!(pid, "a member died unseen");
                 n.retired += 1;
                 for change in state.table.retire_missed(pid, now) {
                     if let Change::Orphaned { pid, old_parent } = change {
@@ -425,7 +431,9 @@ impl Daemon {
                 self.untracked.remove(&pid);
             }
             Err(e) => {
-                self.untracked.insert(pid);
+                if self.untracked.insert(pid) {
+                    self.untracked_new += 1;
+                }
                 let now = procs::boottime_ns();
                 if now >= self.checks.untracked_warned_ns + UNTRACKED_WARN_NS {
                     self.checks.untracked_warned_ns = now;
@@ -796,6 +804,17 @@ impl Handler for Daemon {
         self.emit(records);
         let records = self.budgets.tick(state, &mut self.enforcer, &self.policy);
         self.emit(records);
+        if self.untracked_new > 0 {
+            // Their events will not come: as good as lost, and said so.
+            self.untracked_total += self.untracked_new;
+            let record = Record::Lost {
+                ts: state.clock.now(),
+                reason: "tracked_map_full",
+                count: std::mem::take(&mut self.untracked_new),
+                total: self.untracked_total,
+            };
+            self.out.emit(&record);
+        }
         self.check(state);
         if let Some(trigger) = self.resync_due.take() {
             self.resync(state, trigger);

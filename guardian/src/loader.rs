@@ -73,6 +73,10 @@ pub const TRACKED_MAX: u32 = 131_072;
 /// Environment variable that sets the ring buffer's size in bytes (a power of two, at least a
 /// page): larger for hosts with bursts of execs, tiny to provoke loss in tests.
 pub const RING_BYTES_ENV: &str = "GUARDIAN_RING_BYTES";
+/// Environment variable that sets how many processes the kernel side can follow (from 64 to
+/// 4194304): beyond [`TRACKED_MAX`] on hosts with more members than that, or tiny to provoke a
+/// full map in tests.
+pub const TRACKED_ENTRIES_ENV: &str = "GUARDIAN_TRACKED_ENTRIES";
 
 /// The sizes of the kernel maps, decided at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,8 +97,19 @@ impl MapSizes {
             Ok(v) => parse_ring_bytes(&v).with_context(|| format!("{RING_BYTES_ENV}={v:?}"))?,
             Err(_) => EVENTS_BYTES,
         };
+        let tracked = match std::env::var(TRACKED_ENTRIES_ENV) {
+            Ok(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (64..=4 << 20).contains(n))
+                .with_context(|| {
+                    format!("{TRACKED_ENTRIES_ENV}={v:?}: a number from 64 to 4194304")
+                })?,
+            Err(_) => pid_max.clamp(1024, TRACKED_MAX),
+        };
         Ok(Self {
-            tracked: pid_max.clamp(1024, TRACKED_MAX),
+            tracked,
             ring_bytes,
         })
     }

@@ -212,9 +212,10 @@ fn main() {
             unreachable!("SYS_exit returned");
         }
         // `tree N [MODE]`: N children that linger. MODE `split`: the second child ignores
-        // SIGTERM; `ignore-term`: all do. The parent holds until a line or EOF on stdin (then
-        // exits without reaping: the children are orphaned); with MODE `keep` it ignores stdin
-        // and lingers (for parents launched in the background by a shell).
+        // SIGTERM; `ignore-term`: all do; `nested`: the last child has two children of its own.
+        // The parent holds until a line or EOF on stdin (then exits without reaping: the
+        // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
+        // launched in the background by a shell).
         "tree" => {
             let n = num(1, 3);
             let mode = args.get(2).map(String::as_str).unwrap_or("");
@@ -225,6 +226,13 @@ fn main() {
                         if mode == "ignore-term" || (mode == "split" && i == 1) {
                             // SAFETY: setting a signal disposition in the child.
                             unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                        }
+                        if mode == "nested" && i == n - 1 {
+                            for _ in 0..2 {
+                                if fork() == 0 {
+                                    linger();
+                                }
+                            }
                         }
                         linger();
                     }
