@@ -510,3 +510,61 @@ fn a_full_tracked_map_falls_back_to_proc() {
     all_gone(&rest, Duration::from_secs(5));
     g.stop();
 }
+
+/// The pids in guardian's tracked-process map, read from the kernel.
+fn tracked_pids(guardian: u32) -> Vec<u32> {
+    let ids = bpf_ids(guardian);
+    for &(kind, id) in &ids {
+        if kind != "map" {
+            continue;
+        }
+        let Ok(data) = aya::maps::MapData::from_id(id) else {
+            continue;
+        };
+        if data
+            .info()
+            .ok()
+            .and_then(|i| i.name_as_str().map(str::to_owned))
+            .as_deref()
+            != Some("TRACKED")
+        {
+            continue;
+        }
+        let map: aya::maps::HashMap<_, u32, u32> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+        return map.keys().filter_map(Result::ok).collect();
+    }
+    panic!("guardian {guardian} holds no TRACKED map: {ids:?}");
+}
+
+/// A member that clones with CLONE_PARENT gives its new child to its own parent, who belongs to
+/// no service: guardian must not start tracking that parent (and with it every process the
+/// parent starts from then on, for good).
+#[test]
+fn clone_parent_tracks_nobody_outside_the_service() {
+    let test = "clone_parent";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let g = Guardian::start(&[
+        "--policy",
+        policy_file(test, &kill_policy(&tok, "")).to_str().unwrap(),
+    ]);
+    let mut w = workload(&["clone-parent", &tok]);
+    let p = w.read_pairs();
+    let (member, sibling) = (pid(&p, "pid"), pid(&p, "sibling"));
+    w.cleanup.push(sibling);
+    wait_root(&g, member);
+    let me = std::process::id();
+    let mut tracked = Vec::new();
+    eventually("the root and its clone tracked", WAIT, || {
+        tracked = tracked_pids(g.pid());
+        tracked.contains(&member) && tracked.contains(&sibling)
+    });
+    assert!(
+        !tracked.contains(&me),
+        "the member's parent ({me}), outside every service, is tracked: {tracked:?}"
+    );
+    g.stop();
+}

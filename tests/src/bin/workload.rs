@@ -478,6 +478,27 @@ fn main() {
             say(&format!("extra={extra}"));
             linger();
         }
+        // `clone-parent`: clones a child with CLONE_PARENT (it becomes this process's sibling,
+        // a child of this process's parent), prints `pid= sibling=`, and lingers.
+        "clone-parent" => {
+            // SAFETY: a raw clone without a new stack behaves like fork; the child only sleeps.
+            let sibling = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    libc::CLONE_PARENT | libc::SIGCHLD,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                )
+            };
+            assert!(sibling >= 0, "clone: {}", io::Error::last_os_error());
+            if sibling == 0 {
+                linger();
+            }
+            say(&format!("pid={} sibling={sibling}", std::process::id()));
+            linger();
+        }
         // `in-pidns [--host-proc] PROGRAM ARGS...`: runs PROGRAM as pid 1 of a new pid namespace
         // (with a /proc of its own unless --host-proc) and exits with its status.
         "in-pidns" => {
@@ -526,7 +547,8 @@ fn main() {
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
                  leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
                  hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N] | linger [N] | \
-                 roots-chain TAG | churn [N] [KEEP] | in-pidns [--host-proc] PROGRAM ARGS..."
+                 roots-chain TAG | churn [N] [KEEP] | clone-parent | \
+                 in-pidns [--host-proc] PROGRAM ARGS..."
             );
             std::process::exit(2);
         }
