@@ -4,7 +4,9 @@
 //! creates; guardian reports what the kernel refused or killed, and acts above `memory_high`
 //! itself (one victim, then a re-check), before the kernel's OOM killer picks a wrong one.
 //! `cgroup = "inherit"` (and audit mode, where nothing is created): guardian counts tasks from
-//! its process table and memory from the members' resident memory, and acts itself.
+//! its process table and memory from the members' resident memory, and acts itself. So does an
+//! `own` service whose cgroup cannot be used (refused, or a write failed) until its last process
+//! ends.
 
 use std::{cmp::Reverse, collections::HashSet};
 
@@ -12,12 +14,14 @@ use anyhow::Context as _;
 use tracing::{debug, warn};
 
 use crate::{
-    cgroup::{fired, Counters, Layout, Limit, ServiceCgroup},
+    cgroup::{
+        budget_values, fired, Cgroupfs, Counters, Layout, Limit, Origin, Plan, ServiceCgroup,
+    },
     enforce::{Enforcer, Note, Reason, Request},
     monitor::State,
     output::{Clock, Record},
     policy::{CgroupMode, Mode, OrphanAction, Policy, Service, Victim},
-    procs,
+    procs::{self, Pin, Pinned},
     table::Process,
 };
 
@@ -30,6 +34,8 @@ const VICTIM_WAIT_NS: u64 = 5_000_000_000;
 /// After a memory notification, usage is re-read on every tick for this long (ns): the kernel's
 /// usage figure lags its threshold event by a few pages, and the next event may never come.
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
+/// At most one warning this often (ns) per service for a fault that can recur on every tick.
+const WARN_EVERY_NS: u64 = 1_000_000_000;
 
 /// A task a member just started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,11 +63,27 @@ struct ServiceState {
     /// Audit mode: the limits guardian would write were recorded.
     limits_noted: bool,
     thread_report_ns: u64,
+    /// The service's cgroup could not be used: guardian enforces its budgets itself, as in
+    /// `inherit` mode, until its last process ends (then the next root tries again).
+    fallback: bool,
+    /// When the next warning of a recurring fault may be logged.
+    warn_ns: u64,
+}
+
+impl ServiceState {
+    /// Whether a warning may be logged now (at most one each [`WARN_EVERY_NS`]).
+    fn warn_due(&mut self, now: u64) -> bool {
+        if now < self.warn_ns {
+            return false;
+        }
+        self.warn_ns = now + WARN_EVERY_NS;
+        true
+    }
 }
 
 pub struct BudgetEngine {
     mode: Mode,
-    layout: Option<Layout>,
+    cgroupfs: Option<Cgroupfs>,
     parent: String,
     services: Vec<ServiceState>,
 }
@@ -80,16 +102,17 @@ impl BudgetEngine {
             .services
             .iter()
             .find(|s| s.cgroup == CgroupMode::Own && s.budgets.any());
-        let layout = match own {
+        let cgroupfs = match own {
             Some(s) => Some(
                 Layout::detect()
+                    .and_then(Cgroupfs::open)
                     .with_context(|| format!("service `{}` wants cgroup = \"own\"", s.name))?,
             ),
             None => None,
         };
         Ok(Self {
             mode,
-            layout,
+            cgroupfs,
             parent: policy.cgroup_parent.clone(),
             services: policy
                 .services
@@ -99,17 +122,21 @@ impl BudgetEngine {
         })
     }
 
-    /// Whether guardian itself counts tasks (and so needs thread events).
-    pub fn counts_tasks(policy: &Policy, mode: Mode) -> bool {
-        policy.services.iter().any(|s| {
-            s.budgets.tasks_max.is_some()
-                && (s.cgroup == CgroupMode::Inherit || mode == Mode::Audit)
-        })
+    /// Whether guardian itself may count tasks (and so needs thread events): in `inherit` and
+    /// audit mode, and in `own` mode too, for a service whose cgroup cannot be used.
+    pub fn counts_tasks(policy: &Policy, _mode: Mode) -> bool {
+        policy
+            .services
+            .iter()
+            .any(|s| s.budgets.tasks_max.is_some())
     }
 
     /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.
-    fn kernel_enforced(&self, s: &Service) -> bool {
-        s.cgroup == CgroupMode::Own && self.mode == Mode::Enforce && self.layout.is_some()
+    fn kernel_enforced(&self, svc: usize, s: &Service) -> bool {
+        s.cgroup == CgroupMode::Own
+            && self.mode == Mode::Enforce
+            && self.cgroupfs.is_some()
+            && !self.services[svc].fallback
     }
 
     /// A process became a member: in `own` mode it is moved into the service's cgroup (created,
@@ -124,7 +151,7 @@ impl BudgetEngine {
         p: &Process,
     ) -> Vec<Record> {
         let service = &policy.services[svc];
-        let Some(layout) = self.layout.clone() else {
+        let Some(fs) = &self.cgroupfs else {
             return Vec::new();
         };
         if service.cgroup != CgroupMode::Own || !service.budgets.any() {
@@ -146,78 +173,122 @@ impl BudgetEngine {
                 usage: None,
                 limit,
             };
+        let plan = || Plan::new(fs.layout(), &self.parent, &service.name);
         if self.mode == Mode::Audit {
             if !st.limits_noted {
                 st.limits_noted = true;
-                let cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
-                for l in cg.limits(&service.budgets) {
-                    records.push(enforcer.note(
-                        clock,
-                        note(
-                            "limit",
-                            l.budget.into(),
-                            false,
-                            format!("audit: would write {}", describe(&l)),
-                            Some(l.value),
-                        ),
-                    ));
+                let results: Vec<(Reason, u64, String)> = match &plan() {
+                    Ok(plan) => plan
+                        .limits(&service.budgets)
+                        .iter()
+                        .map(|l| {
+                            let r = format!("audit: would write {}", describe(l));
+                            (l.budget.into(), l.value, r)
+                        })
+                        .collect(),
+                    Err(e) => budget_values(&service.budgets)
+                        .map(|(b, v)| (b.into(), v, format!("error: {}", chain(e))))
+                        .collect(),
+                };
+                for (reason, value, result) in results {
+                    records.push(
+                        enforcer.note(clock, note("limit", reason, false, result, Some(value))),
+                    );
                 }
             }
             return records;
         }
-        if st.cgroup.is_none() {
-            let mut cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
-            let created = cg
-                .create(&layout)
-                .and_then(|()| cg.write_limits(&service.budgets));
-            for l in cg.limits(&service.budgets) {
-                let result = match &created {
-                    Ok(()) => format!("wrote {}", describe(&l)),
-                    Err(e) => format!("error: {e:#}"),
-                };
-                records.push(enforcer.note(
-                    clock,
-                    note(
-                        "limit",
-                        l.budget.into(),
-                        created.is_ok(),
-                        result,
-                        Some(l.value),
-                    ),
-                ));
-            }
-            if let Err(e) = created {
-                warn!(service = %service.name, "cannot set up the service cgroup: {e:#}");
-                return records;
-            }
-            if let Some(high) = service.budgets.memory_high {
-                match cg.memory_watch(high) {
-                    Ok(fd) => st.watch = Some(fd),
+        if st.cgroup.is_none() && !st.fallback {
+            let set_up = plan().and_then(|plan| {
+                let cg = plan.create(fs)?;
+                match cg.write_limits(&service.budgets) {
+                    Ok(()) => Ok(cg),
                     Err(e) => {
-                        warn!(service = %service.name, "memory notifications unavailable, polling: {e:#}")
+                        // Whatever guardian made for it goes again (it is still empty).
+                        let mut cg = cg;
+                        cg.remove();
+                        Err(e)
+                    }
+                }
+            });
+            match set_up {
+                Ok(cg) => {
+                    for l in cg.limits(&service.budgets) {
+                        let how = match cg.origin(&l) {
+                            Some(Origin::Marked) => {
+                                "reused guardian's cgroup from an earlier run: "
+                            }
+                            Some(Origin::Operator) => {
+                                "reused the operator's cgroup (never removed by guardian): "
+                            }
+                            Some(Origin::Created) | None => "",
+                        };
+                        let result = format!("{how}wrote {}", describe(&l));
+                        records.push(enforcer.note(
+                            clock,
+                            note("limit", l.budget.into(), true, result, Some(l.value)),
+                        ));
+                    }
+                    if let Some(high) = service.budgets.memory_high {
+                        match cg.memory_watch(high) {
+                            Ok(fd) => st.watch = Some(fd),
+                            Err(e) => {
+                                warn!(service = %service.name, "memory notifications unavailable, polling: {}", chain(&e))
+                            }
+                        }
+                    }
+                    st.seen = cg.counters(Counters::default());
+                    st.cgroup = Some(cg);
+                }
+                Err(e) => {
+                    warn!(service = %service.name, "cannot use the service cgroup, guardian enforces its budgets itself: {}", chain(&e));
+                    st.fallback = true;
+                    for (budget, value) in budget_values(&service.budgets) {
+                        let result =
+                            format!("error: {}; guardian enforces the budget itself", chain(&e));
+                        records.push(enforcer.note(
+                            clock,
+                            note("limit", budget.into(), false, result, Some(value)),
+                        ));
                     }
                 }
             }
-            st.seen = cg.counters();
-            st.cgroup = Some(cg);
         }
-        if let Some(cg) = &st.cgroup {
-            if let Err(e) = cg.add(p.pid) {
-                // It may have just exited; anything else is worth a line.
-                if procs::stat(p.pid).is_some() {
-                    warn!(pid = p.pid, service = %service.name, "cannot move into the service cgroup: {e:#}");
-                }
-            } else if p.root {
+        let Some(cg) = &st.cgroup else {
+            return records;
+        };
+        match cg.add(p.pid) {
+            Ok(()) if p.root => records.push(enforcer.note(
+                clock,
+                note(
+                    "move",
+                    Reason::Budget,
+                    true,
+                    format!("moved into {}", cg.dirs()[0].display()),
+                    None,
+                ),
+            )),
+            Ok(()) => {}
+            // It may have just exited: nothing to say.
+            Err(_) if !matches!(Pinned::open(p.pid, Some(p.start_ns)), Pin::Ok(_)) => {}
+            // A live member the kernel's limits miss: guardian counts the service itself.
+            Err(e) if !st.fallback => {
+                st.fallback = true;
                 records.push(enforcer.note(
                     clock,
                     note(
                         "move",
                         Reason::Budget,
-                        true,
-                        format!("moved into {}", cg.dirs()[0].display()),
+                        false,
+                        format!("error: {}; guardian enforces the budgets itself", chain(&e)),
                         None,
                     ),
                 ));
+            }
+            Err(e) => {
+                if st.warn_due(procs::boottime_ns()) {
+                    warn!(pid = p.pid, service = %service.name, "cannot move into the service cgroup: {}", chain(&e));
+                }
             }
         }
         records
@@ -251,7 +322,7 @@ impl BudgetEngine {
         let Some(max) = service.budgets.tasks_max else {
             return Vec::new();
         };
-        if self.kernel_enforced(service) {
+        if self.kernel_enforced(svc, service) {
             return Vec::new();
         }
         let count = self.tasks(state, svc);
@@ -341,7 +412,7 @@ impl BudgetEngine {
         let Some(cg) = &st.cgroup else {
             return;
         };
-        let now = cg.counters();
+        let now = cg.counters(st.seen);
         let before = std::mem::replace(&mut st.seen, now);
         if now == before {
             return;
@@ -408,7 +479,7 @@ impl BudgetEngine {
         now: u64,
         records: &mut Vec<Record>,
     ) {
-        let kernel = self.kernel_enforced(service);
+        let kernel = self.kernel_enforced(svc, service);
         let high = service.budgets.memory_high;
         let own_max = if kernel {
             None
@@ -486,6 +557,7 @@ impl BudgetEngine {
         let st = &mut self.services[svc];
         st.skip.clear();
         st.victim = None;
+        st.fallback = false;
         if let Some(mut cg) = st.cgroup.take() {
             st.watch = None;
             if !cg.remove() {
@@ -510,6 +582,18 @@ impl BudgetEngine {
             }
         }
     }
+}
+
+/// An error with its causes, for a decision's `result`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// `memory.max=209715200 to /sys/fs/cgroup/.../memory.max`
