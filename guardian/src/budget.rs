@@ -4,11 +4,19 @@
 //! creates; guardian reports what the kernel refused or killed, and acts above `memory_high`
 //! itself (one victim, then a re-check), before the kernel's OOM killer picks a wrong one.
 //! `cgroup = "inherit"` (and audit mode, where nothing is created): guardian counts tasks from
-//! its process table and memory from the members' resident memory, and acts itself. So does an
-//! `own` service whose cgroup cannot be used (refused, or a write failed) until its last process
-//! ends.
+//! its process table and memory from the members' own, and acts itself. So does an `own`
+//! service whose cgroup cannot be used (refused, or a write failed) until its last process ends.
+//!
+//! Memory is read through each member's pinned `/proc` directory, never by bare pid. The cheap
+//! figure comes first (the cgroup's charge, or the members' resident sets summed); only when it
+//! is over a budget is every member's proportional set size read, and the decision (and the
+//! victims' sizes) taken on that: shared pages count once, however many workers map them.
 
-use std::{cmp::Reverse, collections::HashSet};
+use std::{
+    cmp::Reverse,
+    collections::HashSet,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
 use tracing::{debug, warn};
@@ -36,6 +44,9 @@ const VICTIM_WAIT_NS: u64 = 5_000_000_000;
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
 /// At most one warning this often (ns) per service for a fault that can recur on every tick.
 const WARN_EVERY_NS: u64 = 1_000_000_000;
+
+/// Set once `smaps_rollup` could not be read for a live process; said once.
+static NO_PSS: AtomicBool = AtomicBool::new(false);
 
 /// A task a member just started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,14 +97,6 @@ pub struct BudgetEngine {
     cgroupfs: Option<Cgroupfs>,
     parent: String,
     services: Vec<ServiceState>,
-}
-
-/// Resident memory of a process in bytes.
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
 }
 
 impl BudgetEngine {
@@ -505,17 +508,34 @@ impl BudgetEngine {
             }
         }
         st.next_poll_ns = now + MEMORY_POLL_NS;
-        let order = victims(state, svc, service.memory_victim, &st.skip);
-        let mut usage = match (&st.cgroup, kernel) {
-            (Some(cg), true) => cg.memory_usage().unwrap_or(0),
-            _ => order.iter().map(|(_, rss)| rss).sum(),
+        let over = |usage: u64| match (own_max, high) {
+            (Some(max), _) if usage > max => Some((max, Reason::MemoryMax)),
+            (_, Some(h)) if usage > h => Some((h, Reason::MemoryHigh)),
+            _ => None,
         };
+        let members = pinned_members(state, svc, &st.skip);
+        // The cheap figure first: what the kernel charges the cgroup, or the members' resident
+        // sets summed (an upper bound of their proportional sets).
+        let charged = match (&st.cgroup, kernel) {
+            (Some(cg), true) => {
+                let usage = cg.memory_usage();
+                if usage.is_none() && st.warn_due(now) {
+                    warn!(service = %service.name, "cannot read the cgroup's memory usage: counting the members' memory instead");
+                }
+                usage
+            }
+            _ => None,
+        };
+        let cheap = charged.unwrap_or_else(|| members.iter().map(|m| m.rss).sum());
+        if over(cheap).is_none() {
+            return;
+        }
+        let sized = proportional(members);
+        let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
         // At most one real kill per check; in audit mode every would-be victim, each once.
-        for (victim, victim_rss) in order {
-            let (limit, reason) = match (own_max, high) {
-                (Some(max), _) if usage > max => (max, Reason::MemoryMax),
-                (_, Some(h)) if usage > h => (h, Reason::MemoryHigh),
-                _ => return,
+        for (victim, size) in victim_order(sized, service.memory_victim) {
+            let Some((limit, reason)) = over(usage) else {
+                return;
             };
             let record = enforcer.act(
                 &state.clock,
@@ -543,11 +563,12 @@ impl BudgetEngine {
                 st.victim = Some((victim.pid, victim.start_ns, now));
                 return;
             }
-            // Not signalled (audit mode, or refused): decide on as if it had gone.
+            // Not signalled (audit mode, or refused): decide on as if it had gone. (Pages it
+            // shared stay with the others: its share is a lower bound of what they would carry.)
             st.skip.insert((victim.pid, victim.start_ns));
-            usage = usage.saturating_sub(victim_rss);
+            usage = usage.saturating_sub(size);
         }
-        if own_max.is_some_and(|m| usage > m) || high.is_some_and(|h| usage > h) {
+        if over(usage).is_some() {
             debug!(service = %service.name, "over budget with no member left to choose");
         }
     }
@@ -602,20 +623,57 @@ fn describe(l: &Limit) -> String {
     format!("{name}={} to {}", l.value, l.path.display())
 }
 
-/// Members with their resident memory (read once), in the order `memory_victim` kills them; a
-/// root comes only after every other member.
-fn victims<'a>(
-    state: &'a State,
-    svc: usize,
-    how: Victim,
-    skip: &HashSet<(u32, u64)>,
-) -> Vec<(&'a Process, u64)> {
-    let mut sized: Vec<(&Process, u64)> = state
+/// A member opened through its pinned `/proc` directory, with its resident memory.
+struct Member<'a> {
+    p: &'a Process,
+    proc: Pinned,
+    rss: u64,
+}
+
+/// The members guardian may still choose, each checked to be the process the table knows: one
+/// that has gone, or whose pid another process holds now, is left out.
+fn pinned_members<'a>(state: &'a State, svc: usize, skip: &HashSet<(u32, u64)>) -> Vec<Member<'a>> {
+    state
         .table
         .iter_alive()
         .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
-        .map(|p| (p, rss(p.pid)))
-        .collect();
+        .filter_map(|p| match Pinned::open(p.pid, Some(p.start_ns)) {
+            Pin::Ok(proc) => {
+                let rss = proc.rss_bytes()?;
+                Some(Member { p, proc, rss })
+            }
+            Pin::Gone | Pin::Reused => None,
+        })
+        .collect()
+}
+
+/// Members with their proportional set size, read through the same pinned directories. Where
+/// `smaps_rollup` cannot be read while the process lives (a kernel before 4.14), its resident
+/// size stands in (said once); a member that ended meanwhile is left out.
+fn proportional(members: Vec<Member<'_>>) -> Vec<(&Process, u64)> {
+    members
+        .into_iter()
+        .filter_map(|m| {
+            if m.rss == 0 {
+                return Some((m.p, 0)); // a zombie, or nothing resident
+            }
+            match m.proc.pss_bytes() {
+                Some(pss) => Some((m.p, pss)),
+                None => {
+                    m.proc.rss_bytes()?;
+                    if !NO_PSS.swap(true, Ordering::Relaxed) {
+                        warn!(pid = m.p.pid, "cannot read smaps_rollup: counting resident memory, which counts shared pages once per process");
+                    }
+                    Some((m.p, m.rss))
+                }
+            }
+        })
+        .collect()
+}
+
+/// Members with their sizes in the order `memory_victim` kills them; a root comes only after
+/// every other member.
+fn victim_order(mut sized: Vec<(&Process, u64)>, how: Victim) -> Vec<(&Process, u64)> {
     match how {
         Victim::OrphansThenLargest => {
             sized.sort_by_key(|(p, r)| (p.root, Reverse(p.orphan), Reverse(*r)))
