@@ -683,3 +683,124 @@ fn victim_order(mut sized: Vec<(&Process, u64)>, how: Victim) -> Vec<(&Process, 
     }
     sized
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, fs, path::Path};
+
+    use super::*;
+    use crate::{enforce::Protections, table};
+
+    /// An engine for one `own` service with tasks_max and memory_max, on a scratch v1 tree
+    /// (`m` and `p` stand in for the memory and pids hierarchies).
+    fn engine(root: &Path) -> (BudgetEngine, Policy) {
+        let policy = Policy::parse(
+            Path::new("p.toml"),
+            "cgroup_parent = \"/guardian\"\n[[service]]\nname = \"svc\"\nmatch = { comm = \"x\" }\ntasks_max = 8\nmemory_max = \"200M\"\ncgroup = \"own\"\n",
+        )
+        .unwrap();
+        let mi = format!(
+            "33 25 0:30 / {} rw - cgroup cgroup rw,memory\n35 25 0:32 / {} rw - cgroup cgroup rw,pids\n",
+            root.join("m").display(),
+            root.join("p").display()
+        );
+        let layout = Layout::from_proc(&mi, "8:pids:/\n4:memory:/\n", |_| None).unwrap();
+        let engine = BudgetEngine {
+            mode: Mode::Enforce,
+            cgroupfs: Some(Cgroupfs::open_scratch(layout).unwrap()),
+            parent: policy.cgroup_parent.clone(),
+            services: vec![ServiceState::default()],
+        };
+        (engine, policy)
+    }
+
+    fn member(pid: u32, root: bool) -> Process {
+        Process {
+            pid,
+            parent: 1,
+            start_ns: 0,
+            comm: "x".into(),
+            exe: None,
+            argv: vec!["x".into()],
+            children: BTreeSet::new(),
+            kernel_thread: false,
+            state: table::State::Alive,
+            service: Some(0),
+            root,
+            orphan: false,
+            threads: 1,
+            exec_ns: None,
+        }
+    }
+
+    fn entries(d: &Path) -> usize {
+        fs::read_dir(d).map_or(0, |r| r.count())
+    }
+
+    /// A cgroup that cannot be set up (a limit file the kernel would have made is missing; a
+    /// symlink planted on the way) is one `error:` decision per budget, nothing made is left, the
+    /// service falls back to guardian's own enforcement, and further members add nothing.
+    #[test]
+    fn a_cgroup_that_cannot_be_set_up_is_reported_once_and_counted_instead() {
+        for case in ["missing limit file", "planted symlink"] {
+            let root = std::env::temp_dir().join(format!(
+                "guardian-budget-{}-{}",
+                std::process::id(),
+                case.replace(' ', "-")
+            ));
+            let _ = fs::remove_dir_all(&root);
+            for d in ["m", "p", "outside"] {
+                fs::create_dir_all(root.join(d)).unwrap();
+            }
+            let want = if case == "planted symlink" {
+                std::os::unix::fs::symlink(root.join("outside"), root.join("p/guardian")).unwrap();
+                "error: refused"
+            } else {
+                "error: cannot write `8` to"
+            };
+            let (mut engine, policy) = engine(&root);
+            let mut enforcer = Enforcer::new(Mode::Enforce, Protections::new(&[]));
+            let clock = Clock::new();
+            let records = engine.place(&mut enforcer, &clock, &policy, 0, &member(999_999, true));
+            let values: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| serde_json::to_value(r).unwrap())
+                .collect();
+            assert_eq!(values.len(), 2, "{case}: one per budget: {values:?}");
+            for v in &values {
+                assert_eq!(v["action"], "limit", "{case}: {v}");
+                assert_eq!(v["performed"], false, "{case}: {v}");
+                let result = v["result"].as_str().unwrap();
+                assert!(result.starts_with(want), "{case}: {v}");
+                assert!(
+                    result.ends_with("guardian enforces the budget itself"),
+                    "{case}: {v}"
+                );
+            }
+            assert!(
+                !engine.kernel_enforced(0, &policy.services[0]),
+                "{case}: guardian counts the service itself"
+            );
+            assert!(BudgetEngine::counts_tasks(&policy, Mode::Enforce));
+            let more = engine.place(&mut enforcer, &clock, &policy, 0, &member(999_998, false));
+            assert!(more.is_empty(), "{case}: reported once: {more:?}");
+            assert_eq!(
+                (entries(&root.join("m")), entries(&root.join("outside"))),
+                (0, 0),
+                "{case}: what was made is gone again, nothing went through the symlink"
+            );
+            // The service ended: its next root tries the cgroup again.
+            engine.release(0, "svc");
+            assert!(engine.kernel_enforced(0, &policy.services[0]));
+            fs::remove_dir_all(&root).unwrap();
+        }
+    }
+
+    #[test]
+    fn recurring_warnings_are_rate_limited() {
+        let mut st = ServiceState::default();
+        assert!(st.warn_due(10));
+        assert!(!st.warn_due(10 + WARN_EVERY_NS - 1));
+        assert!(st.warn_due(10 + WARN_EVERY_NS));
+    }
+}

@@ -373,7 +373,7 @@ impl Cgroupfs {
     /// cgroupfs: the filesystem type check is skipped (it has its own test on the real mounts),
     /// and directories must be owned by the test's user instead of root.
     #[cfg(test)]
-    fn open_scratch(layout: Layout) -> Result<Self, CgroupError> {
+    pub(crate) fn open_scratch(layout: Layout) -> Result<Self, CgroupError> {
         Self::open_checked(layout, |_, _| true, rustix::process::geteuid().as_raw())
     }
 
