@@ -14,7 +14,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -44,6 +44,12 @@ const VICTIM_WAIT_NS: u64 = 5_000_000_000;
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
 /// At most one warning this often (ns) per service for a fault that can recur on every tick.
 const WARN_EVERY_NS: u64 = 1_000_000_000;
+/// After a PSS pass finds a service under its budgets, the next pass waits at least this long
+/// (ns) unless the members' resident memory grew past the headroom (see [`PssSnapshot`]).
+const PSS_REFRESH_NS: u64 = 1_000_000_000;
+/// ... and at least this many times what the pass cost, so that PSS passes never take more than
+/// about 1/20 of a core however large the service (a 300 MiB process costs about 3.5 ms).
+const PSS_COST_FACTOR: u64 = 20;
 
 /// Set once `smaps_rollup` could not be read for a live process; said once.
 static NO_PSS: AtomicBool = AtomicBool::new(false);
@@ -71,6 +77,8 @@ struct ServiceState {
     next_poll_ns: u64,
     /// Until when every tick re-reads usage (see [`NOTIFIED_FOLLOW_NS`]).
     follow_until_ns: u64,
+    /// The last PSS pass that found the service under its budgets.
+    pss: Option<PssSnapshot>,
     /// Audit mode: the limits guardian would write were recorded.
     limits_noted: bool,
     thread_report_ns: u64,
@@ -528,10 +536,33 @@ impl BudgetEngine {
         };
         let cheap = charged.unwrap_or_else(|| members.iter().map(|m| m.rss).sum());
         if over(cheap).is_none() {
+            st.pss = None;
             return;
         }
+        // Resident sets stay over a budget that proportional sets are well under for as long as
+        // workers share a large heap: between full passes, a bound from the last one will do.
+        if let Some(snap) = st.pss.as_ref().filter(|_| charged.is_none()) {
+            if now < snap.due_ns
+                && over(snap.bound(members.iter().map(Member::keyed_rss))).is_none()
+            {
+                return;
+            }
+        }
+        let rss: HashMap<(u32, u64), u64> = members.iter().map(Member::keyed_rss).collect();
+        let pass_ns = procs::boottime_ns();
         let sized = proportional(members);
         let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
+        st.pss = match charged {
+            None if over(usage).is_none() => {
+                let cost = procs::boottime_ns().saturating_sub(pass_ns);
+                Some(PssSnapshot {
+                    due_ns: now + PSS_REFRESH_NS.max(PSS_COST_FACTOR * cost),
+                    total: usage,
+                    rss,
+                })
+            }
+            _ => None,
+        };
         // At most one real kill per check; in audit mode every would-be victim, each once.
         for (victim, size) in victim_order(sized, service.memory_victim) {
             let Some((limit, reason)) = over(usage) else {
@@ -579,6 +610,7 @@ impl BudgetEngine {
         st.skip.clear();
         st.victim = None;
         st.fallback = false;
+        st.pss = None;
         if let Some(mut cg) = st.cgroup.take() {
             st.watch = None;
             if !cg.remove() {
@@ -623,11 +655,45 @@ fn describe(l: &Limit) -> String {
     format!("{name}={} to {}", l.value, l.path.display())
 }
 
+/// What a PSS pass found, for the passes it spares.
+struct PssSnapshot {
+    /// When the next full pass is due whatever the bound says.
+    due_ns: u64,
+    /// The members' proportional sets summed.
+    total: u64,
+    /// Each member's resident set then, by (pid, start).
+    rss: HashMap<(u32, u64), u64>,
+}
+
+impl PssSnapshot {
+    /// An upper bound of the members' proportional sets summed now: the last total, plus what
+    /// each member's resident set grew by since, plus the whole resident set of each newcomer.
+    /// A member that left only lowers the total. What it misses are pages that stopped being
+    /// shared without any resident set growing (copy-on-write of a shared page): those wait for
+    /// the next full pass, at most `due_ns` away.
+    fn bound(&self, rss_now: impl Iterator<Item = ((u32, u64), u64)>) -> u64 {
+        let grown: u64 = rss_now
+            .map(|(id, now)| match self.rss.get(&id) {
+                Some(&then) => now.saturating_sub(then),
+                None => now,
+            })
+            .sum();
+        self.total + grown
+    }
+}
+
 /// A member opened through its pinned `/proc` directory, with its resident memory.
 struct Member<'a> {
     p: &'a Process,
     proc: Pinned,
     rss: u64,
+}
+
+impl Member<'_> {
+    /// ((pid, start), resident bytes)
+    fn keyed_rss(&self) -> ((u32, u64), u64) {
+        ((self.p.pid, self.p.start_ns), self.rss)
+    }
 }
 
 /// The members guardian may still choose, each checked to be the process the table knows: one
@@ -794,6 +860,22 @@ mod tests {
             assert!(engine.kernel_enforced(0, &policy.services[0]));
             fs::remove_dir_all(&root).unwrap();
         }
+    }
+
+    #[test]
+    fn pss_bound_adds_growth_and_newcomers_and_forgets_leavers() {
+        const M: u64 = 1 << 20;
+        let snap = PssSnapshot {
+            due_ns: 0,
+            total: 300 * M,
+            rss: HashMap::from([((1, 10), 300 * M), ((2, 20), 300 * M), ((3, 30), 300 * M)]),
+        };
+        // 1 grew by 100 MiB, 2 shrank, 3 left, 4 is new with 50 MiB resident.
+        let now = [((1, 10), 400 * M), ((2, 20), 250 * M), ((4, 40), 50 * M)];
+        assert_eq!(snap.bound(now.into_iter()), 450 * M);
+        // A pid reused by another process is a newcomer, not the old member grown.
+        assert_eq!(snap.bound([((1, 11), 300 * M)].into_iter()), 600 * M);
+        assert_eq!(snap.bound(std::iter::empty()), 300 * M);
     }
 
     #[test]
