@@ -1265,6 +1265,11 @@ mod tests {
         assert_eq!(c.counters(Counters::default()), Counters::default());
         fs::write(dir.join("memory.current"), "1234\n").unwrap();
         assert_eq!(c.memory_usage(), Some(1234));
+        // The watch is set on the file opened beneath the service directory.
+        let watch = c.memory_watch(100 << 20).unwrap();
+        assert!(!fired(&watch));
+        fs::write(dir.join("memory.events"), "high 6\n").unwrap();
+        assert!(fired(&watch), "a change of memory.events wakes the check");
         assert_eq!(c.tasks(), None, "unreadable, not a panic");
         c.add(4242).unwrap();
         assert_eq!(
