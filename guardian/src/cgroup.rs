@@ -254,8 +254,13 @@ fn open_beneath(
         return Err(Errno::INVAL);
     }
     let flags = flags | OFlags::CLOEXEC;
-    if !NO_OPENAT2.load(Ordering::Relaxed) {
+    // EAGAIN: the kernel could not rule out a race with a rename; it may be retried.
+    for _ in 0..3 {
+        if NO_OPENAT2.load(Ordering::Relaxed) {
+            break;
+        }
         match openat2(dir, name, flags, Mode::empty(), RESOLVE) {
+            Err(Errno::AGAIN) => continue,
             Err(Errno::NOSYS) => {
                 NO_OPENAT2.store(true, Ordering::Relaxed);
                 warn!(
@@ -280,7 +285,7 @@ fn open_beneath_compat(
 ) -> rustix::io::Result<OwnedFd> {
     let fd = match openat(dir, name, flags | OFlags::NOFOLLOW, Mode::empty()) {
         Ok(fd) => fd,
-        // O_DIRECTORY comes first on a symlink: say what openat2 would.
+        // O_NOFOLLOW with O_DIRECTORY fails on a symlink with ENOTDIR: say what openat2 would.
         Err(Errno::NOTDIR)
             if statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink) =>
