@@ -595,7 +595,7 @@ impl BudgetEngine {
                 return;
             }
             // Not signalled (audit mode, or refused): decide on as if it had gone. (Pages it
-            // shared stay with the others: its share is a lower bound of what they would carry.)
+            // shares stay mapped by the others, so what is left is, if anything, above this.)
             st.skip.insert((victim.pid, victim.start_ns));
             usage = usage.saturating_sub(size);
         }
