@@ -4,20 +4,32 @@
 //! creates; guardian reports what the kernel refused or killed, and acts above `memory_high`
 //! itself (one victim, then a re-check), before the kernel's OOM killer picks a wrong one.
 //! `cgroup = "inherit"` (and audit mode, where nothing is created): guardian counts tasks from
-//! its process table and memory from the members' resident memory, and acts itself.
+//! its process table and memory from the members' own, and acts itself. So does an `own`
+//! service whose cgroup cannot be used (refused, or a write failed) until its last process ends.
+//!
+//! Memory is read through each member's pinned `/proc` directory, never by bare pid. The cheap
+//! figure comes first (the cgroup's charge, or the members' resident sets summed); only when it
+//! is over a budget is every member's proportional set size read, and the decision (and the
+//! victims' sizes) taken on that: shared pages count once, however many workers map them.
 
-use std::{cmp::Reverse, collections::HashSet};
+use std::{
+    cmp::Reverse,
+    collections::{HashMap, HashSet},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::Context as _;
 use tracing::{debug, warn};
 
 use crate::{
-    cgroup::{fired, Counters, Layout, Limit, ServiceCgroup},
+    cgroup::{
+        budget_values, fired, Cgroupfs, Counters, Layout, Limit, Origin, Plan, ServiceCgroup,
+    },
     enforce::{Enforcer, Note, Reason, Request},
     monitor::State,
     output::{Clock, Record},
     policy::{CgroupMode, Mode, OrphanAction, Policy, Service, Victim},
-    procs,
+    procs::{self, Pin, Pinned},
     table::Process,
 };
 
@@ -30,6 +42,17 @@ const VICTIM_WAIT_NS: u64 = 5_000_000_000;
 /// After a memory notification, usage is re-read on every tick for this long (ns): the kernel's
 /// usage figure lags its threshold event by a few pages, and the next event may never come.
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
+/// At most one warning this often (ns) per service for a fault that can recur on every tick.
+const WARN_EVERY_NS: u64 = 1_000_000_000;
+/// After a PSS pass finds a service under its budgets, the next pass waits at least this long
+/// (ns) unless the members' resident memory grew past the headroom (see [`PssSnapshot`]).
+const PSS_REFRESH_NS: u64 = 1_000_000_000;
+/// ... and at least this many times what the pass cost, so that PSS passes never take more than
+/// about 1/20 of a core however large the service (a 300 MiB process costs about 3.5 ms).
+const PSS_COST_FACTOR: u64 = 20;
+
+/// Set once `smaps_rollup` could not be read for a live process; said once.
+static NO_PSS: AtomicBool = AtomicBool::new(false);
 
 /// A task a member just started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,24 +77,34 @@ struct ServiceState {
     next_poll_ns: u64,
     /// Until when every tick re-reads usage (see [`NOTIFIED_FOLLOW_NS`]).
     follow_until_ns: u64,
+    /// The last PSS pass that found the service under its budgets.
+    pss: Option<PssSnapshot>,
     /// Audit mode: the limits guardian would write were recorded.
     limits_noted: bool,
     thread_report_ns: u64,
+    /// The service's cgroup could not be used: guardian enforces its budgets itself, as in
+    /// `inherit` mode, until its last process ends (then the next root tries again).
+    fallback: bool,
+    /// When the next warning of a recurring fault may be logged.
+    warn_ns: u64,
+}
+
+impl ServiceState {
+    /// Whether a warning may be logged now (at most one each [`WARN_EVERY_NS`]).
+    fn warn_due(&mut self, now: u64) -> bool {
+        if now < self.warn_ns {
+            return false;
+        }
+        self.warn_ns = now + WARN_EVERY_NS;
+        true
+    }
 }
 
 pub struct BudgetEngine {
     mode: Mode,
-    layout: Option<Layout>,
+    cgroupfs: Option<Cgroupfs>,
     parent: String,
     services: Vec<ServiceState>,
-}
-
-/// Resident memory of a process in bytes.
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * rustix::param::page_size() as u64)
 }
 
 impl BudgetEngine {
@@ -80,16 +113,17 @@ impl BudgetEngine {
             .services
             .iter()
             .find(|s| s.cgroup == CgroupMode::Own && s.budgets.any());
-        let layout = match own {
+        let cgroupfs = match own {
             Some(s) => Some(
                 Layout::detect()
+                    .and_then(Cgroupfs::open)
                     .with_context(|| format!("service `{}` wants cgroup = \"own\"", s.name))?,
             ),
             None => None,
         };
         Ok(Self {
             mode,
-            layout,
+            cgroupfs,
             parent: policy.cgroup_parent.clone(),
             services: policy
                 .services
@@ -99,17 +133,21 @@ impl BudgetEngine {
         })
     }
 
-    /// Whether guardian itself counts tasks (and so needs thread events).
-    pub fn counts_tasks(policy: &Policy, mode: Mode) -> bool {
-        policy.services.iter().any(|s| {
-            s.budgets.tasks_max.is_some()
-                && (s.cgroup == CgroupMode::Inherit || mode == Mode::Audit)
-        })
+    /// Whether guardian itself may count tasks (and so needs thread events): in `inherit` and
+    /// audit mode, and in `own` mode too, for a service whose cgroup cannot be used.
+    pub fn counts_tasks(policy: &Policy) -> bool {
+        policy
+            .services
+            .iter()
+            .any(|s| s.budgets.tasks_max.is_some())
     }
 
     /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.
-    fn kernel_enforced(&self, s: &Service) -> bool {
-        s.cgroup == CgroupMode::Own && self.mode == Mode::Enforce && self.layout.is_some()
+    fn kernel_enforced(&self, svc: usize, s: &Service) -> bool {
+        s.cgroup == CgroupMode::Own
+            && self.mode == Mode::Enforce
+            && self.cgroupfs.is_some()
+            && !self.services[svc].fallback
     }
 
     /// A process became a member: in `own` mode it is moved into the service's cgroup (created,
@@ -124,7 +162,7 @@ impl BudgetEngine {
         p: &Process,
     ) -> Vec<Record> {
         let service = &policy.services[svc];
-        let Some(layout) = self.layout.clone() else {
+        let Some(fs) = &self.cgroupfs else {
             return Vec::new();
         };
         if service.cgroup != CgroupMode::Own || !service.budgets.any() {
@@ -146,78 +184,122 @@ impl BudgetEngine {
                 usage: None,
                 limit,
             };
+        let plan = || Plan::new(fs.layout(), &self.parent, &service.name);
         if self.mode == Mode::Audit {
             if !st.limits_noted {
                 st.limits_noted = true;
-                let cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
-                for l in cg.limits(&service.budgets) {
-                    records.push(enforcer.note(
-                        clock,
-                        note(
-                            "limit",
-                            l.budget.into(),
-                            false,
-                            format!("audit: would write {}", describe(&l)),
-                            Some(l.value),
-                        ),
-                    ));
+                let results: Vec<(Reason, u64, String)> = match &plan() {
+                    Ok(plan) => plan
+                        .limits(&service.budgets)
+                        .iter()
+                        .map(|l| {
+                            let r = format!("audit: would write {}", describe(l));
+                            (l.budget.into(), l.value, r)
+                        })
+                        .collect(),
+                    Err(e) => budget_values(&service.budgets)
+                        .map(|(b, v)| (b.into(), v, format!("error: {}", chain(e))))
+                        .collect(),
+                };
+                for (reason, value, result) in results {
+                    records.push(
+                        enforcer.note(clock, note("limit", reason, false, result, Some(value))),
+                    );
                 }
             }
             return records;
         }
-        if st.cgroup.is_none() {
-            let mut cg = ServiceCgroup::plan(&layout, &self.parent, &service.name);
-            let created = cg
-                .create(&layout)
-                .and_then(|()| cg.write_limits(&service.budgets));
-            for l in cg.limits(&service.budgets) {
-                let result = match &created {
-                    Ok(()) => format!("wrote {}", describe(&l)),
-                    Err(e) => format!("error: {e:#}"),
-                };
-                records.push(enforcer.note(
-                    clock,
-                    note(
-                        "limit",
-                        l.budget.into(),
-                        created.is_ok(),
-                        result,
-                        Some(l.value),
-                    ),
-                ));
-            }
-            if let Err(e) = created {
-                warn!(service = %service.name, "cannot set up the service cgroup: {e:#}");
-                return records;
-            }
-            if let Some(high) = service.budgets.memory_high {
-                match cg.memory_watch(high) {
-                    Ok(fd) => st.watch = Some(fd),
+        if st.cgroup.is_none() && !st.fallback {
+            let set_up = plan().and_then(|plan| {
+                let cg = plan.create(fs)?;
+                match cg.write_limits(&service.budgets) {
+                    Ok(()) => Ok(cg),
                     Err(e) => {
-                        warn!(service = %service.name, "memory notifications unavailable, polling: {e:#}")
+                        // Whatever guardian made for it goes again (it is still empty).
+                        let mut cg = cg;
+                        cg.remove();
+                        Err(e)
+                    }
+                }
+            });
+            match set_up {
+                Ok(cg) => {
+                    for l in cg.limits(&service.budgets) {
+                        let how = match cg.origin(&l) {
+                            Some(Origin::Marked) => {
+                                "reused guardian's cgroup from an earlier run: "
+                            }
+                            Some(Origin::Operator) => {
+                                "reused the operator's cgroup (never removed by guardian): "
+                            }
+                            Some(Origin::Created) | None => "",
+                        };
+                        let result = format!("{how}wrote {}", describe(&l));
+                        records.push(enforcer.note(
+                            clock,
+                            note("limit", l.budget.into(), true, result, Some(l.value)),
+                        ));
+                    }
+                    if let Some(high) = service.budgets.memory_high {
+                        match cg.memory_watch(high) {
+                            Ok(fd) => st.watch = Some(fd),
+                            Err(e) => {
+                                warn!(service = %service.name, "memory notifications unavailable, polling: {}", chain(&e))
+                            }
+                        }
+                    }
+                    st.seen = cg.counters(Counters::default());
+                    st.cgroup = Some(cg);
+                }
+                Err(e) => {
+                    warn!(service = %service.name, "cannot use the service cgroup, guardian enforces its budgets itself: {}", chain(&e));
+                    st.fallback = true;
+                    for (budget, value) in budget_values(&service.budgets) {
+                        let result =
+                            format!("error: {}; guardian enforces the budget itself", chain(&e));
+                        records.push(enforcer.note(
+                            clock,
+                            note("limit", budget.into(), false, result, Some(value)),
+                        ));
                     }
                 }
             }
-            st.seen = cg.counters();
-            st.cgroup = Some(cg);
         }
-        if let Some(cg) = &st.cgroup {
-            if let Err(e) = cg.add(p.pid) {
-                // It may have just exited; anything else is worth a line.
-                if procs::stat(p.pid).is_some() {
-                    warn!(pid = p.pid, service = %service.name, "cannot move into the service cgroup: {e:#}");
-                }
-            } else if p.root {
+        let Some(cg) = &st.cgroup else {
+            return records;
+        };
+        match cg.add(p.pid) {
+            Ok(()) if p.root => records.push(enforcer.note(
+                clock,
+                note(
+                    "move",
+                    Reason::Budget,
+                    true,
+                    format!("moved into {}", cg.dirs()[0].display()),
+                    None,
+                ),
+            )),
+            Ok(()) => {}
+            // It may have just exited: nothing to say.
+            Err(_) if !matches!(Pinned::open(p.pid, Some(p.start_ns)), Pin::Ok(_)) => {}
+            // A live member the kernel's limits miss: guardian counts the service itself.
+            Err(e) if !st.fallback => {
+                st.fallback = true;
                 records.push(enforcer.note(
                     clock,
                     note(
                         "move",
                         Reason::Budget,
-                        true,
-                        format!("moved into {}", cg.dirs()[0].display()),
+                        false,
+                        format!("error: {}; guardian enforces the budgets itself", chain(&e)),
                         None,
                     ),
                 ));
+            }
+            Err(e) => {
+                if st.warn_due(procs::boottime_ns()) {
+                    warn!(pid = p.pid, service = %service.name, "cannot move into the service cgroup: {}", chain(&e));
+                }
             }
         }
         records
@@ -251,7 +333,7 @@ impl BudgetEngine {
         let Some(max) = service.budgets.tasks_max else {
             return Vec::new();
         };
-        if self.kernel_enforced(service) {
+        if self.kernel_enforced(svc, service) {
             return Vec::new();
         }
         let count = self.tasks(state, svc);
@@ -344,7 +426,7 @@ impl BudgetEngine {
         let Some(cg) = &st.cgroup else {
             return;
         };
-        let now = cg.counters();
+        let now = cg.counters(st.seen);
         let before = std::mem::replace(&mut st.seen, now);
         if now == before {
             return;
@@ -411,7 +493,7 @@ impl BudgetEngine {
         now: u64,
         records: &mut Vec<Record>,
     ) {
-        let kernel = self.kernel_enforced(service);
+        let kernel = self.kernel_enforced(svc, service);
         let high = service.budgets.memory_high;
         let own_max = if kernel {
             None
@@ -437,17 +519,57 @@ impl BudgetEngine {
             }
         }
         st.next_poll_ns = now + MEMORY_POLL_NS;
-        let order = victims(state, svc, service.memory_victim, &st.skip);
-        let mut usage = match (&st.cgroup, kernel) {
-            (Some(cg), true) => cg.memory_usage().unwrap_or(0),
-            _ => order.iter().map(|(_, rss)| rss).sum(),
+        let over = |usage: u64| match (own_max, high) {
+            (Some(max), _) if usage > max => Some((max, Reason::MemoryMax)),
+            (_, Some(h)) if usage > h => Some((h, Reason::MemoryHigh)),
+            _ => None,
+        };
+        let members = pinned_members(state, svc, &st.skip);
+        // The cheap figure first: what the kernel charges the cgroup, or the members' resident
+        // sets summed (an upper bound of their proportional sets).
+        let charged = match (&st.cgroup, kernel) {
+            (Some(cg), true) => {
+                let usage = cg.memory_usage();
+                if usage.is_none() && st.warn_due(now) {
+                    warn!(service = %service.name, "cannot read the cgroup's memory usage: counting the members' memory instead");
+                }
+                usage
+            }
+            _ => None,
+        };
+        let cheap = charged.unwrap_or_else(|| members.iter().map(|m| m.rss).sum());
+        if over(cheap).is_none() {
+            st.pss = None;
+            return;
+        }
+        // Resident sets stay over a budget that proportional sets are well under for as long as
+        // workers share a large heap: between full passes, a bound from the last one will do.
+        if let Some(snap) = st.pss.as_ref().filter(|_| charged.is_none()) {
+            if now < snap.due_ns
+                && over(snap.bound(members.iter().map(Member::keyed_rss))).is_none()
+            {
+                return;
+            }
+        }
+        let rss: HashMap<(u32, u64), u64> = members.iter().map(Member::keyed_rss).collect();
+        let pass_ns = procs::boottime_ns();
+        let sized = proportional(members);
+        let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
+        st.pss = match charged {
+            None if over(usage).is_none() => {
+                let cost = procs::boottime_ns().saturating_sub(pass_ns);
+                Some(PssSnapshot {
+                    due_ns: now + PSS_REFRESH_NS.max(PSS_COST_FACTOR * cost),
+                    total: usage,
+                    rss,
+                })
+            }
+            _ => None,
         };
         // At most one real kill per check; in audit mode every would-be victim, each once.
-        for (victim, victim_rss) in order {
-            let (limit, reason) = match (own_max, high) {
-                (Some(max), _) if usage > max => (max, Reason::MemoryMax),
-                (_, Some(h)) if usage > h => (h, Reason::MemoryHigh),
-                _ => return,
+        for (victim, size) in victim_order(sized, service.memory_victim) {
+            let Some((limit, reason)) = over(usage) else {
+                return;
             };
             let record = enforcer.act(
                 &state.clock,
@@ -479,11 +601,12 @@ impl BudgetEngine {
                 st.victim = Some((victim.pid, victim.start_ns, now));
                 return;
             }
-            // Not signalled (audit mode, or refused): decide on as if it had gone.
+            // Not signalled (audit mode, or refused): decide on as if it had gone. (Pages it
+            // shares stay mapped by the others, so what is left is, if anything, above this.)
             st.skip.insert((victim.pid, victim.start_ns));
-            usage = usage.saturating_sub(victim_rss);
+            usage = usage.saturating_sub(size);
         }
-        if own_max.is_some_and(|m| usage > m) || high.is_some_and(|h| usage > h) {
+        if over(usage).is_some() {
             debug!(service = %service.name, "over budget with no member left to choose");
         }
     }
@@ -493,6 +616,8 @@ impl BudgetEngine {
         let st = &mut self.services[svc];
         st.skip.clear();
         st.victim = None;
+        st.fallback = false;
+        st.pss = None;
         if let Some(mut cg) = st.cgroup.take() {
             st.watch = None;
             if !cg.remove() {
@@ -519,26 +644,110 @@ impl BudgetEngine {
     }
 }
 
+/// An error with its causes, for a decision's `result`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 /// `memory.max=209715200 to /sys/fs/cgroup/.../memory.max`
 fn describe(l: &Limit) -> String {
     let name = l.path.file_name().unwrap_or_default().to_string_lossy();
     format!("{name}={} to {}", l.value, l.path.display())
 }
 
-/// Members with their resident memory (read once), in the order `memory_victim` kills them; a
-/// root comes only after every other member.
-fn victims<'a>(
-    state: &'a State,
-    svc: usize,
-    how: Victim,
-    skip: &HashSet<(u32, u64)>,
-) -> Vec<(&'a Process, u64)> {
-    let mut sized: Vec<(&Process, u64)> = state
+/// What a PSS pass found, for the passes it spares.
+struct PssSnapshot {
+    /// When the next full pass is due whatever the bound says.
+    due_ns: u64,
+    /// The members' proportional sets summed.
+    total: u64,
+    /// Each member's resident set then, by (pid, start).
+    rss: HashMap<(u32, u64), u64>,
+}
+
+impl PssSnapshot {
+    /// An upper bound of the members' proportional sets summed now: the last total, plus what
+    /// each member's resident set grew by since, plus the whole resident set of each newcomer.
+    /// A member that left only lowers the total. What it misses are pages that stopped being
+    /// shared without any resident set growing (copy-on-write of a shared page): those wait for
+    /// the next full pass, at most `due_ns` away.
+    fn bound(&self, rss_now: impl Iterator<Item = ((u32, u64), u64)>) -> u64 {
+        let grown: u64 = rss_now
+            .map(|(id, now)| match self.rss.get(&id) {
+                Some(&then) => now.saturating_sub(then),
+                None => now,
+            })
+            .sum();
+        self.total + grown
+    }
+}
+
+/// A member opened through its pinned `/proc` directory, with its resident memory.
+struct Member<'a> {
+    p: &'a Process,
+    proc: Pinned,
+    rss: u64,
+}
+
+impl Member<'_> {
+    /// ((pid, start), resident bytes)
+    fn keyed_rss(&self) -> ((u32, u64), u64) {
+        ((self.p.pid, self.p.start_ns), self.rss)
+    }
+}
+
+/// The members guardian may still choose, each checked to be the process the table knows: one
+/// that has gone, or whose pid another process holds now, is left out.
+fn pinned_members<'a>(state: &'a State, svc: usize, skip: &HashSet<(u32, u64)>) -> Vec<Member<'a>> {
+    state
         .table
         .iter_alive()
         .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
-        .map(|p| (p, rss(p.pid)))
-        .collect();
+        .filter_map(|p| match Pinned::open(p.pid, Some(p.start_ns)) {
+            Pin::Ok(proc) => {
+                let rss = proc.rss_bytes()?;
+                Some(Member { p, proc, rss })
+            }
+            // Out of descriptors: left out of this check, counted again at the next.
+            Pin::Gone | Pin::Reused | Pin::Failed(_) => None,
+        })
+        .collect()
+}
+
+/// Members with their proportional set size, read through the same pinned directories. Where
+/// `smaps_rollup` cannot be read while the process lives (a kernel before 4.14), its resident
+/// size stands in (said once); a member that ended meanwhile is left out.
+fn proportional(members: Vec<Member<'_>>) -> Vec<(&Process, u64)> {
+    members
+        .into_iter()
+        .filter_map(|m| {
+            if m.rss == 0 {
+                return Some((m.p, 0)); // a zombie, or nothing resident
+            }
+            match m.proc.pss_bytes() {
+                Some(pss) => Some((m.p, pss)),
+                None => {
+                    m.proc.rss_bytes()?;
+                    if !NO_PSS.swap(true, Ordering::Relaxed) {
+                        warn!(pid = m.p.pid, "cannot read smaps_rollup: counting resident memory, which counts shared pages once per process");
+                    }
+                    Some((m.p, m.rss))
+                }
+            }
+        })
+        .collect()
+}
+
+/// Members with their sizes in the order `memory_victim` kills them; a root comes only after
+/// every other member.
+fn victim_order(mut sized: Vec<(&Process, u64)>, how: Victim) -> Vec<(&Process, u64)> {
     match how {
         Victim::OrphansThenLargest => {
             sized.sort_by_key(|(p, r)| (p.root, Reverse(p.orphan), Reverse(*r)))
@@ -547,4 +756,141 @@ fn victims<'a>(
         Victim::Newest => sized.sort_by_key(|(p, _)| (p.root, Reverse(p.start_ns))),
     }
     sized
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, fs, path::Path};
+
+    use super::*;
+    use crate::{enforce::Protections, table};
+
+    /// An engine for one `own` service with tasks_max and memory_max, on a scratch v1 tree
+    /// (`m` and `p` stand in for the memory and pids hierarchies).
+    fn engine(root: &Path) -> (BudgetEngine, Policy) {
+        let policy = Policy::parse(
+            Path::new("p.toml"),
+            "cgroup_parent = \"/guardian\"\n[[service]]\nname = \"svc\"\nmatch = { comm = \"x\" }\ntasks_max = 8\nmemory_max = \"200M\"\ncgroup = \"own\"\n",
+        )
+        .unwrap();
+        let mi = format!(
+            "33 25 0:30 / {} rw - cgroup cgroup rw,memory\n35 25 0:32 / {} rw - cgroup cgroup rw,pids\n",
+            root.join("m").display(),
+            root.join("p").display()
+        );
+        let layout = Layout::from_proc(&mi, "8:pids:/\n4:memory:/\n", |_| None).unwrap();
+        let engine = BudgetEngine {
+            mode: Mode::Enforce,
+            cgroupfs: Some(Cgroupfs::open_scratch(layout).unwrap()),
+            parent: policy.cgroup_parent.clone(),
+            services: vec![ServiceState::default()],
+        };
+        (engine, policy)
+    }
+
+    fn member(pid: u32, root: bool) -> Process {
+        Process {
+            pid,
+            parent: 1,
+            start_ns: 0,
+            comm: "x".into(),
+            exe: None,
+            argv: vec!["x".into()],
+            children: BTreeSet::new(),
+            kernel_thread: false,
+            state: table::State::Alive,
+            service: Some(0),
+            root,
+            orphan: false,
+            threads: 1,
+            exec_ns: None,
+        }
+    }
+
+    fn entries(d: &Path) -> usize {
+        fs::read_dir(d).map_or(0, |r| r.count())
+    }
+
+    /// A cgroup that cannot be set up (a limit file the kernel would have made is missing; a
+    /// symlink planted on the way) is one `error:` decision per budget, nothing made is left, the
+    /// service falls back to guardian's own enforcement, and further members add nothing.
+    #[test]
+    fn a_cgroup_that_cannot_be_set_up_is_reported_once_and_counted_instead() {
+        for case in ["missing limit file", "planted symlink"] {
+            let root = std::env::temp_dir().join(format!(
+                "guardian-budget-{}-{}",
+                std::process::id(),
+                case.replace(' ', "-")
+            ));
+            let _ = fs::remove_dir_all(&root);
+            for d in ["m", "p", "outside"] {
+                fs::create_dir_all(root.join(d)).unwrap();
+            }
+            let want = if case == "planted symlink" {
+                std::os::unix::fs::symlink(root.join("outside"), root.join("p/guardian")).unwrap();
+                "error: refused"
+            } else {
+                "error: cannot write `8` to"
+            };
+            let (mut engine, policy) = engine(&root);
+            let mut enforcer = Enforcer::new(Mode::Enforce, Protections::new(&[]));
+            let clock = Clock::new();
+            let records = engine.place(&mut enforcer, &clock, &policy, 0, &member(999_999, true));
+            let values: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| serde_json::to_value(r).unwrap())
+                .collect();
+            assert_eq!(values.len(), 2, "{case}: one per budget: {values:?}");
+            for v in &values {
+                assert_eq!(v["action"], "limit", "{case}: {v}");
+                assert_eq!(v["performed"], false, "{case}: {v}");
+                let result = v["result"].as_str().unwrap();
+                assert!(result.starts_with(want), "{case}: {v}");
+                assert!(
+                    result.ends_with("guardian enforces the budget itself"),
+                    "{case}: {v}"
+                );
+            }
+            assert!(
+                !engine.kernel_enforced(0, &policy.services[0]),
+                "{case}: guardian counts the service itself"
+            );
+            assert!(BudgetEngine::counts_tasks(&policy));
+            let more = engine.place(&mut enforcer, &clock, &policy, 0, &member(999_998, false));
+            assert!(more.is_empty(), "{case}: reported once: {more:?}");
+            assert_eq!(
+                (entries(&root.join("m")), entries(&root.join("outside"))),
+                (0, 0),
+                "{case}: what was made is gone again, nothing went through the symlink"
+            );
+            // The service ended: its next root tries the cgroup again.
+            engine.release(0, "svc");
+            assert!(engine.kernel_enforced(0, &policy.services[0]));
+            fs::remove_dir_all(&root).unwrap();
+        }
+    }
+
+    #[test]
+    fn pss_bound_adds_growth_and_newcomers_and_forgets_leavers() {
+        const M: u64 = 1 << 20;
+        let snap = PssSnapshot {
+            due_ns: 0,
+            total: 300 * M,
+            rss: HashMap::from([((1, 10), 300 * M), ((2, 20), 300 * M), ((3, 30), 300 * M)]),
+        };
+        // 1 grew by 100 MiB, 2 shrank, 3 left, 4 is new with 50 MiB resident.
+        let now = [((1, 10), 400 * M), ((2, 20), 250 * M), ((4, 40), 50 * M)];
+        assert_eq!(snap.bound(now.into_iter()), 450 * M);
+        // A pid reused by another process is a newcomer, not the old member grown.
+        assert_eq!(snap.bound([((1, 11), 300 * M)].into_iter()), 600 * M);
+        assert_eq!(snap.bound(std::iter::empty()), 300 * M);
+    }
+
+    #[test]
+    fn recurring_warnings_are_rate_limited() {
+        let mut st = ServiceState::default();
+        assert!(st.warn_due(10));
+        assert!(!st.warn_due(10 + WARN_EVERY_NS - 1));
+        assert!(st.warn_due(10 + WARN_EVERY_NS));
+    }
 }

@@ -3,20 +3,63 @@
 //!
 //! Two layouts are supported: the unified hierarchy (cgroup v2) with the `memory` and `pids`
 //! controllers, and the v1 `memory` and `pids` hierarchies (hybrid hosts keep those on v1).
+//!
+//! guardian runs as root, and the names it uses come from a policy and from `/proc`: every access
+//! goes through file descriptors so that none can lead outside the cgroup mount. Each
+//! hierarchy's mount point is opened once and checked to be cgroupfs (`fstatfs`); below it, one
+//! plain name at a time is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)` relative to its parent's fd (before Linux 5.6, which
+//! lacks openat2: `openat(O_NOFOLLOW)` and a same-device check), directories are made with
+//! `mkdirat` and removed with `unlinkat` on the parent's fd, and files are written through the
+//! service directory's fd, kept for the cgroup's life.
+//!
+//! Ownership: an existing directory on the way is used only if root owns it. Directories guardian
+//! creates carry the extended attribute [`MARK`] (only root can set `trusted.*`), so that after
+//! a restart guardian tells its own cgroups (reused, and removed once empty) from the
+//! operator's (used, never removed).
 
 use std::{
-    fs, io,
-    os::fd::{AsFd, OwnedFd},
+    fs,
+    io::{self, Read as _},
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use rustix::{
     event::{eventfd, EventfdFlags},
-    fs::inotify,
+    fs::{
+        fgetxattr_query, fsetxattr, fstat, fstatfs, inotify, mkdirat, open, openat, openat2,
+        statat, unlinkat, AtFlags, FileType, Mode, OFlags, ResolveFlags, XattrFlags,
+    },
+    io::Errno,
 };
 use thiserror::Error;
+use tracing::warn;
 
 use crate::policy::{Budget, Budgets};
+
+/// `statfs` type of a cgroup v1 hierarchy.
+const CGROUP_SUPER_MAGIC: u64 = 0x0027_e0eb;
+/// `statfs` type of the cgroup v2 hierarchy.
+const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
+
+/// The extended attribute on every directory guardian creates: the service's name on a service
+/// directory, [`PARENT_MARK`] on the parents made for it. Only root can set `trusted.*`
+/// attributes, so a marked directory was made by a root process.
+pub const MARK: &str = "trusted.guardian";
+const PARENT_MARK: &str = "parent";
+
+/// How every name below a mount point is resolved.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// Set once openat2 turned out to be missing (ENOSYS); said once.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+/// Set once a mark could not be written; said once.
+static NO_XATTR: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, Error)]
 pub enum CgroupError {
@@ -44,6 +87,29 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot open `{path}`")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "`{path}` is not a cgroup filesystem (statfs type {fs_type:#x}, expected {expected:#x})"
+    )]
+    NotCgroupfs {
+        path: PathBuf,
+        fs_type: u64,
+        expected: u64,
+    },
+    #[error("refused cgroup path `{path}`: `{component}` is not a plain directory name")]
+    BadName { path: String, component: String },
+    #[error("refused `{path}`: a symbolic link or another mount where a cgroup directory belongs")]
+    NotBeneath { path: PathBuf },
+    #[error(
+        "refused `{path}`: owned by uid {uid}, not root; guardian writes nothing into a cgroup \
+         another user controls"
+    )]
+    Owner { path: PathBuf, uid: u32 },
 }
 
 /// The lines of `/proc/PID/cgroup` ("ID:controllers:path") as (controllers, path); the v2
@@ -75,12 +141,14 @@ pub struct Hierarchy {
 }
 
 impl Hierarchy {
-    /// The directory of a cgroup path (as in `/proc/PID/cgroup`).
-    fn dir(&self, cgroup: &str) -> PathBuf {
-        let rel = cgroup
-            .strip_prefix(self.mount_root.trim_end_matches('/'))
-            .unwrap_or(cgroup);
-        self.mount.join(rel.trim_start_matches('/'))
+    /// The directory names, below the mount point, of a cgroup path (as in `/proc/PID/cgroup`).
+    fn names<'a>(&self, cgroup: &'a str) -> impl Iterator<Item = &'a str> {
+        let root = self.mount_root.trim_end_matches('/');
+        let rel = match cgroup.strip_prefix(root) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+            _ => cgroup,
+        };
+        rel.split('/').filter(|n| !n.is_empty())
     }
 }
 
@@ -169,12 +237,214 @@ impl Layout {
     }
 }
 
+/// Whether `name` is a directory name that stays where it is put.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
+/// Opens `name`, a plain name, in the directory `dir` (on the device `dev`): never through a
+/// symlink, never onto another mount, never above `dir`.
+fn open_beneath(
+    dir: BorrowedFd<'_>,
+    dev: u64,
+    name: &str,
+    flags: OFlags,
+) -> rustix::io::Result<OwnedFd> {
+    if !plain_name(name) {
+        return Err(Errno::INVAL);
+    }
+    let flags = flags | OFlags::CLOEXEC;
+    // EAGAIN: the kernel could not rule out a race with a rename; it may be retried.
+    for _ in 0..3 {
+        if NO_OPENAT2.load(Ordering::Relaxed) {
+            break;
+        }
+        match openat2(dir, name, flags, Mode::empty(), RESOLVE) {
+            Err(Errno::AGAIN) => continue,
+            Err(Errno::NOSYS) => {
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+                warn!(
+                    "openat2 is unavailable (Linux < 5.6): cgroup directories are opened one name \
+                     at a time with O_NOFOLLOW and a same-device check instead"
+                );
+            }
+            other => return other,
+        }
+    }
+    open_beneath_compat(dir, dev, name, flags)
+}
+
+/// [`open_beneath`] without openat2: `name` is one plain name, so O_NOFOLLOW refuses a symlink
+/// and a device check refuses another mount (a bind mount of the same hierarchy passes, which
+/// openat2's RESOLVE_NO_XDEV would refuse; it still leads only into that hierarchy).
+fn open_beneath_compat(
+    dir: BorrowedFd<'_>,
+    dev: u64,
+    name: &str,
+    flags: OFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let fd = match openat(dir, name, flags | OFlags::NOFOLLOW, Mode::empty()) {
+        Ok(fd) => fd,
+        // O_NOFOLLOW with O_DIRECTORY fails on a symlink with ENOTDIR: say what openat2 would.
+        Err(Errno::NOTDIR)
+            if statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink) =>
+        {
+            return Err(Errno::LOOP)
+        }
+        Err(e) => return Err(e),
+    };
+    if fstat(&fd)?.st_dev != dev {
+        return Err(Errno::XDEV);
+    }
+    Ok(fd)
+}
+
+/// Reads a file of the directory `dir`.
+fn read_at(dir: BorrowedFd<'_>, dev: u64, file: &str) -> rustix::io::Result<String> {
+    let fd = open_beneath(dir, dev, file, OFlags::RDONLY)?;
+    let mut text = String::new();
+    fs::File::from(fd)
+        .read_to_string(&mut text)
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+    Ok(text)
+}
+
+/// Writes a file of the directory `dir` in one write(2), as cgroupfs expects.
+fn write_at(dir: BorrowedFd<'_>, dev: u64, file: &str, value: &str) -> rustix::io::Result<()> {
+    let fd = open_beneath(dir, dev, file, OFlags::WRONLY | OFlags::TRUNC)?;
+    if rustix::io::write(&fd, value.as_bytes())? != value.len() {
+        return Err(Errno::IO);
+    }
+    Ok(())
+}
+
+/// The error for a directory that cannot be opened.
+fn open_error(path: PathBuf, e: Errno) -> CgroupError {
+    match e {
+        // RESOLVE_NO_SYMLINKS / O_NOFOLLOW, and RESOLVE_NO_XDEV / the device check.
+        Errno::LOOP | Errno::XDEV => CgroupError::NotBeneath { path },
+        _ => CgroupError::Open {
+            path,
+            source: e.into(),
+        },
+    }
+}
+
+/// Marks a directory guardian created. Without extended attributes (or the right to set
+/// `trusted.*`) guardian works as before marks existed: what it creates is removed by the same
+/// run, and after a restart counts as the operator's.
+fn mark(fd: &OwnedFd, value: &str) {
+    if let Err(e) = fsetxattr(fd, MARK, value.as_bytes(), XattrFlags::empty()) {
+        if !NO_XATTR.swap(true, Ordering::Relaxed) {
+            warn!(
+                "cannot set `{MARK}` on the cgroups guardian creates ({e}): they are removed by \
+                 this run only; after a restart they count as the operator's and are kept"
+            );
+        }
+    }
+}
+
+fn marked(fd: &OwnedFd) -> bool {
+    fgetxattr_query(fd, MARK).is_ok()
+}
+
+/// A hierarchy's mount point, opened once.
+#[derive(Debug)]
+struct Mount {
+    fd: OwnedFd,
+    path: PathBuf,
+    dev: u64,
+}
+
+/// The hierarchies of a [`Layout`], opened and checked to be cgroupfs.
+#[derive(Debug)]
+pub struct Cgroupfs {
+    layout: Layout,
+    /// v2: the unified mount; v1: the memory mount, then the pids mount.
+    mounts: Vec<Mount>,
+    /// Who must own an existing directory for guardian to use it: root.
+    owner: u32,
+}
+
+impl Cgroupfs {
+    /// Opens each hierarchy's mount point and checks that it is the cgroup filesystem its layout
+    /// says (v1 or v2).
+    pub fn open(layout: Layout) -> Result<Self, CgroupError> {
+        Self::open_checked(layout, |expected, found| expected == found, 0)
+    }
+
+    /// Unit tests stand a scratch directory (any filesystem, owned by whoever runs them) in for
+    /// cgroupfs: the filesystem type check is skipped (it has its own test on the real mounts),
+    /// and directories must be owned by the test's user instead of root.
+    #[cfg(test)]
+    pub(crate) fn open_scratch(layout: Layout) -> Result<Self, CgroupError> {
+        Self::open_checked(layout, |_, _| true, rustix::process::geteuid().as_raw())
+    }
+
+    fn open_checked(
+        layout: Layout,
+        fs_ok: fn(u64, u64) -> bool,
+        owner: u32,
+    ) -> Result<Self, CgroupError> {
+        let (expected, hierarchies) = match &layout {
+            Layout::V2 { mount } => (CGROUP2_SUPER_MAGIC, vec![mount]),
+            Layout::V1 { memory, pids } => (CGROUP_SUPER_MAGIC, vec![memory, pids]),
+        };
+        let mut mounts = Vec::new();
+        for h in hierarchies {
+            let path = h.mount.clone();
+            let fd = open(
+                &path,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| open_error(path.clone(), e))?;
+            let fs_type = fstatfs(&fd)
+                .map_err(|e| open_error(path.clone(), e))?
+                .f_type as u64;
+            if !fs_ok(expected, fs_type) {
+                return Err(CgroupError::NotCgroupfs {
+                    path,
+                    fs_type,
+                    expected,
+                });
+            }
+            let dev = fstat(&fd).map_err(|e| open_error(path.clone(), e))?.st_dev;
+            mounts.push(Mount { fd, path, dev });
+        }
+        Ok(Self {
+            layout,
+            mounts,
+            owner,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
 /// A limit file and the value a budget writes there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limit {
     pub path: PathBuf,
     pub value: u64,
     pub budget: Budget,
+    /// Which of the cgroup's directories it is in.
+    dir: usize,
+    file: &'static str,
+}
+
+/// The budgets a service sets, in the order their limits are written.
+pub fn budget_values(b: &Budgets) -> impl Iterator<Item = (Budget, u64)> {
+    [
+        (Budget::TasksMax, b.tasks_max),
+        (Budget::MemoryMax, b.memory_max),
+        (Budget::MemoryHigh, b.memory_high),
+    ]
+    .into_iter()
+    .filter_map(|(budget, value)| value.map(|v| (budget, v)))
 }
 
 /// Counters the kernel keeps for a service cgroup.
@@ -188,18 +458,6 @@ pub struct Counters {
     pub high: u64,
 }
 
-/// One service's cgroup: one directory on v2, one per hierarchy on v1.
-#[derive(Debug)]
-pub struct ServiceCgroup {
-    v2: bool,
-    /// Where `memory.*` files live.
-    memory: PathBuf,
-    /// Where `pids.*` files live.
-    pids: PathBuf,
-    /// Directories guardian created, deepest last (removed in reverse).
-    created: Vec<PathBuf>,
-}
-
 /// Resolves `cgroup_parent` in one hierarchy: absolute from its root, relative below guardian's
 /// own cgroup.
 fn parent_path(h: &Hierarchy, parent: &str) -> String {
@@ -210,112 +468,63 @@ fn parent_path(h: &Hierarchy, parent: &str) -> String {
     }
 }
 
-fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
-    fs::write(path, value).map_err(|source| CgroupError::Write {
-        path: path.to_path_buf(),
-        value: value.to_owned(),
-        source,
-    })
+/// A service directory in one hierarchy, by name: nothing opened yet.
+#[derive(Clone, Debug)]
+struct PlannedDir {
+    /// Index into [`Cgroupfs`]'s mounts.
+    mount: usize,
+    /// For messages.
+    path: PathBuf,
+    /// The directory names below the mount, the service's last.
+    names: Vec<String>,
 }
 
-/// Creates each missing directory from `top` down to `dir`; returns those it created. On v2,
-/// enables the memory and pids controllers in every parent on the way.
-fn create_path(top: &Path, dir: &Path, v2: bool) -> Result<Vec<PathBuf>, CgroupError> {
-    let mut created = Vec::new();
-    let rel = dir.strip_prefix(top).unwrap_or(Path::new(""));
-    let mut cur = top.to_path_buf();
-    for part in rel.components() {
-        if v2 {
-            enable_controllers(&cur)?;
+/// Where a service's cgroup goes, checked to be plain names below each mount point.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    v2: bool,
+    service: String,
+    /// v2: one directory; v1: the memory one, then the pids one.
+    dirs: Vec<PlannedDir>,
+}
+
+impl Plan {
+    /// The cgroup of service `name` under `parent`. A name that is not a plain directory name
+    /// (`..`, `.`, a `/` in the service name) is refused before anything is opened.
+    pub fn new(layout: &Layout, parent: &str, name: &str) -> Result<Self, CgroupError> {
+        let bad = |path: String, component: &str| CgroupError::BadName {
+            path,
+            component: component.to_owned(),
+        };
+        if !plain_name(name) {
+            return Err(bad(format!("{parent}/{name}"), name));
         }
-        cur.push(part);
-        match fs::create_dir(&cur) {
-            Ok(()) => created.push(cur.clone()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(CgroupError::Create {
-                    path: cur.clone(),
-                    source,
-                })
+        let dir = |mount: usize, h: &Hierarchy| -> Result<PlannedDir, CgroupError> {
+            let cgroup = format!("{}/{name}", parent_path(h, parent));
+            let names: Vec<String> = h.names(&cgroup).map(str::to_owned).collect();
+            if let Some(n) = names.iter().find(|n| !plain_name(n)) {
+                return Err(bad(cgroup.clone(), n));
             }
-        }
-    }
-    Ok(created)
-}
-
-/// Makes `memory` and `pids` available to the children of a v2 cgroup.
-fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
-    let file = dir.join("cgroup.subtree_control");
-    let current = fs::read_to_string(&file).unwrap_or_default();
-    let missing: Vec<&str> = ["memory", "pids"]
-        .into_iter()
-        .filter(|c| !current.split_whitespace().any(|x| x == *c))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let value = missing
-        .iter()
-        .map(|c| format!("+{c}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    write(&file, &value)
-}
-
-fn read_keyed(path: &Path, key: &str) -> Option<u64> {
-    fs::read_to_string(path).ok()?.lines().find_map(|l| {
-        let (k, v) = l.split_once(char::is_whitespace)?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
-fn read_u64(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-impl ServiceCgroup {
-    /// The cgroup of service `name` under `parent`; nothing is created yet.
-    pub fn plan(layout: &Layout, parent: &str, name: &str) -> Self {
-        let path_in = |h: &Hierarchy| h.dir(&format!("{}/{name}", parent_path(h, parent)));
-        match layout {
-            Layout::V2 { mount } => {
-                let dir = path_in(mount);
-                Self {
-                    v2: true,
-                    memory: dir.clone(),
-                    pids: dir,
-                    created: Vec::new(),
-                }
-            }
-            Layout::V1 { memory, pids } => Self {
-                v2: false,
-                memory: path_in(memory),
-                pids: path_in(pids),
-                created: Vec::new(),
-            },
-        }
+            Ok(PlannedDir {
+                mount,
+                path: names.iter().fold(h.mount.clone(), |p, n| p.join(n)),
+                names,
+            })
+        };
+        let (v2, dirs) = match layout {
+            Layout::V2 { mount } => (true, vec![dir(0, mount)?]),
+            Layout::V1 { memory, pids } => (false, vec![dir(0, memory)?, dir(1, pids)?]),
+        };
+        Ok(Self {
+            v2,
+            service: name.to_owned(),
+            dirs,
+        })
     }
 
     /// The directories this cgroup consists of.
     pub fn dirs(&self) -> Vec<&Path> {
-        if self.v2 {
-            vec![&self.memory]
-        } else {
-            vec![&self.memory, &self.pids]
-        }
-    }
-
-    /// Creates the directories (and any missing parents) in `layout`.
-    pub fn create(&mut self, layout: &Layout) -> Result<(), CgroupError> {
-        match layout {
-            Layout::V2 { mount } => self.created = create_path(&mount.mount, &self.memory, true)?,
-            Layout::V1 { memory, pids } => {
-                let mut created = create_path(&memory.mount, &self.memory, false)?;
-                created.extend(create_path(&pids.mount, &self.pids, false)?);
-                self.created = created;
-            }
-        }
-        Ok(())
+        self.dirs.iter().map(|d| d.path.as_path()).collect()
     }
 
     /// The limit files a service's budgets set, in the order they are written.
@@ -327,127 +536,403 @@ impl ServiceCgroup {
             // target under pressure). guardian enforces memory_high itself either way.
             ("memory.limit_in_bytes", "memory.soft_limit_in_bytes")
         };
-        [
-            (b.tasks_max, &self.pids, "pids.max", Budget::TasksMax),
-            (b.memory_max, &self.memory, max_file, Budget::MemoryMax),
-            (b.memory_high, &self.memory, high_file, Budget::MemoryHigh),
-        ]
-        .into_iter()
-        .filter_map(|(value, dir, file, budget)| {
-            value.map(|value| Limit {
-                path: dir.join(file),
-                value,
-                budget,
+        let pids_dir = self.dirs.len() - 1;
+        budget_values(b)
+            .map(|(budget, value)| {
+                let (dir, file) = match budget {
+                    Budget::TasksMax => (pids_dir, "pids.max"),
+                    Budget::MemoryMax => (0, max_file),
+                    Budget::MemoryHigh => (0, high_file),
+                };
+                Limit {
+                    path: self.dirs[dir].path.join(file),
+                    value,
+                    budget,
+                    dir,
+                    file,
+                }
             })
-        })
-        .collect()
+            .collect()
+    }
+
+    /// Opens each directory from the mount point down, creating (and marking) those missing.
+    /// An existing directory not owned by root is refused; a refusal or error removes what this
+    /// call created. On v2, the memory and pids controllers are enabled on the way down.
+    pub fn create(self, fs: &Cgroupfs) -> Result<ServiceCgroup, CgroupError> {
+        let mut cg = ServiceCgroup {
+            plan: self,
+            dirs: Vec::new(),
+        };
+        let built = cg.open_dirs(fs).and_then(|()| cg.enable_controllers());
+        match built {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                cg.remove_dirs();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Who a directory of a service cgroup belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// This guardian created it.
+    Created,
+    /// Found root-owned and marked: guardian's, from an earlier run. Removed once empty.
+    Marked,
+    /// Found root-owned and unmarked: the operator's. Used, never removed.
+    Operator,
+}
+
+/// One opened directory on the way from a mount point to a service directory.
+#[derive(Debug)]
+struct Level {
+    name: String,
+    fd: OwnedFd,
+    origin: Origin,
+}
+
+/// A service directory in one hierarchy, opened.
+#[derive(Debug)]
+struct OpenDir {
+    /// The mount point (the first level's parent).
+    top: OwnedFd,
+    dev: u64,
+    /// From below the mount point down to the service directory.
+    levels: Vec<Level>,
+}
+
+impl OpenDir {
+    /// The service directory (all levels are opened before an `OpenDir` is used).
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.levels
+            .last()
+            .map_or(self.top.as_fd(), |l| l.fd.as_fd())
+    }
+
+    fn parent_of(&self, level: usize) -> BorrowedFd<'_> {
+        match level {
+            0 => self.top.as_fd(),
+            n => self.levels[n - 1].fd.as_fd(),
+        }
+    }
+
+    /// Opens `names` one below the other from the mount point, creating (and marking) those
+    /// missing; an existing one must be owned by [`Cgroupfs`]'s owner (root).
+    fn open_levels(
+        &mut self,
+        fs: &Cgroupfs,
+        mount: &Path,
+        names: &[String],
+        service: &str,
+    ) -> Result<(), CgroupError> {
+        let mut path = mount.to_path_buf();
+        for (i, name) in names.iter().enumerate() {
+            path.push(name);
+            let parent = self.parent_of(i);
+            let created = match mkdirat(parent, name.as_str(), Mode::from_raw_mode(0o755)) {
+                Ok(()) => true,
+                Err(Errno::EXIST) => false,
+                Err(e) => {
+                    return Err(CgroupError::Create {
+                        path,
+                        source: e.into(),
+                    })
+                }
+            };
+            let fd = open_beneath(parent, self.dev, name, OFlags::RDONLY | OFlags::DIRECTORY)
+                .map_err(|e| open_error(path.clone(), e))?;
+            let origin = if created {
+                let last = i + 1 == names.len();
+                mark(&fd, if last { service } else { PARENT_MARK });
+                Origin::Created
+            } else {
+                let uid = fstat(&fd).map_err(|e| open_error(path.clone(), e))?.st_uid;
+                if uid != fs.owner {
+                    return Err(CgroupError::Owner { path, uid });
+                }
+                if marked(&fd) {
+                    Origin::Marked
+                } else {
+                    Origin::Operator
+                }
+            };
+            self.levels.push(Level {
+                name: name.clone(),
+                fd,
+                origin,
+            });
+        }
+        Ok(())
+    }
+
+    fn read(&self, file: &str) -> rustix::io::Result<String> {
+        read_at(self.fd(), self.dev, file)
+    }
+
+    fn write(&self, file: &str, value: &str) -> rustix::io::Result<()> {
+        write_at(self.fd(), self.dev, file, value)
+    }
+
+    /// Removes the directories guardian owns, deepest first, down to the first one that is the
+    /// operator's or cannot go (not empty, another service's cgroup in it). Returns whether the
+    /// service directory is gone or is not guardian's to remove.
+    fn remove(&mut self) -> bool {
+        let mut service = true;
+        while let Some(i) = self.levels.len().checked_sub(1) {
+            let removed = self.levels[i].origin != Origin::Operator && self.remove_level(i);
+            if !removed {
+                let done = !service || self.levels[i].origin == Origin::Operator;
+                if done {
+                    self.levels.clear();
+                }
+                return done;
+            }
+            self.levels.pop();
+            service = false;
+        }
+        true
+    }
+
+    /// `unlinkat(parent, name, AT_REMOVEDIR)`, once the name is checked to still be the
+    /// directory opened (a directory renamed away and replaced is not removed).
+    fn remove_level(&self, i: usize) -> bool {
+        let level = &self.levels[i];
+        let parent = self.parent_of(i);
+        let same = match open_beneath(
+            parent,
+            self.dev,
+            &level.name,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+        ) {
+            Ok(now) => match (fstat(&now), fstat(&level.fd)) {
+                (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
+                _ => false,
+            },
+            // Already gone (removed by someone else).
+            Err(Errno::NOENT) => return true,
+            Err(_) => false,
+        };
+        same && unlinkat(parent, &level.name, AtFlags::REMOVEDIR).is_ok()
+    }
+}
+
+/// One service's cgroup, opened: one directory on v2, one per hierarchy on v1.
+#[derive(Debug)]
+pub struct ServiceCgroup {
+    plan: Plan,
+    dirs: Vec<OpenDir>,
+}
+
+impl ServiceCgroup {
+    fn open_dirs(&mut self, fs: &Cgroupfs) -> Result<(), CgroupError> {
+        for planned in &self.plan.dirs {
+            let mount = &fs.mounts[planned.mount];
+            let top = mount.fd.try_clone().map_err(|source| CgroupError::Open {
+                path: mount.path.clone(),
+                source,
+            })?;
+            let mut dir = OpenDir {
+                top,
+                dev: mount.dev,
+                levels: Vec::new(),
+            };
+            let opened = dir.open_levels(fs, &mount.path, &planned.names, &self.plan.service);
+            // Kept even when incomplete: what was created is removed again.
+            self.dirs.push(dir);
+            opened?;
+        }
+        Ok(())
+    }
+
+    /// Makes `memory` and `pids` available to the children of every v2 cgroup on the way down.
+    fn enable_controllers(&self) -> Result<(), CgroupError> {
+        if !self.plan.v2 {
+            return Ok(());
+        }
+        let dir = &self.dirs[0];
+        let mut path = self.plan.dirs[0].path.clone();
+        for _ in &dir.levels {
+            path.pop();
+        }
+        for i in 0..dir.levels.len() {
+            let fd = dir.parent_of(i);
+            let file = "cgroup.subtree_control";
+            let current = read_at(fd, dir.dev, file).unwrap_or_default();
+            let missing: Vec<String> = ["memory", "pids"]
+                .into_iter()
+                .filter(|c| !current.split_whitespace().any(|x| x == *c))
+                .map(|c| format!("+{c}"))
+                .collect();
+            if !missing.is_empty() {
+                let value = missing.join(" ");
+                write_at(fd, dir.dev, file, &value).map_err(|e| CgroupError::Write {
+                    path: path.join(file),
+                    value,
+                    source: e.into(),
+                })?;
+            }
+            path.push(&dir.levels[i].name);
+        }
+        Ok(())
+    }
+
+    /// The directories this cgroup consists of.
+    pub fn dirs(&self) -> Vec<&Path> {
+        self.plan.dirs()
+    }
+
+    /// Who the directory a limit is written in belongs to.
+    pub fn origin(&self, limit: &Limit) -> Option<Origin> {
+        self.dirs[limit.dir].levels.last().map(|l| l.origin)
+    }
+
+    pub fn limits(&self, b: &Budgets) -> Vec<Limit> {
+        self.plan.limits(b)
     }
 
     pub fn write_limits(&self, b: &Budgets) -> Result<(), CgroupError> {
         for limit in self.limits(b) {
-            write(&limit.path, &limit.value.to_string())?;
+            let value = limit.value.to_string();
+            self.dirs[limit.dir]
+                .write(limit.file, &value)
+                .map_err(|e| CgroupError::Write {
+                    path: limit.path.clone(),
+                    value,
+                    source: e.into(),
+                })?;
         }
         Ok(())
     }
 
     /// Moves a process (all its threads) into the cgroup.
     pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
-        for dir in self.dirs() {
-            write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        let value = pid.to_string();
+        for (dir, planned) in self.dirs.iter().zip(&self.plan.dirs) {
+            dir.write("cgroup.procs", &value)
+                .map_err(|e| CgroupError::Write {
+                    path: planned.path.join("cgroup.procs"),
+                    value: value.clone(),
+                    source: e.into(),
+                })?;
         }
         Ok(())
     }
 
-    pub fn counters(&self) -> Counters {
-        let pids_max = read_keyed(&self.pids.join("pids.events"), "max").unwrap_or(0);
-        if self.v2 {
-            let events = self.memory.join("memory.events");
+    /// The memory directory and the pids directory.
+    fn memory(&self) -> &OpenDir {
+        &self.dirs[0]
+    }
+
+    fn pids(&self) -> &OpenDir {
+        &self.dirs[self.dirs.len() - 1]
+    }
+
+    /// The kernel's counters; a counter that cannot be read keeps its value in `before`, so a
+    /// passing read failure is not taken for events.
+    pub fn counters(&self, before: Counters) -> Counters {
+        let keyed = |dir: &OpenDir, file: &str, key: &str| -> Option<u64> {
+            dir.read(file).ok()?.lines().find_map(|l| {
+                let (k, v) = l.split_once(char::is_whitespace)?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+        };
+        let pids_max = keyed(self.pids(), "pids.events", "max").unwrap_or(before.pids_max);
+        if self.plan.v2 {
             Counters {
                 pids_max,
-                oom_kills: read_keyed(&events, "oom_kill").unwrap_or(0),
-                high: read_keyed(&events, "high").unwrap_or(0),
+                oom_kills: keyed(self.memory(), "memory.events", "oom_kill")
+                    .unwrap_or(before.oom_kills),
+                high: keyed(self.memory(), "memory.events", "high").unwrap_or(before.high),
             }
         } else {
             Counters {
                 pids_max,
-                oom_kills: read_keyed(&self.memory.join("memory.oom_control"), "oom_kill")
-                    .unwrap_or(0),
+                oom_kills: keyed(self.memory(), "memory.oom_control", "oom_kill")
+                    .unwrap_or(before.oom_kills),
                 high: 0,
             }
         }
     }
 
+    fn read_u64(dir: &OpenDir, file: &str) -> Option<u64> {
+        dir.read(file).ok()?.trim().parse().ok()
+    }
+
     /// Memory charged to the cgroup, in bytes.
     pub fn memory_usage(&self) -> Option<u64> {
-        if self.v2 {
-            read_u64(&self.memory.join("memory.current"))
+        let file = if self.plan.v2 {
+            "memory.current"
         } else {
-            read_u64(&self.memory.join("memory.usage_in_bytes"))
-        }
+            "memory.usage_in_bytes"
+        };
+        Self::read_u64(self.memory(), file)
     }
 
     /// Tasks (processes and threads) in the cgroup.
     pub fn tasks(&self) -> Option<u64> {
-        read_u64(&self.pids.join("pids.current"))
+        Self::read_u64(self.pids(), "pids.current")
     }
 
     /// Whether no process is left in any of the directories.
     pub fn is_empty(&self) -> bool {
-        self.dirs()
-            .iter()
-            .all(|d| fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty()))
+        self.dirs.iter().all(|d| match d.read("cgroup.procs") {
+            Ok(s) => s.trim().is_empty(),
+            // Removed by someone else: nothing is left in it either.
+            Err(e) => e == Errno::NOENT || e == Errno::NODEV,
+        })
     }
 
-    /// Removes the directories guardian created, if no process is left in them. A cgroup with
-    /// processes is kept (its limits stay in force). Returns whether everything was removed.
+    /// Removes the directories guardian owns (created by this run, or marked by an earlier one)
+    /// if no process is left in them; the operator's are never removed. A cgroup with processes
+    /// is kept (its limits stay in force). Returns whether nothing is left for guardian to
+    /// remove.
     pub fn remove(&mut self) -> bool {
-        if !self.is_empty() {
-            return false;
-        }
-        // Deepest first; a parent still holding another service's cgroup stays.
-        let mut kept: Vec<PathBuf> = std::mem::take(&mut self.created)
-            .into_iter()
-            .rev()
-            .filter(|dir| fs::remove_dir(dir).is_err())
-            .collect();
-        kept.reverse();
-        self.created = kept;
-        self.dirs().iter().all(|d| !d.exists())
+        self.is_empty() && self.remove_dirs()
+    }
+
+    fn remove_dirs(&mut self) -> bool {
+        // Every hierarchy is tried, whatever the others do.
+        let removed: Vec<bool> = self.dirs.iter_mut().map(OpenDir::remove).collect();
+        removed.into_iter().all(|r| r)
     }
 
     /// An fd that becomes readable when memory usage crosses `bytes` (or, on v2, whenever
     /// `memory.events` changes, which includes going over `memory.high`): v1 through
     /// `cgroup.event_control` and an eventfd, v2 through inotify.
     pub fn memory_watch(&self, bytes: u64) -> Result<OwnedFd, CgroupError> {
-        let err = |path: &Path, value: &str, e: rustix::io::Errno| CgroupError::Write {
-            path: path.to_path_buf(),
+        let dir = self.memory();
+        let base = &self.plan.dirs[0].path;
+        let err = |file: &str, value: &str, e: Errno| CgroupError::Write {
+            path: base.join(file),
             value: value.to_owned(),
             source: e.into(),
         };
-        if self.v2 {
-            let events = self.memory.join("memory.events");
+        if self.plan.v2 {
+            let file = "memory.events";
+            let events = open_beneath(dir.fd(), dir.dev, file, OFlags::RDONLY)
+                .map_err(|e| err(file, "inotify", e))?;
             let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
-                .map_err(|e| err(&events, "inotify", e))?;
-            inotify::add_watch(&fd, &events, inotify::WatchFlags::MODIFY)
-                .map_err(|e| err(&events, "inotify", e))?;
+                .map_err(|e| err(file, "inotify", e))?;
+            // The watch goes on the file already opened, through its /proc/self/fd link.
+            inotify::add_watch(
+                &fd,
+                format!("/proc/self/fd/{}", events.as_raw_fd()),
+                inotify::WatchFlags::MODIFY,
+            )
+            .map_err(|e| err(file, "inotify", e))?;
             Ok(fd)
         } else {
-            let usage = self.memory.join("memory.usage_in_bytes");
+            let usage = open_beneath(dir.fd(), dir.dev, "memory.usage_in_bytes", OFlags::RDONLY)
+                .map_err(|e| err("memory.usage_in_bytes", "eventfd", e))?;
             let efd = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
-                .map_err(|e| err(&usage, "eventfd", e))?;
-            let usage_file = fs::File::open(&usage).map_err(|source| CgroupError::Read {
-                path: usage.clone(),
-                source,
-            })?;
-            let control = self.memory.join("cgroup.event_control");
-            let value = format!(
-                "{} {} {bytes}",
-                rustix::fd::AsRawFd::as_raw_fd(&efd.as_fd()),
-                rustix::fd::AsRawFd::as_raw_fd(&usage_file)
-            );
-            write(&control, &value)?;
+                .map_err(|e| err("memory.usage_in_bytes", "eventfd", e))?;
+            let value = format!("{} {} {bytes}", efd.as_raw_fd(), usage.as_raw_fd());
+            dir.write("cgroup.event_control", &value)
+                .map_err(|e| err("cgroup.event_control", &value, e))?;
             // The kernel holds its own reference to the usage file once registered.
-            drop(usage_file);
+            drop(usage);
             Ok(efd)
         }
     }
@@ -469,6 +954,7 @@ pub fn fired(fd: &OwnedFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt as _};
 
     const HYBRID_MOUNTINFO: &str = "\
 25 19 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
@@ -477,6 +963,76 @@ mod tests {
 35 25 0:32 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 ";
     const HYBRID_CGROUP: &str = "8:pids:/\n4:memory:/process_api/abc\n0::/\n";
+
+    const BUDGETS: Budgets = Budgets {
+        tasks_max: Some(8),
+        memory_max: Some(200 << 20),
+        memory_high: Some(100 << 20),
+    };
+
+    /// A scratch directory removed when the test ends, pass or fail.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Self {
+            let root =
+                std::env::temp_dir().join(format!("guardian-cg-{}-{test}", std::process::id()));
+            let _ = fs::remove_dir_all(&root);
+            fs::create_dir_all(&root).unwrap();
+            Self(root)
+        }
+
+        fn dir(&self, rel: &str) -> PathBuf {
+            let d = self.0.join(rel);
+            fs::create_dir_all(&d).unwrap();
+            d
+        }
+
+        /// Every entry below `rel`, sorted, as paths relative to the scratch root.
+        fn tree(&self, rel: &str) -> Vec<String> {
+            fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+                for e in fs::read_dir(d).into_iter().flatten().flatten() {
+                    let p = e.path();
+                    out.push(p.strip_prefix(base).unwrap().display().to_string());
+                    if e.file_type().unwrap().is_dir() {
+                        walk(base, &p, out);
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            walk(&self.0, &self.0.join(rel), &mut out);
+            out.sort();
+            out
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A v1 layout whose memory and pids hierarchies are `m` and `p` in a scratch tree.
+    fn scratch_v1(s: &Scratch) -> Cgroupfs {
+        let mi = format!(
+            "33 25 0:30 / {} rw - cgroup cgroup rw,memory\n35 25 0:32 / {} rw - cgroup cgroup rw,pids\n",
+            s.dir("m").display(),
+            s.dir("p").display()
+        );
+        let l = Layout::from_proc(&mi, "8:pids:/\n4:memory:/\n", |_| None).unwrap();
+        Cgroupfs::open_scratch(l).unwrap()
+    }
+
+    fn is_root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
+
+    fn mark_of(dir: &Path) -> Option<String> {
+        let fd = open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).ok()?;
+        let mut buf = [0u8; 64];
+        let n = rustix::fs::fgetxattr(&fd, MARK, &mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
 
     #[test]
     fn detects_hybrid_as_v1_when_v2_lacks_controllers() {
@@ -491,14 +1047,16 @@ mod tests {
         assert_eq!(memory.own, "/process_api/abc");
         assert_eq!(pids.own, "/");
         // Relative parents go below guardian's own cgroup, absolute ones below the root.
-        let c = ServiceCgroup::plan(&l, "gtest", "svc");
+        let c = Plan::new(&l, "gtest", "svc").unwrap();
         assert_eq!(
-            c.memory,
-            Path::new("/sys/fs/cgroup/memory/process_api/abc/gtest/svc")
+            c.dirs(),
+            vec![
+                Path::new("/sys/fs/cgroup/memory/process_api/abc/gtest/svc"),
+                Path::new("/sys/fs/cgroup/pids/gtest/svc")
+            ]
         );
-        assert_eq!(c.pids, Path::new("/sys/fs/cgroup/pids/gtest/svc"));
-        let c = ServiceCgroup::plan(&l, "/guardian", "svc");
-        assert_eq!(c.memory, Path::new("/sys/fs/cgroup/memory/guardian/svc"));
+        let c = Plan::new(&l, "/guardian", "svc").unwrap();
+        assert_eq!(c.dirs()[0], Path::new("/sys/fs/cgroup/memory/guardian/svc"));
     }
 
     #[test]
@@ -508,9 +1066,140 @@ mod tests {
             Some("cpuset cpu io memory pids\n".into())
         })
         .unwrap();
-        let c = ServiceCgroup::plan(&l, "g", "svc");
-        assert_eq!(c.memory, Path::new("/sys/fs/cgroup/app/g/svc"));
+        let c = Plan::new(&l, "g", "svc").unwrap();
+        assert_eq!(c.dirs(), vec![Path::new("/sys/fs/cgroup/app/g/svc")]);
+        // A sibling whose name merely starts like the mount's root is not below it.
+        let l = Layout::from_proc(mi, "0::/kubepods/pod10/app\n", |_| {
+            Some("memory pids\n".into())
+        })
+        .unwrap();
+        let c = Plan::new(&l, "g", "svc").unwrap();
+        assert_eq!(
+            c.dirs(),
+            vec![Path::new("/sys/fs/cgroup/kubepods/pod10/app/g/svc")]
+        );
         assert!(Layout::from_proc("", "", |_| None).is_err());
+    }
+
+    #[test]
+    fn dot_dot_and_slashes_are_refused_before_anything_is_opened() {
+        let l = Layout::from_proc(HYBRID_MOUNTINFO, HYBRID_CGROUP, |_| None).unwrap();
+        for (parent, name) in [
+            ("/guardian", "../../../../tmp/x"),
+            ("/guardian", ".."),
+            ("/guardian", "."),
+            ("/guardian", "a/b"),
+            ("/guardian", ""),
+            ("/guardian", "nul\0x"),
+            ("/a/../../tmp", "svc"),
+            ("a/./b", "svc"),
+            ("..", "svc"),
+        ] {
+            match Plan::new(&l, parent, name) {
+                Err(e @ CgroupError::BadName { .. }) => {
+                    assert!(e.to_string().starts_with("refused cgroup path"), "{e}")
+                }
+                other => panic!("{parent:?} / {name:?}: {other:?}"),
+            }
+        }
+        // guardian's own cgroup, from /proc, gets the same check when a relative parent uses it.
+        let l = Layout::from_proc(HYBRID_MOUNTINFO, "8:pids:/..\n4:memory:/\n", |_| None).unwrap();
+        assert!(matches!(
+            Plan::new(&l, "g", "svc"),
+            Err(CgroupError::BadName { .. })
+        ));
+        assert!(Plan::new(&l, "/g", "svc@1.x-y_z").is_ok());
+    }
+
+    #[test]
+    fn open_beneath_refuses_symlinks_and_other_mounts_with_and_without_openat2() {
+        let s = Scratch::new("beneath");
+        let top = s.dir("top");
+        let outside = s.dir("outside");
+        s.dir("top/sub");
+        symlink(&outside, top.join("link")).unwrap();
+        fs::write(outside.join("file"), "x").unwrap();
+        symlink(outside.join("file"), top.join("file-link")).unwrap();
+        let dir = open(&top, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let dev = fstat(&dir).unwrap().st_dev;
+        let root = open("/", OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let root_dev = fstat(&root).unwrap().st_dev;
+        let proc_on_its_own_mount = fs::metadata("/proc").unwrap().dev() != root_dev;
+        for (how, f) in [
+            ("openat2", open_beneath as fn(_, _, _, _) -> _),
+            ("openat fallback", open_beneath_compat),
+        ] {
+            let dflags = OFlags::RDONLY | OFlags::DIRECTORY;
+            assert_eq!(
+                f(dir.as_fd(), dev, "link", dflags).unwrap_err(),
+                Errno::LOOP,
+                "{how}: a symlinked directory"
+            );
+            assert_eq!(
+                f(dir.as_fd(), dev, "file-link", OFlags::WRONLY).unwrap_err(),
+                Errno::LOOP,
+                "{how}: a symlinked file"
+            );
+            if proc_on_its_own_mount {
+                assert_eq!(
+                    f(root.as_fd(), root_dev, "proc", dflags).unwrap_err(),
+                    Errno::XDEV,
+                    "{how}: another mount"
+                );
+            }
+            f(dir.as_fd(), dev, "sub", dflags).expect("a plain directory opens");
+        }
+        assert_eq!(
+            open_beneath(dir.as_fd(), dev, "..", OFlags::RDONLY).unwrap_err(),
+            Errno::INVAL
+        );
+        assert_eq!(fs::read_to_string(outside.join("file")).unwrap(), "x");
+    }
+
+    /// The filesystem type check, on this machine's real mounts.
+    #[test]
+    fn mount_points_must_be_cgroupfs() {
+        let s = Scratch::new("magic");
+        let mi = format!(
+            "30 25 0:27 / {} rw - cgroup2 cgroup2 rw\n",
+            s.dir("fake").display()
+        );
+        let fake = Layout::from_proc(&mi, "0::/\n", |_| Some("memory pids".into())).unwrap();
+        match Cgroupfs::open(fake) {
+            Err(e @ CgroupError::NotCgroupfs { .. }) => {
+                assert!(e.to_string().contains("not a cgroup filesystem"), "{e}")
+            }
+            other => panic!("a plain directory passed for cgroupfs: {other:?}"),
+        }
+        let layout = match Layout::detect() {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("SKIPPED the real-mount half of mount_points_must_be_cgroupfs: {e}");
+                return;
+            }
+        };
+        let fs = Cgroupfs::open(layout.clone()).expect("the real hierarchies are cgroupfs");
+        assert_eq!(
+            fs.mounts.len(),
+            if matches!(layout, Layout::V2 { .. }) {
+                1
+            } else {
+                2
+            }
+        );
+        // The right filesystem for its layout: a v1 hierarchy is not taken for v2, nor the
+        // reverse.
+        let swapped = match layout {
+            Layout::V1 { memory, .. } => Layout::V2 { mount: memory },
+            Layout::V2 { mount } => Layout::V1 {
+                memory: mount.clone(),
+                pids: mount,
+            },
+        };
+        assert!(matches!(
+            Cgroupfs::open(swapped),
+            Err(CgroupError::NotCgroupfs { .. })
+        ));
     }
 
     /// The v2 code path against a scratch directory laid out like cgroupfs (this machine's v2
@@ -521,34 +1210,34 @@ mod tests {
             "cgroup v2 code path exercised on a scratch directory laid out like cgroupfs \
              (the privileged suite runs it for real where the memory and pids controllers are on v2)"
         );
-        let root = std::env::temp_dir().join(format!("guardian-cg-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        fs::create_dir_all(&root).unwrap();
+        let s = Scratch::new("v2");
+        let root = s.dir("cg");
         fs::write(root.join("cgroup.subtree_control"), "cpu").unwrap();
+        // The operator's parent (existing, unmarked); guardian creates the service below it.
+        let parent = s.dir("cg/guardian");
+        fs::write(parent.join("cgroup.subtree_control"), "").unwrap();
         let mi = format!("30 25 0:27 / {} rw - cgroup2 cgroup2 rw\n", root.display());
         let l = Layout::from_proc(&mi, "0::/\n", |_| Some("memory pids".into())).unwrap();
-        let mut c = ServiceCgroup::plan(&l, "/guardian", "svc");
-        c.create(&l).unwrap();
-        assert_eq!(
-            c.created,
-            vec![root.join("guardian"), root.join("guardian/svc")]
-        );
+        let fs = Cgroupfs::open_scratch(l).unwrap();
+        let plan = Plan::new(fs.layout(), "/guardian", "svc").unwrap();
+        let mut c = plan.create(&fs).unwrap();
+        let origins: Vec<Origin> = c.dirs[0].levels.iter().map(|l| l.origin).collect();
+        assert_eq!(origins, vec![Origin::Operator, Origin::Created]);
         // Controllers enabled on the way down, without repeating those already on.
         assert_eq!(
             fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
             "+memory +pids"
         );
         assert_eq!(
-            fs::read_to_string(root.join("guardian/cgroup.subtree_control")).unwrap(),
+            fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(),
             "+memory +pids"
         );
-        let b = Budgets {
-            tasks_max: Some(8),
-            memory_max: Some(200 << 20),
-            memory_high: Some(100 << 20),
-        };
-        c.write_limits(&b).unwrap();
-        let dir = root.join("guardian/svc");
+        let dir = parent.join("svc");
+        // What the kernel would have made in a new cgroup.
+        for f in ["pids.max", "memory.max", "memory.high", "cgroup.procs"] {
+            fs::write(dir.join(f), "").unwrap();
+        }
+        c.write_limits(&BUDGETS).unwrap();
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "8");
         assert_eq!(
             fs::read_to_string(dir.join("memory.max")).unwrap(),
@@ -564,16 +1253,29 @@ mod tests {
             "low 0\nhigh 5\nmax 1\noom 1\noom_kill 1\n",
         )
         .unwrap();
+        let seen = c.counters(Counters::default());
         assert_eq!(
-            c.counters(),
+            seen,
             Counters {
                 pids_max: 3,
                 oom_kills: 1,
                 high: 5
             }
         );
+        // A counter that cannot be read keeps its last value: no phantom events when it comes
+        // back.
+        fs::remove_file(dir.join("pids.events")).unwrap();
+        fs::write(dir.join("memory.events"), "garbage").unwrap();
+        assert_eq!(c.counters(seen), seen);
+        assert_eq!(c.counters(Counters::default()), Counters::default());
         fs::write(dir.join("memory.current"), "1234\n").unwrap();
         assert_eq!(c.memory_usage(), Some(1234));
+        // The watch is set on the file opened beneath the service directory.
+        let watch = c.memory_watch(100 << 20).unwrap();
+        assert!(!fired(&watch));
+        fs::write(dir.join("memory.events"), "high 6\n").unwrap();
+        assert!(fired(&watch), "a change of memory.events wakes the check");
+        assert_eq!(c.tasks(), None, "unreadable, not a panic");
         c.add(4242).unwrap();
         assert_eq!(
             fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
@@ -582,30 +1284,123 @@ mod tests {
         assert!(!c.is_empty());
         assert!(!c.remove(), "never removes a cgroup with processes");
         assert!(dir.exists());
-        fs::remove_dir_all(&root).unwrap();
     }
 
+    /// A symlink planted where the service directory, or one of its parents, belongs: creation
+    /// fails, and nothing is created or written where it points.
     #[test]
-    fn v1_limits_use_v1_files() {
-        let l = Layout::from_proc(HYBRID_MOUNTINFO, HYBRID_CGROUP, |_| None).unwrap();
-        let c = ServiceCgroup::plan(&l, "/guardian", "svc");
-        let b = Budgets {
-            tasks_max: Some(8),
-            memory_max: Some(200 << 20),
-            memory_high: Some(100 << 20),
+    fn symlinks_on_the_way_are_refused() {
+        for (case, plant) in [
+            (
+                "service directory in the memory hierarchy",
+                "m/guardian/svc",
+            ),
+            ("parent in the memory hierarchy", "m/guardian"),
+            ("service directory in the pids hierarchy", "p/guardian/svc"),
+            ("parent in the pids hierarchy", "p/guardian"),
+        ] {
+            let s = Scratch::new("symlink");
+            let fs = scratch_v1(&s);
+            let outside = s.dir("outside");
+            let planted = s.0.join(plant);
+            fs::create_dir_all(planted.parent().unwrap()).unwrap();
+            symlink(&outside, &planted).unwrap();
+            let before = (s.tree("m"), s.tree("p"));
+            let plan = Plan::new(fs.layout(), "/guardian", "svc").unwrap();
+            match plan.create(&fs) {
+                Err(e @ CgroupError::NotBeneath { .. }) => {
+                    assert!(
+                        e.to_string().contains(&planted.display().to_string()),
+                        "{case}: {e}"
+                    );
+                    assert!(e.to_string().contains("symbolic link"), "{case}: {e}");
+                }
+                other => panic!("{case}: {other:?}"),
+            }
+            assert!(
+                s.tree("outside").is_empty(),
+                "{case}: {:?}",
+                s.tree("outside")
+            );
+            // What was made in the other hierarchy before the refusal is gone again.
+            assert_eq!((s.tree("m"), s.tree("p")), before, "{case}");
+        }
+    }
+
+    /// guardian marks what it creates, recognises it after a restart (reused, removed once empty,
+    /// with the parents it made), uses an unmarked directory without ever removing it, and
+    /// refuses a directory another user owns without writing into it.
+    #[test]
+    fn ownership_and_marks_decide_reuse_and_removal() {
+        let s = Scratch::new("marks");
+        let fs = scratch_v1(&s);
+        let plan = || Plan::new(fs.layout(), "/guardian", "svc").unwrap();
+        let origins = |c: &ServiceCgroup| -> Vec<Vec<Origin>> {
+            c.dirs
+                .iter()
+                .map(|d| d.levels.iter().map(|l| l.origin).collect())
+                .collect()
         };
-        let files: Vec<String> = c
-            .limits(&b)
-            .iter()
-            .map(|l| format!("{}={}", l.path.display(), l.value))
-            .collect();
-        assert_eq!(
-            files,
-            vec![
-                "/sys/fs/cgroup/pids/guardian/svc/pids.max=8",
-                "/sys/fs/cgroup/memory/guardian/svc/memory.limit_in_bytes=209715200",
-                "/sys/fs/cgroup/memory/guardian/svc/memory.soft_limit_in_bytes=104857600",
-            ]
-        );
+        let first = plan().create(&fs).unwrap();
+        let created = vec![Origin::Created, Origin::Created];
+        assert_eq!(origins(&first), vec![created.clone(), created]);
+        // A crash: the directories stay.
+        drop(first);
+        let mut again = plan().create(&fs).unwrap();
+        if is_root() {
+            assert_eq!(mark_of(&s.0.join("m/guardian")).as_deref(), Some("parent"));
+            assert_eq!(mark_of(&s.0.join("p/guardian/svc")).as_deref(), Some("svc"));
+            let marked = vec![Origin::Marked, Origin::Marked];
+            assert_eq!(origins(&again), vec![marked.clone(), marked]);
+            assert!(again.remove(), "guardian's own, empty: removed");
+            assert!(
+                s.tree("m").is_empty() && s.tree("p").is_empty(),
+                "{:?}",
+                s.tree("m")
+            );
+        } else {
+            eprintln!(
+                "SKIPPED the marked half of ownership_and_marks_decide_reuse_and_removal: only \
+                 root can set `{MARK}`"
+            );
+            assert!(again.remove(), "nothing guardian may remove");
+            assert!(s.0.join("p/guardian/svc").is_dir(), "unmarked: kept");
+            fs::remove_dir_all(s.0.join("m/guardian")).unwrap();
+            fs::remove_dir_all(s.0.join("p/guardian")).unwrap();
+        }
+
+        // The operator's directories: used, never removed.
+        s.dir("m/guardian/svc");
+        s.dir("p/guardian/svc");
+        let mut theirs = plan().create(&fs).unwrap();
+        let operator = vec![Origin::Operator, Origin::Operator];
+        assert_eq!(origins(&theirs), vec![operator.clone(), operator]);
+        assert!(theirs.remove());
+        assert!(s.0.join("m/guardian/svc").is_dir() && s.0.join("p/guardian/svc").is_dir());
+
+        if !is_root() {
+            eprintln!(
+                "SKIPPED the foreign-owner half of ownership_and_marks_decide_reuse_and_removal: \
+                 needs root to chown"
+            );
+            return;
+        }
+        // Another user's service directory in the pids hierarchy: refused, nothing written in
+        // it, and what was made meanwhile in the memory hierarchy goes again.
+        fs::remove_dir_all(s.0.join("m/guardian")).unwrap();
+        rustix::fs::chown(
+            s.0.join("p/guardian/svc"),
+            Some(rustix::fs::Uid::from_raw(65534)),
+            None,
+        )
+        .unwrap();
+        match plan().create(&fs) {
+            Err(e @ CgroupError::Owner { uid: 65534, .. }) => {
+                assert!(e.to_string().contains("uid 65534"), "{e}")
+            }
+            other => panic!("another user's directory was used: {other:?}"),
+        }
+        assert!(s.tree("p/guardian/svc").is_empty());
+        assert!(s.tree("m").is_empty(), "{:?}", s.tree("m"));
     }
 }

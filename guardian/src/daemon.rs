@@ -102,7 +102,7 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
     let budgets = BudgetEngine::new(&policy, mode)?;
     let mut monitor = Monitor::start(LoadOptions {
         track_all: false,
-        track_threads: BudgetEngine::counts_tasks(&policy, mode),
+        track_threads: BudgetEngine::counts_tasks(&policy),
     })?;
     let protections = Protections::new(&policy.protect);
     let mut daemon = Daemon {

@@ -185,6 +185,20 @@ impl Pinned {
         let statm = self.proc.statm().ok()?;
         Some(statm.resident * rustix::param::page_size() as u64)
     }
+
+    /// Proportional set size in bytes (`Pss` of `/proc/PID/smaps_rollup`, Linux 4.14+): each
+    /// page counted divided by the number of processes that map it, so pages a forked worker
+    /// shares with its parent count once across them. The kernel walks the page tables to
+    /// produce it, which costs far more than [`Self::rss_bytes`].
+    pub fn pss_bytes(&self) -> Option<u64> {
+        let rollup = self.proc.smaps_rollup().ok()?;
+        rollup
+            .memory_map_rollup
+            .0
+            .iter()
+            .map(|m| m.extension.map.get("Pss").copied())
+            .sum()
+    }
 }
 
 /// `/proc/PID/exe` of an executable deleted or replaced since it started (a package upgrade)
@@ -322,6 +336,24 @@ mod tests {
     fn this_test_runs_in_the_host_pid_namespace() {
         // Unit tests run on the host (or in the VM guests' only namespace).
         check_host_pid_namespace().unwrap();
+    }
+
+    #[test]
+    fn pinned_memory_reads_fail_once_the_process_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let start = stat(child.id()).unwrap().start_ns;
+        let Pin::Ok(p) = Pinned::open(child.id(), Some(start)) else {
+            panic!("cannot pin a live child")
+        };
+        let (rss, pss) = (p.rss_bytes().unwrap(), p.pss_bytes().unwrap());
+        assert!(pss > 0 && pss <= rss, "pss {pss} rss {rss}");
+        let _ = child.kill();
+        let _ = child.wait();
+        // Reaped: whoever holds the pid next, nothing is read through the old directory.
+        assert_eq!((p.rss_bytes(), p.pss_bytes()), (None, None));
     }
 
     #[test]

@@ -348,6 +348,37 @@ fn main() {
             poke_pipe(go_member[1]);
             linger();
         }
+        // `shared-heap MB WORKERS GROW_MB`: a parent that allocates and touches MB MiB, then forks
+        // WORKERS workers that keep it shared (they never write to it) and linger. After a line
+        // on stdin the first worker allocates and touches GROW_MB MiB of its own.
+        "shared-heap" => {
+            let (mb, n, grow_mb) = (num(1, 300), num(2, 4), num(3, 600));
+            let _heap = allocate(mb);
+            let go = pipe();
+            let workers: Vec<String> = (0..n)
+                .map(|i| {
+                    let c = fork();
+                    if c == 0 {
+                        // The heap is never written here: its pages stay shared with the parent
+                        // and the other workers.
+                        let _mine = (i == 0).then(|| {
+                            wait_pipe(go[0]);
+                            allocate(grow_mb)
+                        });
+                        linger();
+                    }
+                    c.to_string()
+                })
+                .collect();
+            say(&format!(
+                "parent={} workers={}",
+                std::process::id(),
+                workers.join(",")
+            ));
+            hold();
+            poke_pipe(go[1]);
+            linger();
+        }
         // The fork+exit loop the fork benchmark runs: `fork-loop ITERATIONS`.
         "fork-loop" => {
             let n = num(1, 10_000);
@@ -546,7 +577,8 @@ fn main() {
             eprintln!(
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
                  leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
-                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N] | linger [N] | \
+                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | \
+                 shared-heap [MB] [WORKERS] [GROW_MB] | fork-loop [N] | linger [N] | \
                  roots-chain TAG | churn [N] [KEEP] | clone-parent | \
                  in-pidns [--host-proc] PROGRAM ARGS..."
             );
