@@ -689,10 +689,10 @@ impl PssSnapshot {
     }
 }
 
-/// A member opened through its pinned `/proc` directory, with its resident memory.
+/// A member with its resident memory, read through its pinned `/proc` directory. The directory
+/// is not kept: a service may have thousands of members, and descriptors are for signals.
 struct Member<'a> {
     p: &'a Process,
-    proc: Pinned,
     rss: u64,
 }
 
@@ -711,19 +711,19 @@ fn pinned_members<'a>(state: &'a State, svc: usize, skip: &HashSet<(u32, u64)>) 
         .iter_alive()
         .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
         .filter_map(|p| match Pinned::open(p.pid, Some(p.start_ns)) {
-            Pin::Ok(proc) => {
-                let rss = proc.rss_bytes()?;
-                Some(Member { p, proc, rss })
-            }
+            Pin::Ok(proc) => Some(Member {
+                p,
+                rss: proc.rss_bytes()?,
+            }),
             // Out of descriptors: left out of this check, counted again at the next.
             Pin::Gone | Pin::Reused | Pin::Failed(_) => None,
         })
         .collect()
 }
 
-/// Members with their proportional set size, read through the same pinned directories. Where
-/// `smaps_rollup` cannot be read while the process lives (a kernel before 4.14), its resident
-/// size stands in (said once); a member that ended meanwhile is left out.
+/// Members with their proportional set size, read through their pinned directories (opened
+/// again). Where `smaps_rollup` cannot be read while the process lives (a kernel before 4.14),
+/// its resident size stands in (said once); a member that ended meanwhile is left out.
 fn proportional(members: Vec<Member<'_>>) -> Vec<(&Process, u64)> {
     members
         .into_iter()
@@ -731,10 +731,13 @@ fn proportional(members: Vec<Member<'_>>) -> Vec<(&Process, u64)> {
             if m.rss == 0 {
                 return Some((m.p, 0)); // a zombie, or nothing resident
             }
-            match m.proc.pss_bytes() {
+            let Pin::Ok(proc) = Pinned::open(m.p.pid, Some(m.p.start_ns)) else {
+                return None;
+            };
+            match proc.pss_bytes() {
                 Some(pss) => Some((m.p, pss)),
                 None => {
-                    m.proc.rss_bytes()?;
+                    proc.rss_bytes()?;
                     if !NO_PSS.swap(true, Ordering::Relaxed) {
                         warn!(pid = m.p.pid, "cannot read smaps_rollup: counting resident memory, which counts shared pages once per process");
                     }
