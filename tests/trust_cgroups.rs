@@ -340,3 +340,47 @@ fn inherit_memory_counts_pages_shared_by_forked_workers_once() {
     let kills = decisions(&records, |v| v["action"] == "kill");
     assert_eq!(kills.len(), 1, "one victim: {kills:?}");
 }
+
+/// guardian is killed, then its service ends while it is down: the next guardian removes the
+/// empty cgroup (and the parent) the first one left, at start-up.
+#[test]
+fn a_leftover_empty_cgroup_is_removed_at_start() {
+    let test = "leftover_cgroup";
+    if !ready(test, true) {
+        return;
+    }
+    let tok = token(test);
+    let _cleanup = CgroupCleanup(tok.clone());
+    let p = policy(test, &tok, "tasks_max = 32\ncgroup = \"own\"");
+    let dirs = service_cgroup_dirs(&tok, "svc");
+    let first = start(&p);
+    let mut w = workload(&["tree", "2", &tok]);
+    let m = w.read_pairs();
+    let root = pid(&m, "parent");
+    w.cleanup.extend(pids(&m, "children"));
+    first.wait_for("the move of the root", |v| {
+        v["event"] == "decision" && v["action"] == "move" && v["pid"] == root
+    });
+    kill(first.pid(), libc::SIGKILL);
+    drop(first);
+    drop(w);
+    eventually("the service's processes to be gone", WAIT, || {
+        dirs.iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty())
+        })
+    });
+    assert!(
+        dirs.iter().all(|d| d.is_dir()),
+        "the first guardian removed them"
+    );
+    let second = start(&p);
+    eventually(
+        "the leftover cgroup and its parent to be removed",
+        WAIT,
+        || {
+            dirs.iter()
+                .all(|d| !d.exists() && !d.parent().unwrap().exists())
+        },
+    );
+    second.stop();
+}

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cgroup::{
@@ -623,6 +623,47 @@ impl BudgetEngine {
             if !cg.remove() {
                 debug!(service = %name, "service cgroup kept: not empty");
                 st.cgroup = Some(cg);
+            }
+        }
+    }
+
+    /// At start-up, after the services' processes were found: removes the empty cgroups an
+    /// earlier guardian left (it was killed, or its services ended while it was down) for
+    /// services with no process now. Only directories marked as guardian's go; an operator's
+    /// stay.
+    pub fn sweep(&mut self, state: &State, policy: &Policy) {
+        let Some(fs) = &self.cgroupfs else {
+            return;
+        };
+        if self.mode != Mode::Enforce {
+            return;
+        }
+        for (svc, service) in policy.services.iter().enumerate() {
+            if service.cgroup != CgroupMode::Own
+                || !service.budgets.any()
+                || self.services[svc].cgroup.is_some()
+                || state.table.service_count(svc).processes > 0
+            {
+                continue;
+            }
+            let Ok(plan) = Plan::new(fs.layout(), &self.parent, &service.name) else {
+                continue;
+            };
+            // Opening is creating where a directory is missing: only a complete leftover is
+            // opened, to be removed.
+            if !plan.dirs().iter().all(|d| d.is_dir()) {
+                continue;
+            }
+            match plan.create(fs) {
+                Ok(mut cg) if cg.is_empty() => {
+                    if cg.remove() {
+                        info!(service = %service.name, "removed the empty cgroup an earlier guardian left");
+                    }
+                }
+                Ok(_) => {
+                    debug!(service = %service.name, "a cgroup of the service holds processes of no root")
+                }
+                Err(e) => debug!(service = %service.name, "leftover cgroup not opened: {e}"),
             }
         }
     }

@@ -119,6 +119,7 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         checks: Checks::default(),
     };
     daemon.sync(&mut monitor.state, true);
+    daemon.budgets.sweep(&monitor.state, &daemon.policy);
     let ready = Record::Ready {
         ts: monitor.state.clock.now(),
         pid: daemon.self_pid,
