@@ -228,7 +228,11 @@ fn memory_high(test: &str, mode: &str) {
     assert!(d["usage"].as_u64().unwrap() > 100 << 20, "{d}");
     eventually("the hog to die", WAIT, || !alive(hog));
     thread::sleep(Duration::from_millis(300));
-    assert!(alive(root), "the root was not the victim");
+    assert!(
+        alive(root),
+        "the root was not the victim: {:?}",
+        decisions(&g.records(), |v| v["pid"] == root)
+    );
     assert!(alive(other_pid), "the unrelated process was touched");
     drop(other);
     drop(w);

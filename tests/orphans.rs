@@ -395,7 +395,8 @@ fn a_reused_pid_is_not_signalled() {
     thread::sleep(Duration::from_millis(2_800));
     assert!(
         newcomer.try_wait().unwrap().is_none(),
-        "the newcomer on pid {orphan} was signalled"
+        "the newcomer on pid {orphan} was signalled; guardian's decisions on that pid: {:?}",
+        decisions(&g.records(), orphan)
     );
     let _ = newcomer.kill();
     let _ = newcomer.wait();

@@ -487,8 +487,12 @@ fn a_full_tracked_map_falls_back_to_proc() {
     });
     w.cleanup.extend(&grandchildren);
     wait_root(&g, parent);
+    // The kernel could not track some children, guardian some members.
     let lost = g.wait_for("the full map reported", |v| {
         v["event"] == "lost" && v["reason"] == "tracked_map_full"
+    });
+    g.wait_for("members guardian could not track", |v| {
+        v["event"] == "lost" && v["reason"] == "untracked"
     });
     assert!(lost["count"].as_u64().unwrap() > 0, "{lost}");
     // Forked last, the middle child is beyond the map: its children were never reported, and

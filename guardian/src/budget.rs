@@ -505,8 +505,12 @@ impl BudgetEngine {
         }
         let st = &mut self.services[svc];
         if let Some((pid, start, since)) = st.victim {
+            // Its exit can be reported before its memory is released (recent kernels fire the
+            // exit tracepoint before `exit_mm()`): it is gone once `/proc` shows it dead.
+            let releasing =
+                || matches!(Pinned::open(pid, Some(start)), Pin::Ok(p) if !p.stat.zombie);
             let alive = state.table.alive(pid).is_some_and(|p| p.start_ns == start);
-            if alive && now < since + VICTIM_WAIT_NS {
+            if (alive || releasing()) && now < since + VICTIM_WAIT_NS {
                 return;
             }
             st.victim = None;

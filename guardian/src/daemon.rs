@@ -41,6 +41,8 @@ const SUSPECT_GRACE_NS: u64 = 200_000_000;
 const UNTRACKED_RESYNC_NS: u64 = 1_000_000_000;
 /// How often pids the kernel tracks for nobody are looked for (ns).
 const TRACKED_GC_NS: u64 = 30_000_000_000;
+/// `/proc` is re-read at most this often (ns), however often events are lost.
+const RESYNC_EVERY_NS: u64 = 500_000_000;
 /// At most one warning this often about members the kernel cannot track (ns).
 const UNTRACKED_WARN_NS: u64 = 10_000_000_000;
 
@@ -76,6 +78,7 @@ struct Checks {
     next_gc_ns: u64,
     /// Tracked pids with no process behind them at the last collection.
     gc_absent: HashSet<u32>,
+    last_resync_ns: u64,
 }
 
 pub struct Daemon {
@@ -810,14 +813,18 @@ impl Handler for Daemon {
             self.untracked_total += self.untracked_new;
             let record = Record::Lost {
                 ts: state.clock.now(),
-                reason: "tracked_map_full",
+                reason: "untracked",
                 count: std::mem::take(&mut self.untracked_new),
                 total: self.untracked_total,
             };
             self.out.emit(&record);
         }
         self.check(state);
-        if let Some(trigger) = self.resync_due.take() {
+        let now = procs::boottime_ns();
+        // A storm of losses (an exec flood) must not turn into a storm of /proc scans.
+        if self.resync_due.is_some() && now >= self.checks.last_resync_ns + RESYNC_EVERY_NS {
+            self.checks.last_resync_ns = now;
+            let trigger = self.resync_due.take().unwrap_or("lost");
             self.resync(state, trigger);
         }
     }

@@ -158,9 +158,7 @@ pub struct Note<'a> {
 
 /// A decision that could not be carried out yet: its process could not be checked or opened
 /// for want of file descriptors or memory (retried on every tick until it is done or the
-/// process is gone), or it was sent SIGTERM and waits for its deadline. No file descriptor is
-/// held meanwhile: the process is opened and checked again when its turn comes, so any number
-/// of them can wait under any RLIMIT_NOFILE.
+/// process is gone), or it was sent SIGTERM and waits for its deadline.
 struct Waiting {
     pid: u32,
     start_ns: u64,
@@ -169,6 +167,11 @@ struct Waiting {
     kill_timeout: Duration,
     /// Terminations: when SIGKILL follows (boot ns). `None`: a decision to retry.
     deadline_ns: Option<u64>,
+    /// A termination's pidfd, kept: SIGKILL goes through it, to the very process SIGTERM went
+    /// to. Only so many are kept (see [`Enforcer::max_held`]); beyond them the process is opened
+    /// and checked by its start time again when its deadline comes, so any number of
+    /// terminations can wait under any RLIMIT_NOFILE.
+    fd: Option<OwnedFd>,
 }
 
 /// Counts of what was enforced and what would have been.
@@ -186,6 +189,8 @@ pub struct Enforcer {
     pub mode: Mode,
     protections: Protections,
     waiting: Vec<Waiting>,
+    /// Most pidfds kept for terminations: a quarter of the open-file limit.
+    max_held: usize,
     pub counts: Counts,
     /// When the last warning about decisions put off was given (boot ns).
     retry_warned_ns: u64,
@@ -215,10 +220,16 @@ enum Attempt {
 
 impl Enforcer {
     pub fn new(mode: Mode, protections: Protections) -> Self {
+        let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
         Self {
             mode,
             protections,
             waiting: Vec::new(),
+            max_held: usize::try_from(nofile / 4)
+                .unwrap_or(usize::MAX)
+                .clamp(4, 4096),
             counts: Counts::default(),
             retry_warned_ns: 0,
         }
@@ -257,6 +268,7 @@ impl Enforcer {
             action: req.action,
             kill_timeout: req.kill_timeout,
             deadline_ns: None,
+            fd: None,
         };
         self.attempt(clock, waiting)
     }
@@ -325,7 +337,9 @@ impl Enforcer {
                     kill.action = OrphanAction::Kill.as_str();
                     kill.reason = Reason::KillTimeout.as_str();
                     kill.performed = false;
+                    let held = self.waiting.iter().filter(|w| w.fd.is_some()).count();
                     self.waiting.push(Waiting {
+                        fd: (held < self.max_held).then_some(fd),
                         pid: w.pid,
                         start_ns: w.start_ns,
                         decision: kill,
@@ -376,8 +390,17 @@ impl Enforcer {
         let now = procs::boottime_ns();
         let mut records = Vec::new();
         for mut w in std::mem::take(&mut self.waiting) {
+            // It honoured SIGTERM: done, and its descriptor freed.
+            if w.fd.as_ref().is_some_and(exited) {
+                continue;
+            }
             match w.deadline_ns {
                 Some(deadline) if now < deadline => self.waiting.push(w),
+                Some(_) if w.fd.is_some() => match self.escalate(&mut w) {
+                    Attempt::Done(d) if d.gone => {}
+                    Attempt::Done(d) => records.push(d.record(clock, self.mode)),
+                    Attempt::Later => self.waiting.push(w),
+                },
                 Some(_) => match self.try_once(&mut w) {
                     // Gone, or its pid taken by another process: it honoured SIGTERM.
                     Attempt::Done(d) if d.gone => {}
@@ -391,6 +414,40 @@ impl Enforcer {
             }
         }
         records
+    }
+
+    /// SIGKILL through the pidfd SIGTERM went through, after the protections are checked again
+    /// on what the process is now (it may have exec'd a protected program meanwhile).
+    fn escalate(&mut self, w: &mut Waiting) -> Attempt {
+        let d = &mut w.decision;
+        let Some(fd) = &w.fd else {
+            return Attempt::Later;
+        };
+        // The pidfd says the process lives, so its pid is still its own: /proc speaks of it.
+        let proc = match Pinned::open(w.pid, Some(w.start_ns)) {
+            Pin::Ok(p) => p,
+            Pin::Failed(_) => return Attempt::Later,
+            Pin::Gone | Pin::Reused => {
+                d.gone = true;
+                return Attempt::Done(d.clone());
+            }
+        };
+        if let Some(why) = self.protections.refuse_now(&proc) {
+            self.counts.refused += 1;
+            d.result = format!("refused: {why}");
+            return Attempt::Done(d.clone());
+        }
+        d.new_parent = (proc.stat.ppid != d.old_parent).then_some(proc.stat.ppid);
+        match pidfd_send_signal(fd, Signal::KILL) {
+            Ok(()) => {
+                self.counts.signalled += 1;
+                d.performed = true;
+                d.result = "sent SIGKILL".into();
+            }
+            Err(rustix::io::Errno::SRCH) => d.gone = true,
+            Err(e) => d.result = format!("error: {e}"),
+        }
+        Attempt::Done(d.clone())
     }
 
     /// Records a decision that signals nothing.
@@ -544,20 +601,22 @@ mod tests {
 
     #[test]
     fn identity_window() {
-        use procs::{same_process, IDENTITY_SLACK_NS};
+        use procs::{same_process, FORK_EVENT_SLACK_NS};
         let tick = procs::tick_ns();
         let start = 1_000 * tick + tick / 2; // started mid-tick
         let proc_ns = 1_000 * tick; // /proc rounds down
-        assert!(same_process(start, proc_ns));
+        assert!(same_process(start, proc_ns), "known exactly");
+        assert!(same_process(proc_ns, proc_ns), "known from /proc");
         assert!(
             same_process(start + 3_000, proc_ns),
             "fork event a few µs late"
         );
-        assert!(!same_process(start + 2 * tick + IDENTITY_SLACK_NS, proc_ns));
+        assert!(!same_process(proc_ns + tick + FORK_EVENT_SLACK_NS, proc_ns));
         assert!(
-            !same_process(start, proc_ns + 10 * tick),
-            "a newer process with that pid"
+            !same_process(start, proc_ns + tick),
+            "a newer process with that pid, a tick later"
         );
+        assert!(!same_process(start, proc_ns + 10 * tick));
     }
 
     #[test]

@@ -119,6 +119,9 @@ pub enum Record {
     /// Events the kernel side could not deliver, or guardian could not decode.
     Lost {
         ts: String,
+        /// `ringbuf_full`, `tracked_map_full` (children the kernel could not follow),
+        /// `bad_tracepoint_field`, `decode_error`, or `untracked` (members guardian could not
+        /// have the kernel follow: their events will not come, `/proc` is read instead).
         reason: &'static str,
         count: u64,
         total: u64,

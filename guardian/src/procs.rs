@@ -40,16 +40,24 @@ pub struct Stat {
     pub start_ns: u64,
     pub comm: String,
     pub kernel_thread: bool,
+    /// Dead, waiting to be reaped: its memory and files are released.
+    pub zombie: bool,
+}
+
+impl From<procfs::process::Stat> for Stat {
+    fn from(st: procfs::process::Stat) -> Self {
+        Self {
+            ppid: st.ppid.max(0) as u32,
+            start_ns: st.starttime * tick_ns(),
+            kernel_thread: st.flags & PF_KTHREAD != 0,
+            zombie: matches!(st.state, 'Z' | 'X'),
+            comm: st.comm,
+        }
+    }
 }
 
 pub fn stat(pid: u32) -> Option<Stat> {
-    let stat = Process::new(pid as i32).ok()?.stat().ok()?;
-    Some(Stat {
-        ppid: stat.ppid.max(0) as u32,
-        start_ns: stat.starttime * tick_ns(),
-        kernel_thread: stat.flags & PF_KTHREAD != 0,
-        comm: stat.comm,
-    })
+    Some(Process::new(pid as i32).ok()?.stat().ok()?.into())
 }
 
 /// Everything guardian keeps about a process.
@@ -81,14 +89,21 @@ pub fn read(pid: u32) -> Option<ProcInfo> {
     })
 }
 
-/// A start time read from `/proc` (clock ticks) matches the table's if it lies within this of
-/// it (ns): one tick of rounding plus the fork event's lateness.
-pub const IDENTITY_SLACK_NS: u64 = 50_000_000;
+/// How much later than its true start a fork event may be stamped (ns): `copy_process()` sets the
+/// start time, and the tracepoint fires at its end (later under contention).
+pub const FORK_EVENT_SLACK_NS: u64 = 10_000_000;
+/// Clock disagreement tolerated between the kernel's stamps (ns).
+const CLOCK_SLACK_NS: u64 = 1_000;
 
-/// Whether a `/proc` start time (clock-tick resolution, rounded down) is the one the table knows
-/// (exact, or from the fork event a few µs late).
+/// Whether a `/proc` start time is that of the process the table knows. `/proc` gives a start to
+/// the clock tick, rounded down; the table holds it exactly (kernel BTF), from the fork event (a
+/// little late), or from `/proc` itself. The same process therefore reads within
+/// `[proc, proc + tick + slack)`, and a later holder of the pid, started after the table's
+/// process, fails unless it started within that same tick. (A pid comes back only after the
+/// kernel has handed out every other one, which takes far longer than that, unless root
+/// steers the allocation.)
 pub fn same_process(table_ns: u64, proc_ns: u64) -> bool {
-    table_ns + IDENTITY_SLACK_NS >= proc_ns && table_ns <= proc_ns + tick_ns() + IDENTITY_SLACK_NS
+    proc_ns <= table_ns + CLOCK_SLACK_NS && table_ns < proc_ns + tick_ns() + FORK_EVENT_SLACK_NS
 }
 
 /// A process opened through its `/proc/PID` directory and checked to be the one guardian knows
@@ -142,12 +157,7 @@ impl Pinned {
             Ok(st) => st,
             Err(e) => return resource_error(&e).map_or(Pin::Gone, Pin::Failed),
         };
-        let stat = Stat {
-            ppid: st.ppid.max(0) as u32,
-            start_ns: st.starttime * tick_ns(),
-            kernel_thread: st.flags & PF_KTHREAD != 0,
-            comm: st.comm,
-        };
+        let stat = Stat::from(st);
         if start_ns.is_some_and(|s| !same_process(s, stat.start_ns)) {
             return Pin::Reused;
         }
