@@ -515,8 +515,8 @@ fn a_full_tracked_map_falls_back_to_proc() {
     g.stop();
 }
 
-/// The pids in guardian's tracked-process map, read from the kernel.
-fn tracked_pids(guardian: u32) -> Vec<u32> {
+/// guardian's tracked-process map, opened from the kernel.
+fn tracked_map(guardian: u32) -> aya::maps::HashMap<aya::maps::MapData, u32, u32> {
     let ids = bpf_ids(guardian);
     for &(kind, id) in &ids {
         if kind != "map" {
@@ -530,15 +530,20 @@ fn tracked_pids(guardian: u32) -> Vec<u32> {
             .ok()
             .and_then(|i| i.name_as_str().map(str::to_owned))
             .as_deref()
-            != Some("TRACKED")
+            == Some("TRACKED")
         {
-            continue;
+            return aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
         }
-        let map: aya::maps::HashMap<_, u32, u32> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
-        return map.keys().filter_map(Result::ok).collect();
     }
     panic!("guardian {guardian} holds no TRACKED map: {ids:?}");
+}
+
+/// The pids in guardian's tracked-process map, read from the kernel.
+fn tracked_pids(guardian: u32) -> Vec<u32> {
+    tracked_map(guardian)
+        .keys()
+        .filter_map(Result::ok)
+        .collect()
 }
 
 /// A member that clones with CLONE_PARENT gives its new child to its own parent, who belongs to
@@ -571,4 +576,49 @@ fn clone_parent_tracks_nobody_outside_the_service() {
         "the member's parent ({me}), outside every service, is tracked: {tracked:?}"
     );
     g.stop();
+}
+
+/// An event that never comes and no counter reports (here: a member taken out of the kernel's
+/// map behind guardian's back, so that its death is not reported): the periodic check of the
+/// members against /proc finds the member gone, /proc is re-read, and its orphans die.
+#[test]
+fn the_periodic_check_catches_a_death_no_event_reported() {
+    let test = "periodic_check";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let g = Guardian::start(&[
+        "--policy",
+        policy_file(test, &kill_policy(&tok, "")).to_str().unwrap(),
+    ]);
+    let mut w = workload(&["tree", "1", "nested", &tok]);
+    let p = w.read_pairs();
+    let (parent, middle) = (pid(&p, "parent"), pids(&p, "children")[0]);
+    w.cleanup.push(middle);
+    let mut grandchildren = Vec::new();
+    eventually("the middle process's children", WAIT, || {
+        grandchildren = children_of(middle);
+        grandchildren.len() == 2
+    });
+    w.cleanup.extend(&grandchildren);
+    wait_root(&g, parent);
+    eventually("the grandchildren tracked", WAIT, || {
+        let t = tracked_pids(g.pid());
+        grandchildren.iter().all(|c| t.contains(c)) && t.contains(&middle)
+    });
+    tracked_map(g.pid()).remove(&middle).unwrap();
+    kill(middle, libc::SIGKILL);
+    let took = all_gone(&grandchildren, Duration::from_secs(10));
+    eprintln!("orphans of a death no event reported gone {took:?} later");
+    let resync = g.wait_for("the resync the check asked for", |v| {
+        v["event"] == "resync" && v["trigger"] == "check"
+    });
+    assert!(resync["retired"].as_u64() >= Some(1), "{resync}");
+    let records = g.stop();
+    for &c in &grandchildren {
+        let d = decisions(&records, c);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0]["old_parent"], middle);
+    }
 }

@@ -32,7 +32,7 @@ const MAX_ADOPT: usize = 100_000;
 const FRESH_FORK_NS: u64 = 250_000_000;
 /// Every member is checked against `/proc` once in this period (ns), a slice on each tick: the
 /// reconciliation that catches what no loss counter reports.
-const CHECK_PERIOD_NS: u64 = 10_000_000_000;
+const CHECK_PERIOD_NS: u64 = 5_000_000_000;
 /// A member `/proc` shows differently than the table is only a suspect until it still differs
 /// this much later (ns): the event that explains it may be waiting in the ring buffer.
 const SUSPECT_GRACE_NS: u64 = 200_000_000;
