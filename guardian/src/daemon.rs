@@ -14,13 +14,14 @@ use tracing::{debug, info};
 
 use crate::{
     budget::{BudgetEngine, NewTask},
-    enforce::{Enforcer, Protections, Reason, Request},
+    enforce::{Enforcer, Reason, Request},
     events::{Exec, ExitStatus},
     loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, State},
     output::{Output, OutputFormat, Proc, Record},
     policy::{AtStart, Mode, OrphanAction, Policy},
     procs::{self, ProcInfo},
+    protect::Protections,
     selector::Candidate,
 };
 
@@ -511,7 +512,7 @@ pub fn check(policy: &Policy) -> String {
             }
         ));
     }
-    let mut names: Vec<&str> = crate::enforce::BUILTIN_PROTECTED.to_vec();
+    let mut names: Vec<&str> = crate::protect::BUILTIN_PROTECTED.to_vec();
     for n in &policy.protect {
         if !names.contains(&n.as_str()) {
             names.push(n);

@@ -12,6 +12,7 @@ pub mod monitor;
 pub mod output;
 pub mod policy;
 pub mod procs;
+pub mod protect;
 pub mod selector;
 pub mod table;
 pub mod trace;
