@@ -20,18 +20,28 @@ pub mod tracefs;
 
 use anyhow::bail;
 use cli::{Cli, Command};
+use policy::Policy;
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Check { policy }) = &cli.command {
-        let policy = policy::Policy::load(policy)?;
+        let policy = Policy::load(policy)?;
         print!("{}", daemon::check(&policy));
+        for w in policy.warnings() {
+            eprintln!("warning: {w}");
+        }
         return Ok(());
     }
     // The policy is validated before anything is loaded or changed.
     let policy = match &cli.command {
         None => match &cli.run.policy {
-            Some(path) => Some(policy::Policy::load(path)?),
+            Some(path) => {
+                let policy = Policy::load(path)?;
+                for w in policy.warnings() {
+                    tracing::warn!("{w}");
+                }
+                Some(policy)
+            }
             None => bail!("no policy given: run `guardian --policy FILE` (or `guardian trace`)"),
         },
         _ => None,

@@ -12,12 +12,12 @@ use std::{
     time::Duration,
 };
 
-use globset::{Glob, GlobMatcher};
+use globset::GlobBuilder;
 use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::selector::Selector;
+use crate::selector::{Selector, User};
 
 /// How long `terminate` waits between SIGTERM and SIGKILL unless the policy says otherwise.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -438,6 +438,47 @@ impl Policy {
             services,
         })
     }
+
+    /// What is valid but probably not what was meant, one line each: services any local user
+    /// can join, user names that do not exist (yet).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            if !s.selector.is_pinned() {
+                out.push(format!(
+                    "service `{}`: its `match` pins none of `user`, `cgroup`, `exe`, so any local user can start a process that joins it (its budgets and orphan kills then reach that process's tree): add `user = \"<service account>\"` or `cgroup = \"/system.slice/<unit>.service\"`",
+                    s.name
+                ));
+            }
+            if let Some(u) = s.selector.unresolved_user() {
+                out.push(format!(
+                    "service `{}`: there is no user `{u}` on this host: `match` selects no process (no roots) until it exists",
+                    s.name
+                ));
+            }
+            if let Some(u) = s.orphan_match.as_ref().and_then(Selector::unresolved_user) {
+                out.push(format!(
+                    "service `{}`: there is no user `{u}` on this host: `orphan_match` selects no orphan (none is acted on) until it exists",
+                    s.name
+                ));
+            }
+        }
+        out
+    }
+
+    /// Looks user names that did not resolve up again (accounts created since the policy was
+    /// read); returns the indices of the services whose `match` or `orphan_match` changed.
+    pub fn resolve_users(&mut self) -> Vec<usize> {
+        let mut changed = Vec::new();
+        for (i, s) in self.services.iter_mut().enumerate() {
+            let in_match = s.selector.resolve_user();
+            let in_orphan_match = s.orphan_match.as_mut().is_some_and(Selector::resolve_user);
+            if in_match || in_orphan_match {
+                changed.push(i);
+            }
+        }
+        changed
+    }
 }
 
 /// Parses a size and checks it against [`MIN_MEMORY`].
@@ -490,30 +531,41 @@ fn selector_from(
             })
         })
         .transpose()?;
-    let glob = |g: Option<Spanned<String>>,
-                k: &str|
-     -> Result<Option<(String, GlobMatcher)>, PolicyError> {
-        g.map(|g| {
-            Glob::new(g.get_ref())
-                .map(|m| (g.get_ref().clone(), m.compile_matcher()))
-                .map_err(|e| loc.error(Some(g.span()), &sub(k), format!("invalid glob: {e}")))
-        })
-        .transpose()
+    let glob = |g: Spanned<String>, k: &str, literal_separator: bool| {
+        GlobBuilder::new(g.get_ref())
+            .literal_separator(literal_separator)
+            .build()
+            .map(|m| (g.get_ref().clone(), m.compile_matcher()))
+            .map_err(|e| loc.error(Some(g.span()), &sub(k), format!("invalid glob: {e}")))
     };
-    let exe = glob(raw.exe, "exe")?;
-    let comm = glob(raw.comm, "comm")?;
+    let exe = raw
+        .exe
+        .map(|g| {
+            if !(g.get_ref().starts_with('/') || g.get_ref().starts_with("**")) {
+                return Err(loc.error(
+                    Some(g.span()),
+                    &sub("exe"),
+                    "must be a glob on an absolute path (the executable as /proc/PID/exe shows it), e.g. \"/usr/bin/python3*\"",
+                ));
+            }
+            // `*` must not cross `/`: `/opt/app/bin/*` is not `/opt/app/bin/../../home/eve/x`.
+            glob(g, "exe", true)
+        })
+        .transpose()?;
+    let comm = raw.comm.map(|g| glob(g, "comm", false)).transpose()?;
     let cgroup = raw
         .cgroup
         .map(|c| {
-            if c.get_ref().starts_with('/') {
-                Ok(c.into_inner())
-            } else {
-                Err(loc.error(
+            if !c.get_ref().starts_with('/') {
+                return Err(loc.error(
                     Some(c.span()),
                     &sub("cgroup"),
-                    "must be an absolute cgroup path prefix (as in /proc/PID/cgroup), e.g. \"/system.slice/app.service\"",
-                ))
+                    "must be an absolute cgroup path (as in /proc/PID/cgroup), e.g. \"/system.slice/app.service\"",
+                ));
             }
+            // The selector compares whole components: `/a/b/` is `/a/b`.
+            let path = c.get_ref().trim_end_matches('/');
+            Ok(if path.is_empty() { "/" } else { path }.to_owned())
         })
         .transpose()?;
     let user = raw
@@ -521,17 +573,15 @@ fn selector_from(
         .map(|u| {
             let span = u.span();
             match u.into_inner() {
-                RawUser::Id(id) => Ok(id),
+                RawUser::Id(id) => Ok(User::id(id)),
                 RawUser::Name(name) => match name.parse::<u32>() {
-                    Ok(id) => Ok(id),
-                    Err(_) => match nix::unistd::User::from_name(&name) {
-                        Ok(Some(user)) => Ok(user.uid.as_raw()),
-                        _ => Err(loc.error(
-                            Some(span),
-                            &sub("user"),
-                            format!("no such user `{name}`"),
-                        )),
-                    },
+                    Ok(id) => Ok(User::id(id)),
+                    Err(_) if name.is_empty() => {
+                        Err(loc.error(Some(span), &sub("user"), "must be a user name or a uid"))
+                    }
+                    // A name that does not resolve is valid: it matches nothing until the
+                    // account exists (see `Policy::warnings`, `Policy::resolve_users`).
+                    Err(_) => Ok(User::named(name)),
                 },
             }
         })
@@ -556,6 +606,7 @@ fn selector_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::selector::User;
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
         Policy::parse(Path::new("p.toml"), text)
@@ -591,7 +642,7 @@ kill_timeout = "250ms"
         let b = &p.services[1];
         assert_eq!(b.orphans, OrphanAction::Terminate, "the default action");
         assert_eq!(b.kill_timeout, Duration::from_millis(250));
-        assert_eq!(b.selector.user, Some(0));
+        assert_eq!(b.selector.user, Some(User::id(0)));
     }
 
     #[test]
@@ -653,12 +704,117 @@ kill_timeout = "250ms"
     }
 
     #[test]
-    fn users_by_name_and_unknown_users() {
+    fn users_by_name_and_by_uid() {
         let p = parse("[[service]]\nname = \"a\"\nmatch = { user = \"root\" }\n").unwrap();
-        assert_eq!(p.services[0].selector.user, Some(0));
-        let e = parse("[[service]]\nname = \"a\"\nmatch = { user = \"no-such-user-here\" }\n")
-            .unwrap_err();
-        assert!(e.message.contains("no such user"), "{e}");
+        let root = p.services[0].selector.user.clone().unwrap();
+        assert_eq!((root.name.as_deref(), root.uid), (Some("root"), Some(0)));
+        let p = parse("[[service]]\nname = \"a\"\nmatch = { user = \"4242\" }\n").unwrap();
+        assert_eq!(p.services[0].selector.user, Some(User::id(4242)));
+        let e = parse("[[service]]\nname = \"a\"\nmatch = { user = \"\" }\n").unwrap_err();
+        assert_eq!(e.key, "service[0].match.user", "{e}");
+    }
+
+    /// An account that does not exist yet is no error: the service has no roots until it
+    /// does, and says so.
+    #[test]
+    fn unknown_users_are_warnings_until_they_exist() {
+        let text = "[[service]]\nname = \"a\"\nmatch = { cmdline = \"x\", user = \"no-such-user-here\" }\norphan_match = { user = \"no-such-user-here\" }\n\n[[service]]\nname = \"b\"\nmatch = { user = 0 }\n";
+        let mut p = parse(text).unwrap();
+        let a = &p.services[0];
+        assert_eq!(a.selector.unresolved_user(), Some("no-such-user-here"));
+        let me = std::process::id();
+        let c = crate::selector::Candidate::new(me, None, "x", "x");
+        assert!(!a.selector.matches(&c), "matches nothing until it exists");
+        let w = p.warnings();
+        assert!(
+            w.iter().any(|l| l.contains("service `a`")
+                && l.contains("no user `no-such-user-here`")
+                && l.contains("no roots")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|l| l.contains("`orphan_match` selects no orphan")),
+            "{w:?}"
+        );
+        assert!(p.resolve_users().is_empty(), "still missing");
+        // The account appears (simulated: a name this host has).
+        let a = &mut p.services[0];
+        for sel in [&mut a.selector, a.orphan_match.as_mut().unwrap()] {
+            sel.user.as_mut().unwrap().name = Some("root".into());
+        }
+        assert_eq!(p.resolve_users(), vec![0]);
+        assert_eq!(p.services[0].selector.user.as_ref().unwrap().uid, Some(0));
+        assert!(p.resolve_users().is_empty(), "nothing left to resolve");
+        assert!(
+            p.warnings().iter().all(|l| !l.contains("no user")),
+            "{:?}",
+            p.warnings()
+        );
+    }
+
+    #[test]
+    fn unpinned_services_warn() {
+        let p = parse(
+            "[[service]]\nname = \"loose\"\nmatch = { cmdline = \"x\", comm = \"y\" }\n\n[[service]]\nname = \"by-user\"\nmatch = { cmdline = \"x\", user = 0 }\n\n[[service]]\nname = \"by-cgroup\"\nmatch = { cgroup = \"/system.slice/x.service\" }\n\n[[service]]\nname = \"by-exe\"\nmatch = { exe = \"/usr/bin/x\" }\n",
+        )
+        .unwrap();
+        let w = p.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("service `loose`: "), "{w:?}");
+        assert!(w[0].contains("any local user"), "{w:?}");
+        assert!(w[0].contains("user = \"<service account>\""), "{w:?}");
+        assert!(
+            w[0].contains("cgroup = \"/system.slice/<unit>.service\""),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn exe_globs_do_not_cross_slashes() {
+        let exe = |g: &str| {
+            parse(&format!(
+                "[[service]]\nname = \"a\"\nmatch = {{ exe = \"{g}\" }}\n"
+            ))
+            .map(|p| p.services[0].selector.exe.clone().unwrap().1)
+        };
+        let bin = exe("/opt/app/bin/*").unwrap();
+        assert!(bin.is_match("/opt/app/bin/x"));
+        assert!(!bin.is_match("/opt/app/bin/../../../home/eve/x"));
+        assert!(!bin.is_match("/opt/app/bin/sub/x"));
+        let tree = exe("/usr/sbin/**").unwrap();
+        assert!(tree.is_match("/usr/sbin/a/b"));
+        assert!(exe("**/bin/python3*")
+            .unwrap()
+            .is_match("/usr/bin/python3.11"));
+        let e = exe("python3").unwrap_err();
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (3, 17, "service[0].match.exe"),
+            "{e}"
+        );
+        assert!(e.message.contains("absolute path"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_paths_lose_trailing_slashes() {
+        let cgroup = |c: &str| {
+            parse(&format!(
+                "[[service]]\nname = \"a\"\nmatch = {{ cgroup = \"{c}\" }}\n"
+            ))
+            .unwrap()
+            .services[0]
+                .selector
+                .cgroup
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(cgroup("/a/b/"), "/a/b");
+        assert_eq!(cgroup("/a/b"), "/a/b");
+        assert_eq!(cgroup("/"), "/");
+        assert_eq!(cgroup("//"), "/");
+        let e = parse("[[service]]\nname = \"a\"\nmatch = { cgroup = \"a/b\" }\n").unwrap_err();
+        assert_eq!(e.key, "service[0].match.cgroup", "{e}");
     }
 
     #[test]
