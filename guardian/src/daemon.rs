@@ -513,7 +513,7 @@ pub fn check(policy: &Policy) -> String {
         ));
     }
     let mut names: Vec<&str> = crate::protect::BUILTIN_PROTECTED.to_vec();
-    for n in &policy.protect {
+    for n in &policy.protect.names {
         if !names.contains(&n.as_str()) {
             names.push(n);
         }
@@ -522,5 +522,8 @@ pub fn check(policy: &Policy) -> String {
         "  never signalled: pid 1, kernel threads, guardian and its ancestors, names {}\n",
         names.join(", ")
     ));
+    for p in &policy.protect.selectors {
+        s.push_str(&format!("    and processes matching {}\n", p.describe()));
+    }
     s
 }

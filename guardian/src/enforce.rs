@@ -369,7 +369,7 @@ fn sig_name(s: Signal) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::State;
+    use crate::{protect::Protect, table::State};
     use std::collections::BTreeSet;
 
     fn proc(pid: u32, comm: &str) -> Process {
@@ -431,7 +431,7 @@ mod tests {
             usage: None,
             limit: None,
         };
-        let mut e = Enforcer::new(Mode::Audit, Protections::new(&[]));
+        let mut e = Enforcer::new(Mode::Audit, Protections::new(&Protect::default()));
         let v = serde_json::to_value(e.act(&Clock::new(), req(&p))).unwrap();
         assert_eq!(v["performed"], false);
         assert_eq!(v["mode"], "audit");
@@ -442,7 +442,7 @@ mod tests {
         // The same decision in enforce mode kills it, and a stale start time is refused.
         let mut stale = p.clone();
         stale.start_ns = start + 3_600 * 1_000_000_000;
-        let mut e = Enforcer::new(Mode::Enforce, Protections::new(&[]));
+        let mut e = Enforcer::new(Mode::Enforce, Protections::new(&Protect::default()));
         let v = serde_json::to_value(e.act(&Clock::new(), req(&stale))).unwrap();
         assert_eq!(v["performed"], false);
         assert!(v["result"].as_str().unwrap().contains("pid reused"), "{v}");

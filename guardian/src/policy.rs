@@ -14,10 +14,13 @@ use std::{
 
 use globset::GlobBuilder;
 use regex::Regex;
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::selector::{Selector, User};
+use crate::{
+    protect::Protect,
+    selector::{Selector, User},
+};
 
 /// How long `terminate` waits between SIGTERM and SIGKILL unless the policy says otherwise.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,8 +151,8 @@ pub const DEFAULT_CGROUP_PARENT: &str = "/guardian";
 pub struct Policy {
     pub path: PathBuf,
     pub mode: Mode,
-    /// `comm` names never signalled, on top of the built-in protections.
-    pub protect: Vec<String>,
+    /// Processes never signalled, on top of the built-in protections.
+    pub protect: Protect,
     /// Where `own` services' cgroups are created: absolute (from each hierarchy's root) or
     /// relative (below guardian's own cgroup).
     pub cgroup_parent: String,
@@ -201,7 +204,7 @@ impl std::error::Error for PolicyError {}
 struct RawPolicy {
     mode: Option<Mode>,
     #[serde(default)]
-    protect: Vec<Spanned<String>>,
+    protect: Vec<Spanned<RawProtect>>,
     orphans_at_start: Option<AtStart>,
     cgroup_parent: Option<Spanned<String>>,
     #[serde(default, rename = "service")]
@@ -248,6 +251,37 @@ struct RawSelector {
 enum RawUser {
     Id(u32),
     Name(String),
+}
+
+/// An entry of `protect`: a process name, or a selector table.
+enum RawProtect {
+    Name(String),
+    Selector(RawSelector),
+}
+
+// By hand rather than `#[serde(untagged)]`: a table keeps the errors (and their keys and spans)
+// of a `match` table, where untagged would only say that nothing matched.
+impl<'de> Deserialize<'de> for RawProtect {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> de::Visitor<'de> for Entry {
+            type Value = RawProtect;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a process name or a selector table such as { user = \"postgres\" }")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawProtect, E> {
+                Ok(RawProtect::Name(v.to_owned()))
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawProtect, A::Error> {
+                RawSelector::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawProtect::Selector)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 /// Turns byte offsets into line and column numbers (1-based).
@@ -300,7 +334,11 @@ impl Policy {
         let loc = Locator { path, text };
         let de = toml::Deserializer::new(text);
         let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
+            // A `Spanned` value is a struct to serde: its field is not part of the key.
+            let key = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
             let inner = e.into_inner();
             let key = if key == "." { String::new() } else { key };
             loc.error(inner.span(), &key, inner.message().to_owned())
@@ -405,16 +443,27 @@ impl Policy {
                 "the policy names no service (add a [[service]] table)",
             ));
         }
-        let mut protect = Vec::new();
+        let mut protect = Protect::default();
         for (i, p) in raw.protect.into_iter().enumerate() {
-            if p.get_ref().is_empty() || p.get_ref().len() > 15 {
-                return Err(loc.error(
-                    Some(p.span()),
-                    &format!("protect[{i}]"),
-                    "must be a process name (comm) of 1 to 15 characters",
-                ));
+            let key = format!("protect[{i}]");
+            let span = p.span();
+            match p.into_inner() {
+                RawProtect::Name(name) => {
+                    if name.is_empty() || name.len() > 15 {
+                        return Err(loc.error(
+                            Some(span),
+                            &key,
+                            "must be a process name (comm) of 1 to 15 characters, or a selector table",
+                        ));
+                    }
+                    protect.names.push(name);
+                }
+                RawProtect::Selector(raw) => {
+                    protect
+                        .selectors
+                        .push(selector_from(&loc, &key, Spanned::new(span, raw))?)
+                }
             }
-            protect.push(p.into_inner());
         }
         let cgroup_parent = match raw.cgroup_parent {
             Some(c) => {
@@ -463,12 +512,23 @@ impl Policy {
                 ));
             }
         }
+        for p in &self.protect.selectors {
+            if let Some(u) = p.unresolved_user() {
+                out.push(format!(
+                    "protect: there is no user `{u}` on this host: `{}` protects nothing until it exists",
+                    p.describe()
+                ));
+            }
+        }
         out
     }
 
     /// Looks user names that did not resolve up again (accounts created since the policy was
     /// read); returns the indices of the services whose `match` or `orphan_match` changed.
     pub fn resolve_users(&mut self) -> Vec<usize> {
+        for p in &mut self.protect.selectors {
+            p.resolve_user();
+        }
         let mut changed = Vec::new();
         for (i, s) in self.services.iter_mut().enumerate() {
             let in_match = s.selector.resolve_user();
@@ -612,6 +672,8 @@ mod tests {
         Policy::parse(Path::new("p.toml"), text)
     }
 
+    const BASE: &str = "[[service]]\nname = \"a\"\nmatch = { comm = \"x\" }\n";
+
     const GOOD: &str = r#"
 mode = "audit"
 protect = ["sshd"]
@@ -632,7 +694,7 @@ kill_timeout = "250ms"
     fn parses_a_good_policy() {
         let p = parse(GOOD).unwrap();
         assert_eq!(p.mode, Mode::Audit);
-        assert_eq!(p.protect, vec!["sshd"]);
+        assert_eq!(p.protect.names, vec!["sshd"]);
         assert_eq!(p.services.len(), 2);
         let s = &p.services[0];
         assert_eq!(s.orphans, OrphanAction::Kill);
@@ -815,6 +877,71 @@ kill_timeout = "250ms"
         assert_eq!(cgroup("//"), "/");
         let e = parse("[[service]]\nname = \"a\"\nmatch = { cgroup = \"a/b\" }\n").unwrap_err();
         assert_eq!(e.key, "service[0].match.cgroup", "{e}");
+    }
+
+    #[test]
+    fn protect_takes_names_and_selectors() {
+        let p = parse(&format!(
+            "protect = [\"sshd\", {{ user = \"root\" }}, {{ exe = \"/usr/sbin/**\" }}]\n{BASE}"
+        ))
+        .unwrap();
+        assert_eq!(p.protect.names, vec!["sshd"]);
+        assert_eq!(p.protect.selectors.len(), 2);
+        assert_eq!(
+            p.protect.selectors[0].user,
+            Some(User::named("root".into()))
+        );
+        assert!(p.protect.selectors[1]
+            .exe
+            .as_ref()
+            .unwrap()
+            .1
+            .is_match("/usr/sbin/a/b"));
+        let err = |protect: &str| {
+            parse(&format!("protect = [\"sshd\",\n  {protect}]\n{BASE}")).unwrap_err()
+        };
+        let e = err("{ usr = \"postgres\" }");
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (2, 5, "protect[1].usr"),
+            "{e}"
+        );
+        assert!(e.message.contains("unknown field `usr`"), "{e}");
+        let e = err("{ exe = \"[\" }");
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (2, 11, "protect[1].exe"),
+            "{e}"
+        );
+        let e = err("{ user = \"\" }");
+        assert_eq!(e.key, "protect[1].user", "{e}");
+        let e = err("{}");
+        assert_eq!(
+            (e.line, e.column, e.key.as_str()),
+            (2, 3, "protect[1]"),
+            "{e}"
+        );
+        assert!(e.message.contains("at least one of"), "{e}");
+        let e = err("\"a-name-of-16-chr\"");
+        assert_eq!((e.line, e.key.as_str()), (2, "protect[1]"), "{e}");
+        let e = err("7");
+        assert_eq!((e.line, e.key.as_str()), (2, "protect[1]"), "{e}");
+        assert!(
+            e.message.contains("a process name or a selector table"),
+            "{e}"
+        );
+        // Unknown users in protect are warnings too.
+        let p = parse(&format!(
+            "protect = [{{ user = \"no-such-user-here\" }}]\n{BASE}"
+        ))
+        .unwrap();
+        assert!(
+            p.warnings()
+                .iter()
+                .any(|w| w.contains("protects nothing until it exists")),
+            "{:?}",
+            p.warnings()
+        );
     }
 
     #[test]
