@@ -24,6 +24,11 @@ use crate::{
 
 /// How long `terminate` waits between SIGTERM and SIGKILL unless the policy says otherwise.
 pub const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `kill_timeout` accepted: longer is surely a typo, and every duration stays far
+/// from overflowing when counted in nanoseconds.
+pub const MAX_KILL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Service names become cgroup directory names: at most this many characters.
+pub const MAX_SERVICE_NAME: usize = 64;
 
 /// Whether guardian acts or only records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -299,7 +304,11 @@ impl Locator<'_> {
     ) -> PolicyError {
         let (line, column) = match span {
             Some(span) => {
-                let before = &self.text[..span.start.min(self.text.len())];
+                let mut start = span.start.min(self.text.len());
+                while !self.text.is_char_boundary(start) {
+                    start -= 1;
+                }
+                let before = &self.text[..start];
                 let line = before.matches('\n').count() + 1;
                 let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
                 (line, column)
@@ -348,9 +357,15 @@ impl Policy {
         let mut services = Vec::new();
         for (i, s) in raw.services.into_iter().enumerate() {
             let key = |k: &str| format!("service[{i}].{k}");
-            let name = s.name.get_ref().trim().to_owned();
-            if name.is_empty() {
-                return Err(loc.error(Some(s.name.span()), &key("name"), "must not be empty"));
+            let name = s.name.get_ref().clone();
+            if !valid_service_name(&name) {
+                return Err(loc.error(
+                    Some(s.name.span()),
+                    &key("name"),
+                    format!(
+                        "{name:?} is not a service name: use 1 to {MAX_SERVICE_NAME} of the characters A-Z a-z 0-9 _ . @ -, starting with a letter or a digit (it names a cgroup directory)"
+                    ),
+                ));
             }
             if !names.insert(name.clone()) {
                 return Err(loc.error(
@@ -366,22 +381,21 @@ impl Policy {
                 .transpose()?;
             let kill_timeout = match s.kill_timeout {
                 Some(t) => {
+                    let err = |m: String| loc.error(Some(t.span()), &key("kill_timeout"), m);
                     let d = humantime::parse_duration(t.get_ref()).map_err(|e| {
-                        loc.error(
-                            Some(t.span()),
-                            &key("kill_timeout"),
-                            format!(
-                                "`{}` is not a duration (e.g. \"30s\", \"250ms\"): {e}",
-                                t.get_ref()
-                            ),
-                        )
+                        err(format!(
+                            "`{}` is not a duration (e.g. \"30s\", \"250ms\"): {e}",
+                            t.get_ref()
+                        ))
                     })?;
                     if d.is_zero() {
-                        return Err(loc.error(
-                            Some(t.span()),
-                            &key("kill_timeout"),
-                            "must be greater than zero (use `orphans = \"kill\"` for an immediate SIGKILL)",
-                        ));
+                        return Err(err("must be greater than zero (use `orphans = \"kill\"` for an immediate SIGKILL)".into()));
+                    }
+                    if d > MAX_KILL_TIMEOUT {
+                        return Err(err(format!(
+                            "must be at most {}",
+                            humantime::format_duration(MAX_KILL_TIMEOUT)
+                        )));
                     }
                     d
                 }
@@ -539,6 +553,15 @@ impl Policy {
         }
         changed
     }
+}
+
+/// `[A-Za-z0-9][A-Za-z0-9_.@-]*`, at most [`MAX_SERVICE_NAME`] characters: safe as a cgroup
+/// directory name (no `/`, no `..`, not hidden).
+fn valid_service_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= MAX_SERVICE_NAME
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '@' | '-'))
 }
 
 /// Parses a size and checks it against [`MIN_MEMORY`].
@@ -879,6 +902,73 @@ kill_timeout = "250ms"
         assert_eq!(e.key, "service[0].match.cgroup", "{e}");
     }
 
+    /// Service names become cgroup directories: nothing that could leave `cgroup_parent`.
+    #[test]
+    fn service_names_are_safe_directory_names() {
+        let long = "a".repeat(MAX_SERVICE_NAME + 1);
+        for bad in [
+            "../x",
+            "a/b",
+            "",
+            long.as_str(),
+            ".hidden",
+            "../system.slice/sshd.service",
+            " a",
+            "a b",
+            "-a",
+            "é",
+        ] {
+            let text = format!("[[service]]\nname = {bad:?}\nmatch = {{ comm = \"x\" }}\n");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(
+                (e.line, e.column, e.key.as_str()),
+                (2, 8, "service[0].name"),
+                "{bad:?}: {e}"
+            );
+            assert!(e.message.contains("is not a service name"), "{e}");
+            assert!(e.to_string().starts_with("p.toml:2:8: "), "{e}");
+        }
+        let longest = "a".repeat(MAX_SERVICE_NAME);
+        for good in [
+            "a",
+            "9",
+            "analyticbot-api",
+            "x@1.service",
+            "a_b.c-d",
+            &longest,
+        ] {
+            let text = format!("[[service]]\nname = {good:?}\nmatch = {{ comm = \"x\" }}\n");
+            assert_eq!(parse(&text).unwrap().services[0].name, good);
+        }
+    }
+
+    #[test]
+    fn kill_timeout_is_bounded() {
+        let with = |t: &str| {
+            parse(&format!(
+                "[[service]]\nname = \"a\"\nmatch = {{ comm = \"x\" }}\nkill_timeout = \"{t}\"\n"
+            ))
+        };
+        assert_eq!(
+            with("24h").unwrap().services[0].kill_timeout,
+            MAX_KILL_TIMEOUT
+        );
+        for bad in [
+            "24h 1s",
+            "25h",
+            "18446744073709551615s",
+            "99999999999999999999999h",
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(
+                (e.line, e.key.as_str()),
+                (4, "service[0].kill_timeout"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(with("25h").unwrap_err().message.contains("at most 1day"));
+    }
+
     #[test]
     fn protect_takes_names_and_selectors() {
         let p = parse(&format!(
@@ -942,6 +1032,28 @@ kill_timeout = "250ms"
             "{:?}",
             p.warnings()
         );
+    }
+
+    /// Error positions are counted in characters, and never slice inside one.
+    #[test]
+    fn error_positions_survive_multibyte_text() {
+        let loc = Locator {
+            path: Path::new("p.toml"),
+            text: "é\nxé",
+        };
+        assert_eq!(
+            (
+                loc.error(Some(1..2), "", "m").line,
+                loc.error(Some(1..2), "", "m").column
+            ),
+            (1, 1),
+            "inside the é"
+        );
+        let e = loc.error(Some(6..7), "k", "m");
+        assert_eq!((e.line, e.column), (2, 3));
+        let e =
+            parse("[[service]]\nname = \"é\"\nmatch = { comm = \"ä\", bad = 1 }\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 23), "{e}");
     }
 
     #[test]
