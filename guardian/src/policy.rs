@@ -1119,10 +1119,38 @@ kill_timeout = "250ms"
         for entry in fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                Policy::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                let p = Policy::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                for s in &p.services {
+                    assert!(
+                        s.selector.is_pinned(),
+                        "{}: service `{}` can be joined by any local user",
+                        path.display(),
+                        s.name
+                    );
+                }
                 n += 1;
             }
         }
         assert!(n > 0, "no policies in {}", dir.display());
+    }
+
+    /// The production guide's units run as `abcdeveloper`; the policy pins that account and still
+    /// loads where it does not exist.
+    #[test]
+    fn analyticbot_pins_the_service_account() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/analyticbot.toml");
+        let p = Policy::load(&path).unwrap();
+        assert_eq!(p.services.len(), 3);
+        for s in &p.services {
+            let user = s.selector.user.as_ref().expect("pinned to a user");
+            assert_eq!(user.name.as_deref(), Some("abcdeveloper"), "{}", s.name);
+        }
+        let missing = p.services[0].selector.unresolved_user().is_some();
+        let warned = p
+            .warnings()
+            .iter()
+            .filter(|w| w.contains("no user `abcdeveloper`"))
+            .count();
+        assert_eq!(warned, if missing { 3 } else { 0 }, "{:?}", p.warnings());
     }
 }
