@@ -20,7 +20,7 @@ pub mod tracefs;
 
 use anyhow::bail;
 use cli::{Cli, Command};
-use policy::Policy;
+use policy::{Mode, Policy};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -35,13 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     // The policy is validated before anything is loaded or changed.
     let policy = match &cli.command {
         None => match &cli.run.policy {
-            Some(path) => {
-                let policy = Policy::load(path)?;
-                for w in policy.warnings() {
-                    tracing::warn!("{w}");
-                }
-                Some(policy)
-            }
+            Some(path) => Some(trusted_policy(path, cli.run.dry_run)?),
             None => bail!("no policy given: run `guardian --policy FILE` (or `guardian trace`)"),
         },
         _ => None,
@@ -56,4 +50,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             _ => unreachable!("handled above"),
         }
     })
+}
+
+/// Loads the daemon's policy. As root in enforce mode (the decision `daemon::run` makes: the
+/// policy's mode unless `--dry-run`), a policy file others than root can change is refused:
+/// whoever writes it decides what root kills. Audit mode signals nothing, so there it is a
+/// warning, like everything else [`Policy::warnings`] finds.
+fn trusted_policy(path: &std::path::Path, dry_run: bool) -> anyhow::Result<Policy> {
+    let policy = Policy::load(path)?;
+    if !dry_run && policy.mode == Mode::Enforce && rustix::process::geteuid().is_root() {
+        policy.enforceable_as_root()?;
+    }
+    for w in policy.warnings() {
+        tracing::warn!("{w}");
+    }
+    Ok(policy)
 }

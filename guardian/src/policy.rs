@@ -6,8 +6,14 @@
 
 use std::{
     collections::HashSet,
-    fmt, fs,
+    fmt,
+    fs::{self, File, Metadata},
+    io::{self, Read as _},
     ops::Range,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -162,6 +168,8 @@ pub struct Policy {
     /// relative (below guardian's own cgroup).
     pub cgroup_parent: String,
     pub services: Vec<Service>,
+    /// How others than root could change the policy file ([`Policy::load`] finds them).
+    pub exposures: Vec<Exposure>,
 }
 
 #[derive(Debug)]
@@ -192,7 +200,12 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.path.display(), self.line, self.column)?;
+        write!(f, "{}:", self.path.display())?;
+        // Line 0: the error is about the file, not a place in it.
+        if self.line > 0 {
+            write!(f, "{}:{}:", self.line, self.column)?;
+        }
+        write!(f, " ")?;
         if !self.key.is_empty() {
             write!(f, "key `{}`: ", self.key)?;
         }
@@ -326,16 +339,25 @@ impl Locator<'_> {
 }
 
 impl Policy {
-    /// Reads and validates a policy file.
+    /// Reads and validates a policy file, and finds how others than root could change it. The
+    /// file is opened once: its owner and mode are read from that open file, and the text parsed
+    /// is read from it too, so a file swapped in between is never what is checked or parsed.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = fs::read_to_string(path).map_err(|e| PolicyError {
+        let unreadable = |e: io::Error| PolicyError {
             path: path.to_path_buf(),
             line: 0,
             column: 0,
             key: String::new(),
             message: format!("cannot read the policy: {e}"),
-        })?;
-        Self::parse(path, &text)
+        };
+        let mut file = File::open(path).map_err(unreadable)?;
+        let meta = file.metadata().map_err(unreadable)?;
+        let exposures = exposures(&file, &meta, path).map_err(unreadable)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(unreadable)?;
+        let mut policy = Self::parse(path, &text)?;
+        policy.exposures = exposures;
+        Ok(policy)
     }
 
     /// Validates policy text; `path` is used in error messages.
@@ -499,13 +521,18 @@ impl Policy {
             protect,
             cgroup_parent,
             services,
+            exposures: Vec::new(),
         })
     }
 
     /// What is valid but probably not what was meant, one line each: services any local user
-    /// can join, user names that do not exist (yet).
+    /// can join, user names that do not exist (yet), a policy file others than root can change.
     pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self
+            .exposures
+            .iter()
+            .map(|e| format!("{e} (until then guardian refuses to enforce this policy as root)"))
+            .collect();
         for s in &self.services {
             if !s.selector.is_pinned() {
                 out.push(format!(
@@ -552,6 +579,18 @@ impl Policy {
             }
         }
         changed
+    }
+
+    /// Whether guardian may enforce this policy as root: only if no one else can change the
+    /// file (see [`Exposure`]).
+    pub fn enforceable_as_root(&self) -> Result<(), Untrusted> {
+        if self.exposures.is_empty() {
+            return Ok(());
+        }
+        Err(Untrusted {
+            path: self.path.clone(),
+            exposures: self.exposures.clone(),
+        })
     }
 }
 
@@ -685,6 +724,117 @@ fn selector_from(
     }
     Ok(selector)
 }
+
+/// A way someone other than root could change a policy file: through the file itself, or a
+/// directory above it (whose owner, or anyone who may write there, can replace the file). The
+/// same rules as sshd's `StrictModes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exposure {
+    /// The policy file (as resolved), or one of the directories above it.
+    pub path: PathBuf,
+    pub dir: bool,
+    pub uid: u32,
+    /// Permission bits, sticky bit included.
+    pub mode: u32,
+    pub problem: Problem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// Owned by a user other than root.
+    Owner,
+    /// Writable by group or others (for a directory: without the sticky bit, which would keep
+    /// others from replacing root's file).
+    Writable,
+}
+
+impl fmt::Display for Exposure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.path.display();
+        let what = if self.dir { "directory" } else { "policy file" };
+        let facts = format!("owner uid {}, mode 0{:03o}", self.uid, self.mode);
+        match (self.problem, self.dir) {
+            (Problem::Owner, false) => write!(
+                f,
+                "{what} `{p}` is not owned by root ({facts}): its owner can change what guardian kills; fix: `chown root {p}`"
+            ),
+            (Problem::Owner, true) => write!(
+                f,
+                "{what} `{p}` above the policy file is not owned by root ({facts}): its owner can replace the policy; fix: `chown root {p}`, or keep the policy in a root-owned directory such as /etc/guardian"
+            ),
+            (Problem::Writable, false) => write!(
+                f,
+                "{what} `{p}` is writable by group or others ({facts}): fix: `chmod go-w {p}`"
+            ),
+            (Problem::Writable, true) => write!(
+                f,
+                "{what} `{p}` above the policy file is writable by group or others without the sticky bit ({facts}): anyone who may write there can replace the policy; fix: `chmod go-w {p}`"
+            ),
+        }
+    }
+}
+
+/// The open policy file and every directory above it, checked as [`Exposure`] says.
+fn exposures(file: &File, meta: &Metadata, path: &Path) -> io::Result<Vec<Exposure>> {
+    // Where the open file really is (symlinks resolved); a file deleted since it was opened
+    // has no such path, and the one given is resolved instead.
+    let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+        .filter(|p| p.is_absolute() && !p.to_string_lossy().ends_with(" (deleted)"))
+        .map_or_else(|| fs::canonicalize(path), Ok)?;
+    let mut found = Vec::new();
+    exposure(&mut found, &real, meta, false);
+    for dir in real.ancestors().skip(1) {
+        exposure(&mut found, dir, &fs::symlink_metadata(dir)?, true);
+    }
+    Ok(found)
+}
+
+fn exposure(found: &mut Vec<Exposure>, path: &Path, meta: &Metadata, dir: bool) {
+    let mode = meta.permissions().mode() & 0o7777;
+    let sticky = dir && mode & 0o1000 != 0;
+    let mut add = |problem| {
+        found.push(Exposure {
+            path: path.to_path_buf(),
+            dir,
+            uid: meta.uid(),
+            mode,
+            problem,
+        })
+    };
+    if meta.uid() != 0 {
+        add(Problem::Owner);
+    }
+    if mode & 0o022 != 0 && !sticky {
+        add(Problem::Writable);
+    }
+}
+
+/// A policy guardian will not enforce as root: others than root can change it.
+#[derive(Debug)]
+pub struct Untrusted {
+    pub path: PathBuf,
+    pub exposures: Vec<Exposure>,
+}
+
+impl fmt::Display for Untrusted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "refusing to enforce `{}` as root: users other than root can change it",
+            self.path.display()
+        )?;
+        for e in &self.exposures {
+            write!(f, "\n  - {e}")?;
+        }
+        write!(
+            f,
+            "\n(`--dry-run` runs it in audit mode, which signals nothing and only warns)"
+        )
+    }
+}
+
+impl std::error::Error for Untrusted {}
 
 #[cfg(test)]
 mod tests {
@@ -1109,6 +1259,162 @@ kill_timeout = "250ms"
         assert!(e.message.contains("unknown variant `oldest`"), "{e}");
         let e = parse(&format!("cgroup_parent = \"../x\"\n{base}")).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (1, "cgroup_parent"), "{e}");
+    }
+
+    fn is_root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A policy file, and every directory above it, that others than root could change.
+    #[test]
+    fn exposed_policy_files_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = fs::canonicalize(tmp.path()).unwrap();
+        let dir = top.join("etc");
+        fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let file = dir.join("p.toml");
+        fs::write(&file, BASE).unwrap();
+        chmod(&file, 0o644);
+        // Only what this test controls: the directories above the temporary one are the host's.
+        let found = |path: &Path| -> Vec<(PathBuf, Problem)> {
+            Policy::load(path)
+                .unwrap()
+                .exposures
+                .into_iter()
+                .filter(|e| e.path.starts_with(&top))
+                .map(|e| (e.path, e.problem))
+                .collect()
+        };
+        let not_root = |e: &[(PathBuf, Problem)]| -> Vec<(PathBuf, Problem)> {
+            e.iter()
+                .filter(|x| x.1 != Problem::Owner)
+                .cloned()
+                .collect()
+        };
+        assert_eq!(not_root(&found(&file)), vec![], "0644 in a 0755 directory");
+        for mode in [0o666, 0o646, 0o664] {
+            chmod(&file, mode);
+            assert_eq!(
+                not_root(&found(&file)),
+                vec![(file.clone(), Problem::Writable)],
+                "{mode:o}"
+            );
+        }
+        chmod(&file, 0o644);
+        chmod(&dir, 0o777);
+        assert_eq!(
+            not_root(&found(&file)),
+            vec![(dir.clone(), Problem::Writable)]
+        );
+        chmod(&dir, 0o1777);
+        assert_eq!(not_root(&found(&file)), vec![], "sticky, like /tmp");
+        chmod(&dir, 0o755);
+        // A symlink is followed to the file it names: that file's directories count.
+        let link = top.join("link.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        chmod(&file, 0o666);
+        assert_eq!(
+            not_root(&found(&link)),
+            vec![(file.clone(), Problem::Writable)]
+        );
+        chmod(&file, 0o644);
+
+        if !is_root() {
+            eprintln!("SKIPPED the ownership half of exposed_policy_files_are_found: needs root to give files away");
+            return;
+        }
+        assert_eq!(
+            found(&file),
+            vec![],
+            "root's 0644 file in root's 0755 directory"
+        );
+        std::os::unix::fs::chown(&file, Some(4242), None).unwrap();
+        assert_eq!(found(&file), vec![(file.clone(), Problem::Owner)]);
+        std::os::unix::fs::chown(&file, Some(0), None).unwrap();
+        std::os::unix::fs::chown(&dir, Some(4242), None).unwrap();
+        assert_eq!(found(&file), vec![(dir.clone(), Problem::Owner)]);
+        std::os::unix::fs::chown(&top, Some(4242), None).unwrap();
+        assert_eq!(
+            found(&file),
+            vec![(dir.clone(), Problem::Owner), (top.clone(), Problem::Owner)],
+            "every directory above it"
+        );
+        std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+        std::os::unix::fs::chown(&top, Some(0), None).unwrap();
+    }
+
+    /// What the refusal says: the path, its owner, its mode in octal, and the fix.
+    #[test]
+    fn exposures_say_what_to_fix() {
+        let e = Exposure {
+            path: "/srv/p.toml".into(),
+            dir: false,
+            uid: 1000,
+            mode: 0o664,
+            problem: Problem::Writable,
+        };
+        let text = e.to_string();
+        for part in [
+            "`/srv/p.toml`",
+            "owner uid 1000",
+            "mode 0664",
+            "chmod go-w /srv/p.toml",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        let d = Exposure {
+            path: "/srv".into(),
+            dir: true,
+            uid: 1000,
+            mode: 0o1755,
+            problem: Problem::Owner,
+        };
+        let text = d.to_string();
+        for part in [
+            "directory `/srv`",
+            "owner uid 1000",
+            "mode 01755",
+            "chown root /srv",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        let mut p = parse(BASE).unwrap();
+        assert!(p.enforceable_as_root().is_ok());
+        p.exposures = vec![e, d];
+        let refusal = p.enforceable_as_root().unwrap_err().to_string();
+        assert!(
+            refusal.starts_with("refusing to enforce `p.toml` as root"),
+            "{refusal}"
+        );
+        assert!(
+            refusal.contains("mode 0664") && refusal.contains("mode 01755"),
+            "{refusal}"
+        );
+        assert!(refusal.contains("--dry-run"), "{refusal}");
+        assert!(
+            p.warnings()
+                .iter()
+                .filter(|w| w.contains("refuses to enforce"))
+                .count()
+                == 2,
+            "{:?}",
+            p.warnings()
+        );
+    }
+
+    #[test]
+    fn unreadable_files_name_no_line() {
+        let e = Policy::load(Path::new("/no/such/policy.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/no/such/policy.toml: cannot read the policy: "),
+            "{e}"
+        );
     }
 
     /// Every policy shipped in `policies/` is valid.
