@@ -66,3 +66,19 @@ fn trusted_policy(path: &std::path::Path, dry_run: bool) -> anyhow::Result<Polic
     }
     Ok(policy)
 }
+
+/// The fuzz tests' proptest settings: few enough cases that the whole set stays within seconds
+/// in a debug build; `GUARDIAN_FUZZ_CASES=N` runs N cases per property instead.
+#[cfg(test)]
+pub(crate) fn fuzz_config() -> proptest::test_runner::Config {
+    let cases = std::env::var("GUARDIAN_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024);
+    proptest::test_runner::Config {
+        cases,
+        // Failures are reported with their input; nothing is written into the source tree.
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}

@@ -1459,4 +1459,229 @@ kill_timeout = "250ms"
             .count();
         assert_eq!(warned, if missing { 3 } else { 0 }, "{:?}", p.warnings());
     }
+
+    /// Fuzzing: whatever the text, parsing never panics, and every error names the file and a
+    /// place inside the text.
+    mod fuzz {
+        use super::*;
+        use proptest::{prelude::*, sample::Index};
+
+        /// A valid policy using every key, one line each (inline tables keep keys on one line).
+        const VALID: &str = r#"mode = "enforce"
+protect = ["sshd", { user = "root" }, { exe = "/usr/sbin/**" }]
+orphans_at_start = "report"
+cgroup_parent = "/guardian"
+[[service]]
+name = "api"
+match = { cmdline = "uvicorn .*app", user = "root", cgroup = "/system.slice/a.service/", exe = "/usr/bin/*" }
+orphans = "terminate"
+orphan_match = { cmdline = "multiprocessing", comm = "python*" }
+kill_timeout = "30s"
+orphans_at_start = "enforce"
+tasks_max = 64
+memory_high = "3500M"
+memory_max = "4G"
+memory_victim = "largest"
+cgroup = "inherit"
+[[service]]
+name = "bot"
+match = { user = 0 }
+"#;
+
+        const KEYS: &[&str] = &[
+            "mode",
+            "protect",
+            "orphans_at_start",
+            "cgroup_parent",
+            "name",
+            "match",
+            "orphans",
+            "orphan_match",
+            "kill_timeout",
+            "tasks_max",
+            "memory_high",
+            "memory_max",
+            "memory_victim",
+            "cgroup",
+            "cmdline",
+            "exe",
+            "comm",
+            "user",
+            "service",
+        ];
+
+        const VALUES: &[&str] = &[
+            r#""""#,
+            r#""x""#,
+            r#""é🦀""#,
+            r#""../x""#,
+            r#""a/b""#,
+            r#"".hidden""#,
+            r#""no-such-user-x""#,
+            r#""(""#,
+            r#""[""#,
+            r#""**""#,
+            r#""/""#,
+            r#""25h""#,
+            r#""0s""#,
+            r#""18446744073709551615s""#,
+            r#""99999999999999999999999h""#,
+            r#""16E""#,
+            r#""1M""#,
+            r#""-1G""#,
+            r#""kill""#,
+            r#""own""#,
+            "0",
+            "-1",
+            "9223372036854775807",
+            "99999999999999999999",
+            "4294967296",
+            "1e400",
+            "nan",
+            "true",
+            "1979-05-27T07:32:00Z",
+            "[]",
+            r#"[1, "a", {}]"#,
+            "{}",
+            r#"{ user = "root" }"#,
+            "{ usr = 1 }",
+            r#"{ cmdline = "x", exe = "rel" }"#,
+            r#"[{ exe = "[" }]"#,
+            r#""\u00e9""#,
+            "'''a\nb'''",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => proptest::sample::select(VALUES).prop_map(str::to_owned),
+                1 => any::<i64>().prop_map(|n| n.to_string()),
+                2 => "[^\"\\\\\\p{C}]{0,24}".prop_map(|s| format!("\"{s}\"")),
+                1 => "\\PC{0,12}",
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => proptest::sample::select(KEYS).prop_map(str::to_owned),
+                1 => "[a-z_.]{1,10}",
+                1 => "\\PC{1,6}",
+            ]
+        }
+
+        const HEADERS: &[&str] = &[
+            "[[service]]",
+            "[service]",
+            "[service.match]",
+            "[[protect]]",
+            "[",
+        ];
+
+        /// One change to the lines of [`VALID`].
+        #[derive(Debug, Clone)]
+        enum Edit {
+            Delete(Index),
+            Duplicate(Index),
+            Replace(Index, String, String),
+            /// A line's value replaced, its key kept.
+            Value(Index, String),
+            Insert(Index, String, String),
+            Header(Index, &'static str),
+            /// A line cut short, anywhere (inside a multi-byte character too).
+            Cut(Index, Index),
+        }
+
+        fn edit() -> impl Strategy<Value = Edit> {
+            prop_oneof![
+                1 => any::<Index>().prop_map(Edit::Delete),
+                1 => any::<Index>().prop_map(Edit::Duplicate),
+                1 => (any::<Index>(), key(), value()).prop_map(|(i, k, v)| Edit::Replace(i, k, v)),
+                6 => (any::<Index>(), value()).prop_map(|(i, v)| Edit::Value(i, v)),
+                1 => (any::<Index>(), key(), value()).prop_map(|(i, k, v)| Edit::Insert(i, k, v)),
+                1 => (any::<Index>(), proptest::sample::select(HEADERS))
+                    .prop_map(|(i, h)| Edit::Header(i, h)),
+                1 => (any::<Index>(), any::<Index>()).prop_map(|(i, at)| Edit::Cut(i, at)),
+            ]
+        }
+
+        fn apply(edits: &[Edit]) -> String {
+            let mut lines: Vec<String> = VALID.lines().map(str::to_owned).collect();
+            for e in edits {
+                let n = lines.len();
+                match e {
+                    Edit::Delete(i) if n > 0 => {
+                        lines.remove(i.index(n));
+                    }
+                    Edit::Duplicate(i) if n > 0 => {
+                        let l = lines[i.index(n)].clone();
+                        lines.insert(i.index(n), l);
+                    }
+                    Edit::Replace(i, k, v) if n > 0 => lines[i.index(n)] = format!("{k} = {v}"),
+                    Edit::Value(i, v) if n > 0 => {
+                        let l = &mut lines[i.index(n)];
+                        if let Some((k, _)) = l.split_once(" = ") {
+                            *l = format!("{k} = {v}");
+                        }
+                    }
+                    Edit::Insert(i, k, v) => lines.insert(i.index(n + 1), format!("{k} = {v}")),
+                    Edit::Header(i, h) => lines.insert(i.index(n + 1), (*h).to_owned()),
+                    Edit::Cut(i, at) if n > 0 => {
+                        let l = &mut lines[i.index(n)];
+                        let bytes = l.as_bytes()[..at.index(l.len() + 1)].to_vec();
+                        *l = String::from_utf8_lossy(&bytes).into_owned();
+                    }
+                    _ => {}
+                }
+            }
+            lines.join("\n")
+        }
+
+        fn check(text: &str) -> Result<(), TestCaseError> {
+            let e = match Policy::parse(Path::new("fuzz.toml"), text) {
+                Ok(p) => {
+                    // What `guardian check` and the start-up print must not panic either.
+                    let _ = (crate::daemon::check(&p), p.warnings());
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let shown = e.to_string();
+            prop_assert!(shown.starts_with("fuzz.toml:"), "{}", shown);
+            prop_assert!(e.line >= 1 && e.column >= 1, "{}", shown);
+            let line = text.split('\n').nth(e.line - 1);
+            prop_assert!(line.is_some(), "line {} of {:?}: {}", e.line, text, shown);
+            let width = line.unwrap_or_default().chars().count();
+            prop_assert!(
+                e.column <= width + 1,
+                "column {} of {:?}: {}",
+                e.column,
+                text,
+                shown
+            );
+            Ok(())
+        }
+
+        #[test]
+        fn the_template_is_valid() {
+            Policy::parse(Path::new("fuzz.toml"), VALID).unwrap();
+        }
+
+        proptest! {
+            #![proptest_config(crate::fuzz_config())]
+
+            #[test]
+            fn arbitrary_text(text in "\\PC{0,200}") {
+                check(&text)?;
+            }
+
+            #[test]
+            fn toml_shaped_text(text in "([a-z_]{1,8}( = |=)[\"'\\[\\]{},.=0-9a-z/ é-]{0,16}\n?|\\[\\[service\\]\\]\n){0,12}") {
+                check(&text)?;
+            }
+
+            #[test]
+            fn edited_valid_policies(edits in proptest::collection::vec(edit(), 1..4)) {
+                check(&apply(&edits))?;
+            }
+        }
+    }
 }
