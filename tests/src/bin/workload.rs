@@ -103,6 +103,26 @@ fn orphan(body: impl FnOnce()) -> (i32, i32) {
     (middle, i32::from_ne_bytes(msg))
 }
 
+/// Becomes `uid` (real, effective and saved; group `uid`, no supplementary groups). Needs root.
+fn become_user(uid: u32) {
+    // SAFETY: plain credential syscalls on this process; groups first, while still root.
+    let rc = unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            -1
+        } else if libc::setresgid(uid, uid, uid) != 0 {
+            -2
+        } else {
+            libc::setresuid(uid, uid, uid)
+        }
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cannot become uid {uid}: {}",
+        io::Error::last_os_error()
+    );
+}
+
 /// Waits for a line (or EOF) on stdin, bounded by MAX_LIFETIME.
 fn hold() {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -340,6 +360,41 @@ fn main() {
             poke_pipe(go_member[1]);
             linger();
         }
+        // `as-uid UID PROGRAM [ARGS...]`: runs PROGRAM as UID (and group UID), like `setpriv
+        // --reuid --regid --clear-groups`, which minimal guests lack.
+        "as-uid" => {
+            let uid = num(1, u64::MAX);
+            let uid = u32::try_from(uid).expect("as-uid UID PROGRAM [ARGS...]");
+            let program = args.get(2).expect("as-uid UID PROGRAM [ARGS...]");
+            become_user(uid);
+            let err = std::os::unix::process::CommandExt::exec(
+                std::process::Command::new(program).args(&args[3..]),
+            );
+            panic!("cannot run {program}: {err}");
+        }
+        // `uid-tree UID`: two children that linger, the second as UID; the parent holds like
+        // `tree`.
+        "uid-tree" => {
+            let uid = u32::try_from(num(1, u64::MAX)).expect("uid-tree UID");
+            let kids: Vec<String> = (0..2)
+                .map(|i| {
+                    let c = fork();
+                    if c == 0 {
+                        if i == 1 {
+                            become_user(uid);
+                        }
+                        linger();
+                    }
+                    c.to_string()
+                })
+                .collect();
+            say(&format!(
+                "parent={} children={}",
+                std::process::id(),
+                kids.join(",")
+            ));
+            hold();
+        }
         // The fork+exit loop the fork benchmark runs: `fork-loop ITERATIONS`.
         "fork-loop" => {
             let n = num(1, 10_000);
@@ -362,7 +417,8 @@ fn main() {
             eprintln!(
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
                  leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
-                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N]"
+                 hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | fork-loop [N] | \
+                 as-uid UID PROGRAM [ARGS...] | uid-tree UID"
             );
             std::process::exit(2);
         }
