@@ -695,9 +695,9 @@ fn selector_from(
         .map(|u| {
             let span = u.span();
             match u.into_inner() {
-                RawUser::Id(id) => Ok(User::id(id)),
+                RawUser::Id(id) => Ok(User::Id(id)),
                 RawUser::Name(name) => match name.parse::<u32>() {
-                    Ok(id) => Ok(User::id(id)),
+                    Ok(id) => Ok(User::Id(id)),
                     Err(_) if name.is_empty() => {
                         Err(loc.error(Some(span), &sub("user"), "must be a user name or a uid"))
                     }
@@ -877,7 +877,7 @@ kill_timeout = "250ms"
         let b = &p.services[1];
         assert_eq!(b.orphans, OrphanAction::Terminate, "the default action");
         assert_eq!(b.kill_timeout, Duration::from_millis(250));
-        assert_eq!(b.selector.user, Some(User::id(0)));
+        assert_eq!(b.selector.user, Some(User::Id(0)));
     }
 
     #[test]
@@ -941,10 +941,15 @@ kill_timeout = "250ms"
     #[test]
     fn users_by_name_and_by_uid() {
         let p = parse("[[service]]\nname = \"a\"\nmatch = { user = \"root\" }\n").unwrap();
-        let root = p.services[0].selector.user.clone().unwrap();
-        assert_eq!((root.name.as_deref(), root.uid), (Some("root"), Some(0)));
+        assert_eq!(
+            p.services[0].selector.user,
+            Some(User::Name {
+                name: "root".into(),
+                uid: Some(0)
+            })
+        );
         let p = parse("[[service]]\nname = \"a\"\nmatch = { user = \"4242\" }\n").unwrap();
-        assert_eq!(p.services[0].selector.user, Some(User::id(4242)));
+        assert_eq!(p.services[0].selector.user, Some(User::Id(4242)));
         let e = parse("[[service]]\nname = \"a\"\nmatch = { user = \"\" }\n").unwrap_err();
         assert_eq!(e.key, "service[0].match.user", "{e}");
     }
@@ -976,10 +981,13 @@ kill_timeout = "250ms"
         // The account appears (simulated: a name this host has).
         let a = &mut p.services[0];
         for sel in [&mut a.selector, a.orphan_match.as_mut().unwrap()] {
-            sel.user.as_mut().unwrap().name = Some("root".into());
+            sel.user = Some(User::Name {
+                name: "root".into(),
+                uid: None,
+            });
         }
         assert_eq!(p.resolve_users(), vec![0]);
-        assert_eq!(p.services[0].selector.user.as_ref().unwrap().uid, Some(0));
+        assert_eq!(p.services[0].selector.user.as_ref().unwrap().uid(), Some(0));
         assert!(p.resolve_users().is_empty(), "nothing left to resolve");
         assert!(
             p.warnings().iter().all(|l| !l.contains("no user")),
@@ -1448,8 +1456,10 @@ kill_timeout = "250ms"
         let p = Policy::load(&path).unwrap();
         assert_eq!(p.services.len(), 3);
         for s in &p.services {
-            let user = s.selector.user.as_ref().expect("pinned to a user");
-            assert_eq!(user.name.as_deref(), Some("abcdeveloper"), "{}", s.name);
+            let Some(User::Name { name, .. }) = &s.selector.user else {
+                panic!("{} is not pinned to a user name", s.name);
+            };
+            assert_eq!(name, "abcdeveloper", "{}", s.name);
         }
         let missing = p.services[0].selector.unresolved_user().is_some();
         let warned = p

@@ -160,7 +160,7 @@ mod tests {
         let by_user = |uid| Protect {
             names: Vec::new(),
             selectors: vec![Selector {
-                user: Some(User::id(uid)),
+                user: Some(User::Id(uid)),
                 ..Selector::default()
             }],
         };

@@ -34,50 +34,61 @@ pub struct Selector {
 
 /// The `user` condition: an effective uid, given as a number or as a user name.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct User {
-    /// The name as the policy wrote it (`None` when it gave a uid).
-    pub name: Option<String>,
-    /// `None` while the name does not resolve on this host: then no process matches.
-    pub uid: Option<u32>,
+pub enum User {
+    Id(u32),
+    /// `uid` is `None` while the name does not resolve on this host: then no process matches.
+    Name {
+        name: String,
+        uid: Option<u32>,
+    },
 }
 
 impl User {
-    pub fn id(uid: u32) -> Self {
-        Self {
-            name: None,
-            uid: Some(uid),
-        }
-    }
-
     /// A user name, looked up now (a name that does not resolve yet matches nothing).
     pub fn named(name: String) -> Self {
         let uid = lookup(&name);
-        Self {
-            name: Some(name),
-            uid,
+        Self::Name { name, uid }
+    }
+
+    pub fn uid(&self) -> Option<u32> {
+        match self {
+            Self::Id(uid) => Some(*uid),
+            Self::Name { uid, .. } => *uid,
         }
     }
 
     /// Looks an unresolved name up again; true if it resolves now.
     pub fn resolve(&mut self) -> bool {
-        if self.uid.is_some() {
-            return false;
+        match self {
+            Self::Name {
+                name,
+                uid: uid @ None,
+            } => {
+                *uid = lookup(name);
+                uid.is_some()
+            }
+            _ => false,
         }
-        self.uid = self.name.as_deref().and_then(lookup);
-        self.uid.is_some()
     }
 
     /// The name, if it does not resolve (yet).
     pub fn unresolved(&self) -> Option<&str> {
-        self.uid.is_none().then_some(self.name.as_deref()).flatten()
+        match self {
+            Self::Name { name, uid: None } => Some(name),
+            _ => None,
+        }
     }
 
     fn describe(&self) -> String {
-        match (&self.name, self.uid) {
-            (None, Some(uid)) => format!("uid={uid}"),
-            (Some(name), Some(uid)) => format!("user={name} (uid {uid})"),
-            (Some(name), None) => format!("user={name} (no such user yet: matches nothing)"),
-            (None, None) => "user=?".into(),
+        match self {
+            Self::Id(uid) => format!("uid={uid}"),
+            Self::Name {
+                name,
+                uid: Some(uid),
+            } => format!("user={name} (uid {uid})"),
+            Self::Name { name, uid: None } => {
+                format!("user={name} (no such user yet: matches nothing)")
+            }
         }
     }
 }
@@ -138,7 +149,7 @@ impl Selector {
             }
         }
         if let Some(user) = &self.user {
-            if user.uid.is_none() || c.euid() != user.uid {
+            if user.uid().is_none() || c.euid() != user.uid() {
                 return false;
             }
         }
@@ -390,7 +401,7 @@ mod tests {
     fn proc_facts_need_the_same_process() {
         let (pid, start) = me();
         let s = Selector {
-            user: Some(User::id(euid())),
+            user: Some(User::Id(euid())),
             ..Selector::default()
         };
         assert!(s.matches(&Candidate::new(pid, Some(start), "x", "")));
@@ -402,7 +413,7 @@ mod tests {
         );
         assert!(!s.matches(&Candidate::new(u32::MAX, None, "x", "")), "gone");
         let other = Selector {
-            user: Some(User::id(euid().wrapping_add(1))),
+            user: Some(User::Id(euid().wrapping_add(1))),
             ..Selector::default()
         };
         assert!(!other.matches(&Candidate::new(pid, Some(start), "x", "")));
@@ -418,7 +429,7 @@ mod tests {
         let argv0 = std::env::args().next().unwrap();
         let s = Selector {
             cmdline: Some(Regex::new(&regex::escape(&argv0)).unwrap()),
-            user: Some(User::id(euid())),
+            user: Some(User::Id(euid())),
             ..Selector::default()
         };
         assert!(s.matches(&c));
@@ -433,8 +444,8 @@ mod tests {
     fn unresolved_users_match_nothing() {
         let (pid, start) = me();
         let mut s = Selector {
-            user: Some(User {
-                name: Some("root".into()),
+            user: Some(User::Name {
+                name: "root".into(),
                 uid: None,
             }),
             ..Selector::default()
@@ -442,7 +453,7 @@ mod tests {
         assert_eq!(s.unresolved_user(), Some("root"));
         assert!(!s.matches(&Candidate::new(pid, Some(start), "x", "")));
         assert!(s.resolve_user(), "root exists");
-        assert_eq!(s.user.as_ref().unwrap().uid, Some(0));
+        assert_eq!(s.user.as_ref().unwrap().uid(), Some(0));
         assert!(!s.resolve_user(), "resolved once");
         assert_eq!(s.unresolved_user(), None);
     }
