@@ -539,6 +539,14 @@ impl Policy {
                     "service `{}`: its `match` pins none of `user`, `cgroup`, `exe`, so any local user can start a process that joins it (its budgets and orphan kills then reach that process's tree): add `user = \"<service account>\"` or `cgroup = \"/system.slice/<unit>.service\"`",
                     s.name
                 ));
+            } else if s.selector.exe.is_none()
+                && s.selector.cgroup.is_none()
+                && s.selector.user.as_ref().and_then(User::uid) == Some(0)
+            {
+                out.push(format!(
+                    "service `{}`: its `match` pins only `user` to root, and any local user can run a set-user-ID root program (passwd, su, ...) with a command line of their choosing: pin `exe` or `cgroup` as well",
+                    s.name
+                ));
             }
             if let Some(u) = s.selector.unresolved_user() {
                 out.push(format!(
@@ -999,7 +1007,7 @@ kill_timeout = "250ms"
     #[test]
     fn unpinned_services_warn() {
         let p = parse(
-            "[[service]]\nname = \"loose\"\nmatch = { cmdline = \"x\", comm = \"y\" }\n\n[[service]]\nname = \"by-user\"\nmatch = { cmdline = \"x\", user = 0 }\n\n[[service]]\nname = \"by-cgroup\"\nmatch = { cgroup = \"/system.slice/x.service\" }\n\n[[service]]\nname = \"by-exe\"\nmatch = { exe = \"/usr/bin/x\" }\n",
+            "[[service]]\nname = \"loose\"\nmatch = { cmdline = \"x\", comm = \"y\" }\n\n[[service]]\nname = \"by-user\"\nmatch = { cmdline = \"x\", user = 4242 }\n\n[[service]]\nname = \"by-cgroup\"\nmatch = { cgroup = \"/system.slice/x.service\" }\n\n[[service]]\nname = \"by-exe\"\nmatch = { exe = \"/usr/bin/x\" }\n",
         )
         .unwrap();
         let w = p.warnings();
@@ -1011,6 +1019,20 @@ kill_timeout = "250ms"
             w[0].contains("cgroup = \"/system.slice/<unit>.service\""),
             "{w:?}"
         );
+    }
+
+    /// A set-user-ID root program runs as root with the caller's command line: root alone pins
+    /// nothing.
+    #[test]
+    fn root_alone_is_a_weak_pin() {
+        let p = parse(
+            "[[service]]\nname = \"root-only\"\nmatch = { cmdline = \"x\", user = \"root\" }\n\n[[service]]\nname = \"root-exe\"\nmatch = { cmdline = \"x\", user = 0, exe = \"/usr/sbin/x\" }\n\n[[service]]\nname = \"root-cgroup\"\nmatch = { user = 0, cgroup = \"/system.slice/x.service\" }\n",
+        )
+        .unwrap();
+        let w = p.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("service `root-only`: "), "{w:?}");
+        assert!(w[0].contains("set-user-ID root program"), "{w:?}");
     }
 
     #[test]
