@@ -388,7 +388,7 @@ mod tests {
         for forged in ["/opt/app/bin/link", "/opt/app/bin/../../../tmp/x"] {
             assert!(!opt.matches(&Candidate::from(&exec(forged))), "{forged}");
         }
-        let dir = real.parent().unwrap().display().to_string();
+        let dir = globset::escape(&real.parent().unwrap().display().to_string());
         let own = Selector {
             exe: exe_glob(&format!("{dir}/*")),
             ..Selector::default()
