@@ -811,7 +811,7 @@ mod tests {
     use std::{collections::BTreeSet, fs, path::Path};
 
     use super::*;
-    use crate::{enforce::Protections, table};
+    use crate::{protect::Protections, table};
 
     /// An engine for one `own` service with tasks_max and memory_max, on a scratch v1 tree
     /// (`m` and `p` stand in for the memory and pids hierarchies).
@@ -881,7 +881,10 @@ mod tests {
                 "error: cannot write `8` to"
             };
             let (mut engine, policy) = engine(&root);
-            let mut enforcer = Enforcer::new(Mode::Enforce, Protections::new(&[]));
+            let mut enforcer = Enforcer::new(
+                Mode::Enforce,
+                Protections::new(&crate::protect::Protect::default()),
+            );
             let clock = Clock::new();
             let records = engine.place(&mut enforcer, &clock, &policy, 0, &member(999_999, true));
             let values: Vec<serde_json::Value> = records

@@ -13,13 +13,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     budget::{BudgetEngine, NewTask},
-    enforce::{Enforcer, Protections, Reason, Request},
+    enforce::{Enforcer, Reason, Request},
     events::{Exec, ExitStatus},
     loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, State, DRAIN_INTERVAL},
     output::{Output, OutputFormat, Proc, Record},
     policy::{AtStart, Mode, OrphanAction, Policy},
     procs::{self, Pin, Pinned, ProcInfo},
+    protect::Protections,
     selector::Candidate,
     table::Change,
 };
@@ -889,8 +890,8 @@ pub fn check(policy: &Policy) -> String {
             }
         ));
     }
-    let mut names: Vec<&str> = crate::enforce::BUILTIN_PROTECTED.to_vec();
-    for n in &policy.protect {
+    let mut names: Vec<&str> = crate::protect::BUILTIN_PROTECTED.to_vec();
+    for n in &policy.protect.names {
         if !names.contains(&n.as_str()) {
             names.push(n);
         }
@@ -899,5 +900,8 @@ pub fn check(policy: &Policy) -> String {
         "  never signalled: pid 1, kernel threads, guardian and its ancestors, names {}\n",
         names.join(", ")
     ));
+    for p in &policy.protect.selectors {
+        s.push_str(&format!("    and processes matching {}\n", p.describe()));
+    }
     s
 }

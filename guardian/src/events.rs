@@ -397,4 +397,116 @@ pub(crate) mod tests {
         assert_eq!(split_args(b"a\0\0b\0"), vec!["a", "", "b"]);
         assert!(split_args(b"").is_empty());
     }
+
+    /// Fuzzing: no byte string makes the decoder panic, and every refusal is the typed error
+    /// that fits the bytes.
+    mod fuzz {
+        use super::*;
+        use guardian_common::ForkEvent;
+        use proptest::{prelude::*, sample::Index};
+
+        fn fork_record(pid: u32) -> Vec<u8> {
+            bytes_of(&ForkEvent {
+                header: header(EventKind::Fork, pid),
+                creator_pid: pid - 1,
+                creator_tgid: pid - 1,
+                parent_tgid: 1,
+                _pad: 0,
+                clone_flags: 0x11,
+                comm: comm("bash"),
+            })
+        }
+
+        fn exit_record(pid: u32) -> Vec<u8> {
+            bytes_of(&ExitEvent {
+                header: header(EventKind::Exit, pid),
+                exit_code: 9,
+                flags: exit_flags::EXIT_CODE_VALID,
+                start_ns: 900,
+                ppid: 1,
+                _pad: 0,
+                comm: comm("sleep"),
+            })
+        }
+
+        fn thread_record(pid: u32) -> Vec<u8> {
+            bytes_of(&ThreadEvent {
+                header: header(EventKind::Thread, pid),
+                started: 1,
+                _pad: 0,
+            })
+        }
+
+        fn record(kind: usize) -> Vec<u8> {
+            match kind {
+                0 => fork_record(42),
+                1 => exec_record(42, "/usr/bin/python3", &["python3", "-m", "é🦀"]),
+                2 => exit_record(42),
+                _ => thread_record(42),
+            }
+        }
+
+        fn check(buf: &[u8]) -> Result<(), TestCaseError> {
+            let kind = (buf.len() >= 4).then(|| u32::from_ne_bytes(buf[..4].try_into().unwrap()));
+            match decode(buf) {
+                Ok(ev) => {
+                    let need = match ev {
+                        Event::Fork(_) => std::mem::size_of::<ForkEvent>(),
+                        Event::Exec(_) => std::mem::size_of::<ExecEvent>(),
+                        Event::Exit(_) => std::mem::size_of::<ExitEvent>(),
+                        Event::Thread(_) => std::mem::size_of::<ThreadEvent>(),
+                    };
+                    prop_assert!(buf.len() >= need);
+                }
+                Err(DecodeError::Short { len, need, .. }) => {
+                    prop_assert_eq!(len, buf.len());
+                    prop_assert!(len < need);
+                }
+                Err(DecodeError::UnknownKind(k)) => {
+                    prop_assert_eq!(Some(k), kind);
+                    prop_assert!(EventKind::from_u32(k).is_none());
+                }
+                Err(DecodeError::BadLength { len, max, .. }) => {
+                    prop_assert_eq!(kind, Some(EventKind::Exec as u32));
+                    prop_assert!(len as usize > max);
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(crate::fuzz_config())]
+
+            #[test]
+            fn arbitrary_bytes(buf in proptest::collection::vec(any::<u8>(), 0..1_200)) {
+                check(&buf)?;
+            }
+
+            /// Valid records of every kind with bytes changed and cut short anywhere.
+            #[test]
+            fn mutated_records(
+                kind in 0..4usize,
+                changes in proptest::collection::vec((any::<Index>(), any::<u8>()), 0..12),
+                lengths in proptest::collection::vec((any::<Index>(), any::<u32>()), 0..2),
+                cut in proptest::option::of(any::<Index>()),
+            ) {
+                let mut buf = record(kind);
+                for (at, byte) in changes {
+                    let i = at.index(buf.len());
+                    buf[i] = byte;
+                }
+                if kind == 1 {
+                    // filename_len and args_len (bytes 44..52), with any value.
+                    for (which, len) in lengths {
+                        let at = 44 + 4 * which.index(2);
+                        buf[at..at + 4].copy_from_slice(&len.to_ne_bytes());
+                    }
+                }
+                if let Some(cut) = cut {
+                    buf.truncate(cut.index(buf.len() + 1));
+                }
+                check(&buf)?;
+            }
+        }
+    }
 }

@@ -1,25 +1,112 @@
-//! Process selectors: the `match` and `orphan_match` tables of a policy.
+//! Process selectors: the `match` and `orphan_match` tables of a policy, and `protect` tables.
+//!
+//! What the kernel event says of a process (its name, its command line) is taken as given; every
+//! other fact (the executable, the user, the cgroups) is read from `/proc`, through one
+//! [`Pinned`] handle on the process so that a reused pid cannot lend another process's facts.
 
 use std::{borrow::Cow, cell::OnceCell};
 
 use globset::GlobMatcher;
 use regex::Regex;
 
-use crate::{events::Exec, procs::ProcInfo, table::Process};
+use crate::{
+    events::Exec,
+    procs::{Pin, Pinned, ProcInfo},
+    table::Process,
+};
 
 /// Conditions that must all hold. Built by [`crate::policy`].
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Selector {
     /// Searched in the space-joined command line.
     pub cmdline: Option<Regex>,
-    /// Glob on the executable path (as exec'd, or as resolved in `/proc/PID/exe`).
+    /// Glob on the executable the kernel runs (`/proc/PID/exe`: symlinks and `..` resolved; for
+    /// a `#!` script, its interpreter). `*` stops at `/`, `**` crosses it.
     pub exe: Option<(String, GlobMatcher)>,
     /// Glob on the process name (`comm`, at most 15 characters).
     pub comm: Option<(String, GlobMatcher)>,
-    /// Prefix of one of the process's cgroup paths (`/proc/PID/cgroup`).
+    /// A cgroup path (no trailing `/`): the process must be in it or below it, in one of its
+    /// hierarchies (`/proc/PID/cgroup`), by whole path components.
     pub cgroup: Option<String>,
-    /// Effective user id.
-    pub user: Option<u32>,
+    /// Effective user.
+    pub user: Option<User>,
+}
+
+/// The `user` condition: an effective uid, given as a number or as a user name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum User {
+    Id(u32),
+    /// `uid` is `None` while the name does not resolve on this host: then no process matches.
+    Name {
+        name: String,
+        uid: Option<u32>,
+    },
+}
+
+impl User {
+    /// A user name, looked up now (a name that does not resolve yet matches nothing).
+    pub fn named(name: String) -> Self {
+        let uid = lookup(&name);
+        Self::Name { name, uid }
+    }
+
+    pub fn uid(&self) -> Option<u32> {
+        match self {
+            Self::Id(uid) => Some(*uid),
+            Self::Name { uid, .. } => *uid,
+        }
+    }
+
+    /// Looks an unresolved name up again; true if it resolves now.
+    pub fn resolve(&mut self) -> bool {
+        match self {
+            Self::Name {
+                name,
+                uid: uid @ None,
+            } => {
+                *uid = lookup(name);
+                uid.is_some()
+            }
+            _ => false,
+        }
+    }
+
+    /// The name, if it does not resolve (yet).
+    pub fn unresolved(&self) -> Option<&str> {
+        match self {
+            Self::Name { name, uid: None } => Some(name),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Id(uid) => format!("uid={uid}"),
+            Self::Name {
+                name,
+                uid: Some(uid),
+            } => format!("user={name} (uid {uid})"),
+            Self::Name { name, uid: None } => {
+                format!("user={name} (no such user yet: matches nothing)")
+            }
+        }
+    }
+}
+
+fn lookup(name: &str) -> Option<u32> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
+/// Whether `path` is the cgroup `under` or lies below it (whole components: `/a/b` holds
+/// `/a/b/c`, not `/a/bc`).
+fn in_cgroup(path: &str, under: &str) -> bool {
+    under == "/"
+        || path
+            .strip_prefix(under)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 impl Selector {
@@ -31,8 +118,25 @@ impl Selector {
             && self.user.is_none()
     }
 
+    /// Whether the selector names something a local user cannot choose for their own process:
+    /// its user, its cgroup or its executable. A command line or a name anyone can copy.
+    pub fn is_pinned(&self) -> bool {
+        self.user.is_some() || self.cgroup.is_some() || self.exe.is_some()
+    }
+
+    /// Looks an unresolved user name up again; true if the selector changed.
+    pub fn resolve_user(&mut self) -> bool {
+        self.user.as_mut().is_some_and(User::resolve)
+    }
+
+    /// The user name this selector waits for, if it does not resolve (yet).
+    pub fn unresolved_user(&self) -> Option<&str> {
+        self.user.as_ref().and_then(User::unresolved)
+    }
+
     /// Whether the candidate satisfies every condition. Conditions that need `/proc` are
-    /// checked last and only if the others hold.
+    /// checked last and only if the others hold; a process that cannot be pinned (gone, or its
+    /// pid reused) fails them all.
     pub fn matches(&self, c: &Candidate<'_>) -> bool {
         if let Some((_, g)) = &self.comm {
             if !g.is_match(c.comm) {
@@ -40,23 +144,25 @@ impl Selector {
             }
         }
         if let Some(re) = &self.cmdline {
-            if !re.is_match(&c.cmdline) {
+            if !c.cmdline().is_some_and(|cmd| re.is_match(cmd)) {
+                return false;
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.uid().is_none() || c.euid() != user.uid() {
                 return false;
             }
         }
         if let Some((_, g)) = &self.exe {
-            let direct = c.exe.is_some_and(|e| g.is_match(e));
-            if !direct && !c.resolved_exe().is_some_and(|e| g.is_match(e)) {
+            if !c.exe().is_some_and(|e| g.is_match(e)) {
                 return false;
             }
         }
-        if let Some(prefix) = &self.cgroup {
-            if !c.cgroups().iter().any(|p| p.starts_with(prefix.as_str())) {
-                return false;
-            }
-        }
-        if let Some(uid) = self.user {
-            if c.uid() != Some(uid) {
+        if let Some(cgroup) = &self.cgroup {
+            if !c
+                .cgroups()
+                .is_some_and(|paths| paths.iter().any(|p| in_cgroup(p, cgroup)))
+            {
                 return false;
             }
         }
@@ -76,89 +182,133 @@ impl Selector {
             parts.push(format!("comm={g}"));
         }
         if let Some(c) = &self.cgroup {
-            parts.push(format!("cgroup={c}*"));
+            parts.push(format!("cgroup={c} (and below)"));
         }
-        if let Some(u) = self.user {
-            parts.push(format!("uid={u}"));
+        if let Some(u) = &self.user {
+            parts.push(u.describe());
         }
         parts.join(" ")
     }
 }
 
-/// A process being matched. What the kernel event gave is passed in; the rest is read from
-/// `/proc` on first use.
+/// How a candidate reaches its `/proc` directory.
+enum ProcHandle<'a> {
+    /// Already pinned by the caller.
+    Pinned(&'a Pinned),
+    /// Opened (and its start time checked) on first use.
+    Lazy {
+        start_ns: Option<u64>,
+        proc: OnceCell<Option<Pinned>>,
+    },
+}
+
+/// A process being matched. What the kernel event gave (name, command line) is passed in; the
+/// rest is read on first use through one [`Pinned`] handle.
 pub struct Candidate<'a> {
     pub pid: u32,
     pub comm: &'a str,
-    pub cmdline: Cow<'a, str>,
-    pub exe: Option<&'a str>,
-    resolved_exe: OnceCell<Option<String>>,
-    cgroups: OnceCell<Vec<String>>,
-    uid: OnceCell<Option<u32>>,
+    /// Given, or read through the handle on first use (`None`: unreadable).
+    cmdline: OnceCell<Option<Cow<'a, str>>>,
+    handle: ProcHandle<'a>,
+    exe: OnceCell<Option<String>>,
+    cgroups: OnceCell<Option<Vec<String>>>,
+    euid: OnceCell<Option<u32>>,
 }
 
 impl<'a> Candidate<'a> {
+    /// A process known by its pid and, when known, its start time (boot ns): `/proc` facts are
+    /// read only while that pid still belongs to the process that started then.
     pub fn new(
         pid: u32,
+        start_ns: Option<u64>,
         comm: &'a str,
         cmdline: impl Into<Cow<'a, str>>,
-        exe: Option<&'a str>,
+    ) -> Self {
+        Self::with(
+            pid,
+            comm,
+            OnceCell::from(Some(cmdline.into())),
+            ProcHandle::Lazy {
+                start_ns,
+                proc: OnceCell::new(),
+            },
+        )
+    }
+
+    /// A process already pinned: everything, its name and command line included, is what
+    /// `/proc` shows now.
+    pub fn pinned(p: &'a Pinned) -> Self {
+        Self::with(p.pid, &p.stat.comm, OnceCell::new(), ProcHandle::Pinned(p))
+    }
+
+    fn with(
+        pid: u32,
+        comm: &'a str,
+        cmdline: OnceCell<Option<Cow<'a, str>>>,
+        handle: ProcHandle<'a>,
     ) -> Self {
         Self {
             pid,
             comm,
-            cmdline: cmdline.into(),
-            exe,
-            resolved_exe: OnceCell::new(),
+            cmdline,
+            handle,
+            exe: OnceCell::new(),
             cgroups: OnceCell::new(),
-            uid: OnceCell::new(),
+            euid: OnceCell::new(),
         }
     }
 
-    fn resolved_exe(&self) -> Option<&str> {
-        self.resolved_exe
-            .get_or_init(|| {
-                std::fs::read_link(format!("/proc/{}/exe", self.pid))
-                    .ok()
-                    .map(|p| p.to_string_lossy().into_owned())
-            })
+    /// The pinned process, or `None` if it is gone or its pid now belongs to another.
+    fn proc(&self) -> Option<&Pinned> {
+        match &self.handle {
+            ProcHandle::Pinned(p) => Some(p),
+            ProcHandle::Lazy { start_ns, proc } => proc
+                .get_or_init(|| match Pinned::open(self.pid, *start_ns) {
+                    Pin::Ok(p) => Some(p),
+                    _ => None,
+                })
+                .as_ref(),
+        }
+    }
+
+    fn cmdline(&self) -> Option<&str> {
+        self.cmdline
+            .get_or_init(|| self.proc()?.argv().map(|a| Cow::Owned(a.join(" "))))
             .as_deref()
     }
 
-    fn cgroups(&self) -> &[String] {
-        self.cgroups.get_or_init(|| {
-            std::fs::read_to_string(format!("/proc/{}/cgroup", self.pid))
-                .map(|text| parse_cgroups(&text))
-                .unwrap_or_default()
-        })
+    fn exe(&self) -> Option<&str> {
+        self.exe.get_or_init(|| self.proc()?.exe()).as_deref()
     }
 
-    fn uid(&self) -> Option<u32> {
-        *self.uid.get_or_init(|| {
-            procfs::process::Process::new(self.pid as i32)
-                .ok()?
-                .status()
-                .ok()
-                .map(|s| s.euid)
-        })
+    fn cgroups(&self) -> Option<&[String]> {
+        self.cgroups
+            .get_or_init(|| Some(parse_cgroups(&self.proc()?.cgroup_text()?)))
+            .as_deref()
+    }
+
+    fn euid(&self) -> Option<u32> {
+        *self.euid.get_or_init(|| self.proc()?.euid())
     }
 }
 
 impl<'a> From<&'a Process> for Candidate<'a> {
     fn from(p: &'a Process) -> Self {
-        Self::new(p.pid, &p.comm, p.cmdline(), p.exe.as_deref())
+        Self::new(p.pid, Some(p.start_ns), &p.comm, p.cmdline())
     }
 }
 
 impl<'a> From<&'a ProcInfo> for Candidate<'a> {
     fn from(p: &'a ProcInfo) -> Self {
-        Self::new(p.pid, &p.comm, p.argv.join(" "), p.exe.as_deref())
+        Self::new(p.pid, Some(p.start_ns), &p.comm, p.argv.join(" "))
     }
 }
 
+/// The path the exec was called with (`Exec::filename`) is not used: `/opt/app/bin/../../x` or a
+/// symlink would pass for anything. The executable is read from `/proc` instead.
 impl<'a> From<&'a Exec> for Candidate<'a> {
     fn from(e: &'a Exec) -> Self {
-        Self::new(e.pid, &e.comm, e.argv.join(" "), Some(&e.filename))
+        Self::new(e.pid, e.start_ns, &e.comm, e.argv.join(" "))
     }
 }
 
@@ -176,10 +326,29 @@ pub fn parse_cgroups(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use globset::Glob;
+    use globset::{Glob, GlobBuilder};
 
     fn glob(g: &str) -> Option<(String, GlobMatcher)> {
         Some((g.into(), Glob::new(g).unwrap().compile_matcher()))
+    }
+
+    fn exe_glob(g: &str) -> Option<(String, GlobMatcher)> {
+        let m = GlobBuilder::new(g)
+            .literal_separator(true)
+            .build()
+            .unwrap()
+            .compile_matcher();
+        Some((g.into(), m))
+    }
+
+    fn me() -> (u32, u64) {
+        let me = std::process::id();
+        (me, crate::procs::stat(me).unwrap().start_ns)
+    }
+
+    fn euid() -> u32 {
+        // SAFETY: no preconditions.
+        unsafe { libc::geteuid() }
     }
 
     #[test]
@@ -189,56 +358,130 @@ mod tests {
             comm: glob("python*"),
             ..Selector::default()
         };
-        let yes = Candidate::new(
-            1,
-            "python3",
-            "python -m apps.mtproto.worker --interval 10",
-            None,
+        let c = |comm, cmd| Candidate::new(1, None, comm, cmd);
+        assert!(s.matches(&c("python3", "python -m apps.mtproto.worker --interval 10")));
+        assert!(!s.matches(&c("bash", "python -m apps.mtproto.worker")));
+        assert!(!s.matches(&c("python3", "python -m apps.api")));
+    }
+
+    /// The path given to execve is the caller's choice: only the executable the kernel resolved
+    /// counts.
+    #[test]
+    fn exe_is_what_the_kernel_runs_not_the_exec_path() {
+        let (pid, start) = me();
+        let real = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+        let exec = |filename: &str| Exec {
+            ts_ns: start,
+            pid,
+            ppid: None,
+            start_ns: Some(start),
+            comm: "x".into(),
+            filename: filename.into(),
+            argv: vec!["x".into()],
+            argv_incomplete: false,
+        };
+        let opt = Selector {
+            exe: exe_glob("/opt/app/bin/*"),
+            ..Selector::default()
+        };
+        // A symlink placed there, or a path climbing out of it: this process runs neither.
+        for forged in ["/opt/app/bin/link", "/opt/app/bin/../../../tmp/x"] {
+            assert!(!opt.matches(&Candidate::from(&exec(forged))), "{forged}");
+        }
+        let dir = globset::escape(&real.parent().unwrap().display().to_string());
+        let own = Selector {
+            exe: exe_glob(&format!("{dir}/*")),
+            ..Selector::default()
+        };
+        assert!(own.matches(&Candidate::from(&exec("/elsewhere/x"))));
+    }
+
+    /// `/proc` facts come from the process that started when the candidate says, or not at all.
+    #[test]
+    fn proc_facts_need_the_same_process() {
+        let (pid, start) = me();
+        let s = Selector {
+            user: Some(User::Id(euid())),
+            ..Selector::default()
+        };
+        assert!(s.matches(&Candidate::new(pid, Some(start), "x", "")));
+        assert!(s.matches(&Candidate::new(pid, None, "x", "")));
+        let later = start + 3_600 * 1_000_000_000;
+        assert!(
+            !s.matches(&Candidate::new(pid, Some(later), "x", "")),
+            "a pid reused since"
         );
-        assert!(s.matches(&yes));
-        let wrong_comm = Candidate::new(1, "bash", "python -m apps.mtproto.worker", None);
-        assert!(!s.matches(&wrong_comm));
-        let wrong_cmd = Candidate::new(1, "python3", "python -m apps.api", None);
-        assert!(!s.matches(&wrong_cmd));
-    }
-
-    #[test]
-    fn exe_glob_matches_the_exec_path() {
-        let s = Selector {
-            exe: glob("/usr/bin/python3*"),
-            ..Selector::default()
-        };
-        assert!(s.matches(&Candidate::new(
-            u32::MAX,
-            "x",
-            "",
-            Some("/usr/bin/python3.11")
-        )));
-        assert!(!s.matches(&Candidate::new(
-            u32::MAX,
-            "x",
-            "",
-            Some("/usr/local/bin/python3")
-        )));
-    }
-
-    #[test]
-    fn cgroup_and_user_are_read_from_proc() {
-        let me = std::process::id();
-        let cgroups =
-            parse_cgroups(&std::fs::read_to_string(format!("/proc/{me}/cgroup")).unwrap());
-        let s = Selector {
-            cgroup: Some(cgroups[0].clone()),
-            // SAFETY: no preconditions.
-            user: Some(unsafe { libc::geteuid() }),
-            ..Selector::default()
-        };
-        assert!(s.matches(&Candidate::new(me, "x", "", None)));
+        assert!(!s.matches(&Candidate::new(u32::MAX, None, "x", "")), "gone");
         let other = Selector {
-            cgroup: Some("/no/such/cgroup".into()),
+            user: Some(User::Id(euid().wrapping_add(1))),
             ..Selector::default()
         };
-        assert!(!other.matches(&Candidate::new(me, "x", "", None)));
+        assert!(!other.matches(&Candidate::new(pid, Some(start), "x", "")));
+    }
+
+    #[test]
+    fn a_pinned_candidate_reads_everything_from_proc() {
+        let (pid, start) = me();
+        let Pin::Ok(p) = Pinned::open(pid, Some(start)) else {
+            panic!("cannot pin this process");
+        };
+        let c = Candidate::pinned(&p);
+        let argv0 = std::env::args().next().unwrap();
+        let s = Selector {
+            cmdline: Some(Regex::new(&regex::escape(&argv0)).unwrap()),
+            user: Some(User::Id(euid())),
+            ..Selector::default()
+        };
+        assert!(s.matches(&c));
+        let cmd = Selector {
+            cmdline: Some(Regex::new("^no such command line$").unwrap()),
+            ..Selector::default()
+        };
+        assert!(!cmd.matches(&c));
+    }
+
+    #[test]
+    fn unresolved_users_match_nothing() {
+        let (pid, start) = me();
+        let mut s = Selector {
+            user: Some(User::Name {
+                name: "root".into(),
+                uid: None,
+            }),
+            ..Selector::default()
+        };
+        assert_eq!(s.unresolved_user(), Some("root"));
+        assert!(!s.matches(&Candidate::new(pid, Some(start), "x", "")));
+        assert!(s.resolve_user(), "root exists");
+        assert_eq!(s.user.as_ref().unwrap().uid(), Some(0));
+        assert!(!s.resolve_user(), "resolved once");
+        assert_eq!(s.unresolved_user(), None);
+    }
+
+    #[test]
+    fn cgroups_match_by_whole_components() {
+        assert!(in_cgroup("/a/b", "/a/b"));
+        assert!(in_cgroup("/a/b/c", "/a/b"));
+        assert!(!in_cgroup("/a/bc", "/a/b"));
+        assert!(!in_cgroup("/a", "/a/b"));
+        assert!(in_cgroup("/anything", "/"));
+        // The same through a real process's /proc/PID/cgroup.
+        let (pid, start) = me();
+        let cgroups = parse_cgroups(&std::fs::read_to_string("/proc/self/cgroup").unwrap());
+        let at = |c: &str| Selector {
+            cgroup: Some(c.into()),
+            ..Selector::default()
+        };
+        let c = Candidate::new(pid, Some(start), "x", "");
+        assert!(at(&cgroups[0]).matches(&c));
+        assert!(!at("/no/such/cgroup").matches(&c));
+        match cgroups.iter().find(|p| p.len() > 2) {
+            Some(own) => assert!(
+                !at(&own[..own.len() - 1]).matches(&c),
+                "a cut-off name is another cgroup"
+            ),
+            None => eprintln!("only root cgroups here: the component check ran on strings only"),
+        }
     }
 
     #[test]

@@ -193,6 +193,13 @@ impl Guardian {
         }
     }
 
+    /// Waits (bounded) for the `root` record of `pid`.
+    pub fn wait_root(&self, pid: u32) -> Value {
+        self.wait_for(&format!("root record for {pid}"), |v| {
+            v["event"] == "root" && v["pid"] == pid
+        })
+    }
+
     /// Records of one event kind about one pid.
     pub fn of(&self, event: &str, pid: u32) -> Vec<Value> {
         self.records()
@@ -338,6 +345,31 @@ pub fn pids(pairs: &HashMap<String, String>, key: &str) -> Vec<u32> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().expect("pid"))
         .collect()
+}
+
+/// The decision records about one pid.
+pub fn decisions(records: &[Value], pid: u32) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|v| v["event"] == "decision" && v["pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// Waits (bounded) until every pid is gone; returns how long that took.
+pub fn all_gone(pids: &[u32], limit: Duration) -> Duration {
+    let start = Instant::now();
+    eventually(&format!("{pids:?} to be gone"), limit, || {
+        pids.iter().all(|&p| !alive(p))
+    });
+    start.elapsed()
+}
+
+/// The effective uid of a process, from `/proc/PID/status`.
+pub fn euid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    uids.split_whitespace().nth(1)?.parse().ok()
 }
 
 pub fn kill(pid: u32, sig: i32) {

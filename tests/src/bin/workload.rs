@@ -114,6 +114,26 @@ fn hold() {
     let _ = rx.recv_timeout(MAX_LIFETIME);
 }
 
+/// Becomes `uid` (real, effective and saved; group `uid`, no supplementary groups). Needs root.
+fn become_user(uid: u32) {
+    // SAFETY: plain credential syscalls on this process; groups first, while still root.
+    let rc = unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            -1
+        } else if libc::setresgid(uid, uid, uid) != 0 {
+            -2
+        } else {
+            libc::setresuid(uid, uid, uid)
+        }
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cannot become uid {uid}: {}",
+        io::Error::last_os_error()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = args.first().map(String::as_str).unwrap_or("");
@@ -530,6 +550,41 @@ fn main() {
             say(&format!("pid={} sibling={sibling}", std::process::id()));
             linger();
         }
+        // `as-uid UID PROGRAM [ARGS...]`: runs PROGRAM as UID (and group UID), like `setpriv
+        // --reuid --regid --clear-groups`, which minimal guests lack.
+        "as-uid" => {
+            let uid = num(1, u64::MAX);
+            let uid = u32::try_from(uid).expect("as-uid UID PROGRAM [ARGS...]");
+            let program = args.get(2).expect("as-uid UID PROGRAM [ARGS...]");
+            become_user(uid);
+            let err = std::os::unix::process::CommandExt::exec(
+                std::process::Command::new(program).args(&args[3..]),
+            );
+            panic!("cannot run {program}: {err}");
+        }
+        // `uid-tree UID`: two children that linger, the second as UID; the parent holds like
+        // `tree`.
+        "uid-tree" => {
+            let uid = u32::try_from(num(1, u64::MAX)).expect("uid-tree UID");
+            let kids: Vec<String> = (0..2)
+                .map(|i| {
+                    let c = fork();
+                    if c == 0 {
+                        if i == 1 {
+                            become_user(uid);
+                        }
+                        linger();
+                    }
+                    c.to_string()
+                })
+                .collect();
+            say(&format!(
+                "parent={} children={}",
+                std::process::id(),
+                kids.join(",")
+            ));
+            hold();
+        }
         // `in-pidns [--host-proc] PROGRAM ARGS...`: runs PROGRAM as pid 1 of a new pid namespace
         // (with a /proc of its own unless --host-proc) and exits with its status.
         "in-pidns" => {
@@ -580,6 +635,7 @@ fn main() {
                  hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | \
                  shared-heap [MB] [WORKERS] [GROW_MB] | fork-loop [N] | linger [N] | \
                  roots-chain TAG | churn [N] [KEEP] | clone-parent | \
+                 as-uid UID PROGRAM [ARGS...] | uid-tree UID | \
                  in-pidns [--host-proc] PROGRAM ARGS..."
             );
             std::process::exit(2);
