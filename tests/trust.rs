@@ -622,3 +622,80 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
         assert_eq!(d[0]["old_parent"], middle);
     }
 }
+
+/// Adds a user to /etc/passwd for the test's duration (the line is removed when dropped).
+struct TempUser(String);
+
+impl TempUser {
+    fn add(name: &str, uid: u32) -> Self {
+        let line = format!("{name}:x:{uid}:{uid}:guardian test:/:/bin/false\n");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open("/etc/passwd")
+            .expect("opening /etc/passwd");
+        std::io::Write::write_all(&mut f, line.as_bytes()).expect("adding the test user");
+        Self(line)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string("/etc/passwd") {
+            let _ = std::fs::write("/etc/passwd", text.replace(&self.0, ""));
+        }
+    }
+}
+
+/// Whether this build can look user names up (a static build without NSS cannot).
+fn resolves_users() -> bool {
+    // SAFETY: getpwnam with a static C string; the result is only tested for null.
+    !unsafe { libc::getpwnam(c"root".as_ptr()) }.is_null()
+}
+
+/// A policy naming a user that does not exist yet runs (with a warning) and makes nobody a
+/// root; once the account exists, its processes already running are found and followed.
+#[test]
+fn a_user_created_after_start_pins_from_then_on() {
+    let test = "late_user";
+    if !privileged(test) {
+        return;
+    }
+    if !resolves_users() {
+        guardian_tests::missing(test, "user names cannot be looked up here (no NSS)");
+        return;
+    }
+    let tok = token(test);
+    let name = format!("g{}", std::process::id());
+    let uid = 42_000 + std::process::id() % 1000;
+    let policy = policy_file(
+        test,
+        &format!(
+            "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\", user = \"{name}\" }}\norphans = \"kill\"\n"
+        ),
+    );
+    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    g.wait_stderr(&format!("there is no user `{name}`"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guardian-workload"));
+    cmd.args(["as-uid", &uid.to_string()])
+        .arg(env!("CARGO_BIN_EXE_guardian-workload"))
+        .args(["tree", "2", "", &tok]);
+    let mut w = Workload::spawn(cmd);
+    let p = w.read_pairs();
+    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    w.cleanup.extend(&kids);
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        g.of("root", parent).is_empty(),
+        "a root of a user that does not exist"
+    );
+
+    let _user = TempUser::add(&name, uid);
+    let root = g.wait_for_within("the root found once the user exists", WAIT + WAIT, |v| {
+        v["event"] == "root" && v["pid"] == parent
+    });
+    assert_eq!(root["found"], "resync");
+    kill(parent, libc::SIGKILL);
+    all_gone(&kids, Duration::from_secs(1));
+    g.stop();
+}

@@ -42,6 +42,8 @@ const SUSPECT_GRACE_NS: u64 = 200_000_000;
 const UNTRACKED_RESYNC_NS: u64 = 1_000_000_000;
 /// How often pids the kernel tracks for nobody are looked for (ns).
 const TRACKED_GC_NS: u64 = 30_000_000_000;
+/// User names of the policy that did not resolve are looked up again this often (ns).
+const USERS_EVERY_NS: u64 = 5_000_000_000;
 /// `/proc` is re-read at most this often (ns), however often events are lost.
 const RESYNC_EVERY_NS: u64 = 500_000_000;
 /// At most one warning this often about members the kernel cannot track (ns).
@@ -80,6 +82,7 @@ struct Checks {
     /// Tracked pids with no process behind them at the last collection.
     gc_absent: HashSet<u32>,
     last_resync_ns: u64,
+    next_users_ns: u64,
 }
 
 pub struct Daemon {
@@ -683,6 +686,17 @@ impl Daemon {
         if !self.untracked.is_empty() && now >= self.checks.next_untracked_ns {
             self.checks.next_untracked_ns = now + UNTRACKED_RESYNC_NS;
             self.resync_due.get_or_insert("untracked");
+        }
+        if now >= self.checks.next_users_ns {
+            self.checks.next_users_ns = now + USERS_EVERY_NS;
+            let changed = self.policy.resolve_users();
+            if !changed.is_empty() {
+                for &svc in &changed {
+                    info!(service = %self.policy.services[svc].name, "a user the policy names exists now");
+                }
+                // Processes already running as that user do not exec again: look for them.
+                self.resync_due.get_or_insert("users");
+            }
         }
         if now >= self.checks.next_gc_ns {
             self.checks.next_gc_ns = now + TRACKED_GC_NS;

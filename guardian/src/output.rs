@@ -131,8 +131,8 @@ pub enum Record {
     Resync {
         ts: String,
         /// `lost` (the kernel could not deliver events), `untracked` (members the kernel cannot
-        /// follow, checked from `/proc`), or `check` (the periodic reconciliation found a change
-        /// no event reported).
+        /// follow, checked from `/proc`), `check` (the periodic reconciliation found a change
+        /// no event reported), or `users` (a user the policy names was created).
         trigger: &'static str,
         /// Members found dead (their exit was never seen).
         retired: u64,
