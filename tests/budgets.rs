@@ -1,18 +1,16 @@
 //! Task and memory budgets on real processes, with cgroups created below this test's own cgroup
 //! (a relative `cgroup_parent`) and removed afterwards.
 
-use std::{process::Command, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use guardian_tests::{
-    alive, eventually, has_memory_and_pids_controllers, pid, policy_file, privileged,
-    service_cgroup_dirs, token, Guardian, Workload, WAIT,
+    alive, budget_test_ready, eventually, pid, policy_file, service_cgroup_dirs, token,
+    CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
 fn workload(args: &[&str]) -> Workload {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guardian-workload"));
-    cmd.args(args);
-    Workload::spawn(cmd)
+    Workload::run(env!("CARGO_BIN_EXE_guardian-workload"), args)
 }
 
 /// A policy with one service `svc` matching `tok`, below a cgroup parent named after it.
@@ -34,7 +32,7 @@ thread_local! {
 /// Starts guardian on a one-service policy for `test` (with `policy` keys and extra arguments);
 /// `None` (said aloud) when the test cannot run here.
 fn start(test: &str, needs_cgroups: bool, keys: &str, args: &[&str]) -> Option<(String, Guardian)> {
-    if !ready(test, needs_cgroups) {
+    if !budget_test_ready(test, needs_cgroups) {
         return None;
     }
     let tok = token(test);
@@ -43,21 +41,6 @@ fn start(test: &str, needs_cgroups: bool, keys: &str, args: &[&str]) -> Option<(
     all.extend(args);
     Some((tok, Guardian::start(&all)))
 }
-
-fn ready(test: &str, needs_cgroups: bool) -> bool {
-    if !privileged(test) {
-        return false;
-    }
-    if needs_cgroups && !has_memory_and_pids_controllers() {
-        guardian_tests::missing(
-            test,
-            "no memory and pids cgroup controllers on this machine",
-        );
-        return false;
-    }
-    true
-}
-
 fn decisions<'a>(records: &'a [Value], pred: impl Fn(&Value) -> bool + 'a) -> Vec<&'a Value> {
     records
         .iter()
@@ -89,20 +72,6 @@ fn wait_placed(g: &Guardian, root: u32, own: bool) {
             v["event"] == "decision" && v["action"] == "move" && v["pid"] == root
         });
         assert_eq!(mv["performed"], true, "{mv}");
-    }
-}
-
-/// Removes what a failed test may leave behind (empty cgroups only; rmdir refuses others).
-struct CgroupCleanup(String);
-
-impl Drop for CgroupCleanup {
-    fn drop(&mut self) {
-        for d in service_cgroup_dirs(&self.0, "svc") {
-            let _ = std::fs::remove_dir(&d);
-            if let Some(parent) = d.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
     }
 }
 

@@ -4,60 +4,16 @@
 use std::{
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use guardian_tests::{
-    alive, children_of, eventually, guardian_bin, kill, pid, pids, policy_file, privileged, python,
-    script, spawn_with_pid, token, Guardian, Workload, WAIT,
+    alive, all_gone, children_of, decisions, eventually, guardian_bin, kill, kill_policy, pid,
+    pids, policy_file, privileged, python, script, spawn_with_pid, token, Guardian, Workload, WAIT,
 };
-use serde_json::Value;
 
 fn workload(args: &[&str]) -> Workload {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guardian-workload"));
-    cmd.args(args);
-    Workload::spawn(cmd)
-}
-
-/// Starts guardian on the policy `text` builds from the test's token; `None` (said aloud) when
-/// the test cannot run here.
-fn start(test: &str, text: impl FnOnce(&str) -> String) -> Option<(String, Guardian)> {
-    if !privileged(test) {
-        return None;
-    }
-    let tok = token(test);
-    let policy = policy_file(test, &text(&tok));
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
-    Some((tok, g))
-}
-
-fn kill_policy(tok: &str, extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n{extra}\n"
-    )
-}
-
-fn decisions(records: &[Value], pid: u32) -> Vec<Value> {
-    records
-        .iter()
-        .filter(|v| v["event"] == "decision" && v["pid"] == pid)
-        .cloned()
-        .collect()
-}
-
-fn wait_root(g: &Guardian, pid: u32) -> Value {
-    g.wait_for(&format!("root record for {pid}"), |v| {
-        v["event"] == "root" && v["pid"] == pid
-    })
-}
-
-/// Waits (bounded) until every pid is gone; returns how long that took.
-fn all_gone(pids: &[u32], limit: Duration) -> Duration {
-    let start = Instant::now();
-    eventually(&format!("{pids:?} to be gone"), limit, || {
-        pids.iter().all(|&p| !alive(p))
-    });
-    start.elapsed()
+    Workload::run(env!("CARGO_BIN_EXE_guardian-workload"), args)
 }
 
 /// Python workers of a SIGKILLed parent: killed in enforce mode, recorded once each in audit mode.
@@ -93,7 +49,7 @@ fn python_orphans(method: &str, kind: &str, n: usize, audit: bool) {
     // fork server whose children the workers are; and the resource tracker.
     let direct = children_of(parent);
     w.cleanup.extend(&direct);
-    let root = wait_root(&g, parent);
+    let root = g.wait_root(parent);
     assert_eq!(root["service"], "svc");
 
     kill(parent, libc::SIGKILL);
@@ -187,7 +143,7 @@ fn audit_mode_forkserver_kills_nothing() {
 #[test]
 fn terminate_escalates_only_when_sigterm_is_ignored() {
     let test = "terminate_escalates";
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         format!(
             "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"1s\"\n"
         )
@@ -199,7 +155,7 @@ fn terminate_escalates_only_when_sigterm_is_ignored() {
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     let (honours, ignores) = (kids[0], kids[1]);
     w.cleanup.extend(&kids);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&[honours], Duration::from_millis(900));
     assert!(
@@ -227,7 +183,7 @@ fn terminate_escalates_only_when_sigterm_is_ignored() {
 #[test]
 fn processes_outside_the_policy_survive() {
     let test = "outside_policy";
-    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
     // An orphan of a process no service names.
@@ -240,7 +196,7 @@ fn processes_outside_the_policy_survive() {
     let p = w.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     w.cleanup.extend(&kids);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&kids, Duration::from_secs(1));
     thread::sleep(Duration::from_millis(300));
@@ -252,7 +208,7 @@ fn processes_outside_the_policy_survive() {
 #[test]
 fn orphans_not_selected_by_orphan_match_survive() {
     let test = "orphan_match";
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         kill_policy(tok, "orphan_match = { cmdline = \"multiprocessing\" }")
     }) else {
         return;
@@ -261,7 +217,7 @@ fn orphans_not_selected_by_orphan_match_survive() {
     let p = w.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     w.cleanup.extend(&kids);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     thread::sleep(Duration::from_millis(500));
     for &k in &kids {
@@ -279,7 +235,7 @@ fn orphans_not_selected_by_orphan_match_survive() {
 #[test]
 fn a_root_whose_launching_shell_exits_is_left_alone() {
     let test = "shell_root";
-    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
     let out = std::env::temp_dir().join(format!("{tok}.out"));
@@ -305,7 +261,7 @@ fn a_root_whose_launching_shell_exits_is_left_alone() {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     let (root, kids) = (pid(&pairs, "parent"), pids(&pairs, "children"));
-    wait_root(&g, root);
+    g.wait_root(root);
     thread::sleep(Duration::from_millis(300));
     assert!(alive(root), "the root lost its shell, and must live");
     for &k in &kids {
@@ -322,7 +278,7 @@ fn a_root_whose_launching_shell_exits_is_left_alone() {
 #[test]
 fn protected_names_are_never_signalled() {
     let test = "protected";
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         format!(
             "protect = [\"sleep\"]\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n"
         )
@@ -334,7 +290,7 @@ fn protected_names_are_never_signalled() {
         .spawn()
         .unwrap();
     let root = sh.id();
-    wait_root(&g, root);
+    g.wait_root(root);
     let mut kids = Vec::new();
     eventually("two sleeps", WAIT, || {
         kids = children_of(root);
@@ -370,7 +326,7 @@ fn protected_names_are_never_signalled() {
 #[test]
 fn a_reused_pid_is_not_signalled() {
     let test = "pid_reuse";
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         format!(
             "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"2s\"\n"
         )
@@ -381,7 +337,7 @@ fn a_reused_pid_is_not_signalled() {
     let p = w.read_pairs();
     let (parent, orphan) = (pid(&p, "parent"), pids(&p, "children")[0]);
     w.cleanup.push(orphan);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     // The orphan honours SIGTERM; its pid then goes to a newcomer before kill_timeout ends.
     all_gone(&[orphan], Duration::from_secs(1));
@@ -408,14 +364,14 @@ fn a_reused_pid_is_not_signalled() {
 #[test]
 fn a_multithreaded_parent_orphans_nothing_until_its_last_thread_exits() {
     let test = "leader_exit";
-    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
     let mut w = workload(&["leader-exit", &tok]);
     let p = w.read_pairs();
     let (me, child) = (pid(&p, "pid"), pid(&p, "child"));
     w.cleanup.push(child);
-    wait_root(&g, me);
+    g.wait_root(me);
     thread::sleep(Duration::from_millis(300));
     assert!(alive(child), "the group lives on in its second thread");
     assert!(decisions(&g.records(), child).is_empty());
@@ -470,7 +426,7 @@ fn invalid_policies_are_refused() {
 #[test]
 fn the_launcher_grace_spares_no_orphan_that_does_not_exec() {
     let test = "launcher_grace";
-    let Some((tok, g)) = start(test, |tok| kill_policy(tok, "")) else {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
 
@@ -479,7 +435,7 @@ fn the_launcher_grace_spares_no_orphan_that_does_not_exec() {
     let p = exits.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     exits.cleanup.extend(&kids);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     assert!(exits.wait().success());
     all_gone(&kids, Duration::from_secs(2));
 
@@ -488,7 +444,7 @@ fn the_launcher_grace_spares_no_orphan_that_does_not_exec() {
     let p = killed.read_pairs();
     let (parent, young) = (pid(&p, "parent"), pids(&p, "children"));
     killed.cleanup.extend(&young);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&young, Duration::from_secs(1));
 

@@ -10,9 +10,7 @@ use guardian_tests::{
 use serde_json::Value;
 
 fn workload(args: &[&str]) -> Workload {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guardian-workload"));
-    cmd.args(args);
-    Workload::spawn(cmd)
+    Workload::run(env!("CARGO_BIN_EXE_guardian-workload"), args)
 }
 
 fn index_of(records: &[Value], pred: impl Fn(&Value) -> bool) -> Option<usize> {

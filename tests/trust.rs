@@ -12,43 +12,13 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, children_of, eventually, kill, pid, pids, policy_file, privileged, token, Guardian,
-    Workload, WAIT,
+    alive, all_gone, children_of, decisions, eventually, kill, kill_policy, pid, pids, policy_file,
+    privileged, token, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
 fn workload(args: &[&str]) -> Workload {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guardian-workload"));
-    cmd.args(args);
-    Workload::spawn(cmd)
-}
-
-fn kill_policy(tok: &str, extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n{extra}\n"
-    )
-}
-
-fn decisions(records: &[Value], pid: u32) -> Vec<Value> {
-    records
-        .iter()
-        .filter(|v| v["event"] == "decision" && v["pid"] == pid)
-        .cloned()
-        .collect()
-}
-
-fn wait_root(g: &Guardian, pid: u32) -> Value {
-    g.wait_for(&format!("root record for {pid}"), |v| {
-        v["event"] == "root" && v["pid"] == pid
-    })
-}
-
-fn all_gone(pids: &[u32], limit: Duration) -> Duration {
-    let start = Instant::now();
-    eventually(&format!("{pids:?} to be gone"), limit, || {
-        pids.iter().all(|&p| !alive(p))
-    });
-    start.elapsed()
+    Workload::run(env!("CARGO_BIN_EXE_guardian-workload"), args)
 }
 
 /// R forks W, W forks C; C execs into a root, then W does. W's adoption must not make C a
@@ -72,8 +42,8 @@ fn roots_stay_roots_whatever_the_order_of_adoption() {
     }
     let (r, wp, c) = (pid(&p, "r"), pid(&p, "w"), pid(&p, "c"));
     w.cleanup.extend([wp, c]);
-    wait_root(&g, r);
-    wait_root(&g, c);
+    g.wait_root(r);
+    g.wait_root(c);
     let root_w = g.wait_for("W's root record after its exec", |v| {
         v["event"] == "root" && v["pid"] == wp && v["found"] == "exec"
     });
@@ -272,7 +242,7 @@ fn two_hundred_stubborn_orphans_under_sixty_four_descriptors() {
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     assert_eq!(kids.len(), 200);
     w.cleanup.extend(&kids);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     thread::sleep(Duration::from_millis(500));
     let early = kids.iter().filter(|&&k| !alive(k)).count();
@@ -311,7 +281,7 @@ fn lost_events_are_repaired_from_proc() {
     let g = Guardian::spawn(cmd);
     let mut w = workload(&["churn", "300", "4", &tok]);
     let root = pid(&w.read_pairs(), "pid");
-    wait_root(&g, root);
+    g.wait_root(root);
 
     kill(g.pid(), libc::SIGSTOP);
     w.step();
@@ -438,7 +408,7 @@ fn sigkill_leaves_nothing_loaded_and_a_restart_takes_over() {
     let p = w.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     w.cleanup.extend(&kids);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     let ids = bpf_ids(g.pid());
     assert!(
         ids.iter().filter(|(k, _)| *k == "prog").count() >= 3,
@@ -450,7 +420,7 @@ fn sigkill_leaves_nothing_loaded_and_a_restart_takes_over() {
     });
 
     let g = Guardian::start(&args);
-    let root = wait_root(&g, parent);
+    let root = g.wait_root(parent);
     assert_eq!(root["found"], "startup");
     assert_eq!(root["members"], 4);
     kill(parent, libc::SIGKILL);
@@ -486,7 +456,7 @@ fn a_full_tracked_map_falls_back_to_proc() {
         grandchildren.len() == 2
     });
     w.cleanup.extend(&grandchildren);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     // The kernel could not track some children, guardian some members.
     let lost = g.wait_for("the full map reported", |v| {
         v["event"] == "lost" && v["reason"] == "tracked_map_full"
@@ -564,7 +534,7 @@ fn clone_parent_tracks_nobody_outside_the_service() {
     let p = w.read_pairs();
     let (member, sibling) = (pid(&p, "pid"), pid(&p, "sibling"));
     w.cleanup.push(sibling);
-    wait_root(&g, member);
+    g.wait_root(member);
     let me = std::process::id();
     let mut tracked = Vec::new();
     eventually("the root and its clone tracked", WAIT, || {
@@ -602,7 +572,7 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
         grandchildren.len() == 2
     });
     w.cleanup.extend(&grandchildren);
-    wait_root(&g, parent);
+    g.wait_root(parent);
     eventually("the grandchildren tracked", WAIT, || {
         let t = tracked_pids(g.pid());
         grandchildren.iter().all(|c| t.contains(c)) && t.contains(&middle)

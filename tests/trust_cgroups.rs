@@ -5,14 +5,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::Duration,
 };
 
 use guardian_tests::{
-    alive, eventually, has_memory_and_pids_controllers, kill, pid, pids, policy_file, privileged,
-    service_cgroup_dirs, token, Guardian, Workload, WAIT,
+    alive, budget_test_ready, eventually, kill, pid, pids, policy_file, service_cgroup_dirs, token,
+    CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -20,39 +19,7 @@ use serde_json::Value;
 const SETTLE: Duration = Duration::from_millis(1750);
 
 fn workload(args: &[&str]) -> Workload {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_guardian-workload"));
-    cmd.args(args);
-    Workload::spawn(cmd)
-}
-
-/// Removes, when the test ends (pass or fail), the service cgroup and its parent `tok` in each
-/// hierarchy: empty ones only (rmdir refuses others).
-struct CgroupCleanup(String);
-
-impl Drop for CgroupCleanup {
-    fn drop(&mut self) {
-        for d in service_cgroup_dirs(&self.0, "svc") {
-            let _ = std::fs::remove_dir(&d);
-            if let Some(parent) = d.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
-    }
-}
-
-/// Whether the test can run here (said aloud when not).
-fn ready(test: &str, needs_cgroups: bool) -> bool {
-    if !privileged(test) {
-        return false;
-    }
-    if needs_cgroups && !has_memory_and_pids_controllers() {
-        guardian_tests::missing(
-            test,
-            "no memory and pids cgroup controllers on this machine",
-        );
-        return false;
-    }
-    true
+    Workload::run(env!("CARGO_BIN_EXE_guardian-workload"), args)
 }
 
 /// A policy with one service `svc` matching `tok`, below a cgroup parent named after it.
@@ -112,7 +79,7 @@ fn cgroup_files(dirs: &[PathBuf]) -> Vec<(PathBuf, String)> {
 #[test]
 fn restarted_guardian_reuses_its_cgroup_then_removes_it() {
     let test = "restart_reuse";
-    if !ready(test, true) {
+    if !budget_test_ready(test, true) {
         return;
     }
     let tok = token(test);
@@ -181,7 +148,7 @@ fn restarted_guardian_reuses_its_cgroup_then_removes_it() {
 #[test]
 fn another_users_service_cgroup_is_refused_and_left_untouched() {
     let test = "foreign_cgroup";
-    if !ready(test, true) {
+    if !budget_test_ready(test, true) {
         return;
     }
     let tok = token(test);
@@ -241,7 +208,7 @@ fn another_users_service_cgroup_is_refused_and_left_untouched() {
 #[test]
 fn the_operators_cgroup_is_used_and_kept() {
     let test = "operator_cgroup";
-    if !ready(test, true) {
+    if !budget_test_ready(test, true) {
         return;
     }
     let tok = token(test);
@@ -293,7 +260,7 @@ fn the_operators_cgroup_is_used_and_kept() {
 #[test]
 fn inherit_memory_counts_pages_shared_by_forked_workers_once() {
     let test = "shared_pages";
-    if !ready(test, false) {
+    if !budget_test_ready(test, false) {
         return;
     }
     let tok = token(test);
@@ -346,7 +313,7 @@ fn inherit_memory_counts_pages_shared_by_forked_workers_once() {
 #[test]
 fn a_leftover_empty_cgroup_is_removed_at_start() {
     let test = "leftover_cgroup";
-    if !ready(test, true) {
+    if !budget_test_ready(test, true) {
         return;
     }
     let tok = token(test);

@@ -26,18 +26,6 @@ fn workload(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Workload {
     Workload::spawn(cmd)
 }
 
-/// Starts guardian on the policy `text` builds from the test's token; `None` (said aloud) when
-/// the test cannot run here.
-fn start(test: &str, text: impl FnOnce(&str) -> String) -> Option<(String, Guardian)> {
-    if !privileged(test) {
-        return None;
-    }
-    let tok = token(test);
-    let policy = policy_file(test, &text(&tok));
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
-    Some((tok, g))
-}
-
 /// A `tree 2` workload: (parent, children), children to be cleaned up.
 fn tree(w: &mut Workload) -> (u32, Vec<u32>) {
     let p = w.read_pairs();
@@ -81,7 +69,7 @@ fn exe_matches_the_executable_the_kernel_runs() {
     std::fs::copy(WORKLOAD, scratch.0.join("bin/x")).unwrap();
     std::fs::copy(WORKLOAD, scratch.0.join("other/y")).unwrap();
     std::os::unix::fs::symlink(scratch.0.join("other/y"), scratch.0.join("bin/link")).unwrap();
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         format!(
             "[[service]]\nname = \"svc\"\nmatch = {{ exe = \"{d}/bin/*\", cmdline = \"{tok}\" }}\norphans = \"kill\"\n"
         )
@@ -123,7 +111,7 @@ fn exe_matches_the_executable_the_kernel_runs() {
 #[test]
 fn a_forged_command_line_under_another_uid_joins_nothing() {
     let test = "forged_uid";
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         format!(
             "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\", user = {PINNED_UID} }}\norphans = \"kill\"\n"
         )
@@ -167,14 +155,17 @@ fn a_forged_command_line_under_another_uid_joins_nothing() {
 #[test]
 fn protected_users_outlive_their_parent() {
     let test = "protect_user";
-    let Some((tok, g)) = start(test, |tok| {
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| {
         format!(
             "protect = [{{ user = {OTHER_UID} }}]\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n"
         )
     }) else {
         return;
     };
-    let mut w = workload(WORKLOAD, &["uid-tree", &OTHER_UID.to_string(), &tok]);
+    let mut w = workload(
+        WORKLOAD,
+        &["tree", "2", &format!("as-uid={OTHER_UID}"), &tok],
+    );
     let (parent, kids) = tree(&mut w);
     let (plain, protected) = (kids[0], kids[1]);
     eventually_euid(protected, OTHER_UID);

@@ -808,10 +808,10 @@ fn victim_order(mut sized: Vec<(&Process, u64)>, how: Victim) -> Vec<(&Process, 
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeSet, fs, path::Path};
+    use std::{fs, path::Path};
 
     use super::*;
-    use crate::{protect::Protections, table};
+    use crate::protect::Protections;
 
     /// An engine for one `own` service with tasks_max and memory_max, on a scratch v1 tree
     /// (`m` and `p` stand in for the memory and pids hierarchies).
@@ -838,20 +838,8 @@ mod tests {
 
     fn member(pid: u32, root: bool) -> Process {
         Process {
-            pid,
-            parent: 1,
-            start_ns: 0,
-            comm: "x".into(),
-            exe: None,
-            argv: vec!["x".into()],
-            children: BTreeSet::new(),
-            kernel_thread: false,
-            state: table::State::Alive,
-            service: Some(0),
             root,
-            orphan: false,
-            threads: 1,
-            exec_ns: None,
+            ..Process::for_test(pid, "x")
         }
     }
 

@@ -498,26 +498,10 @@ fn sig_name(s: Signal) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{protect::Protect, table::State};
-    use std::collections::BTreeSet;
+    use crate::protect::Protect;
 
     fn proc(pid: u32, comm: &str) -> Process {
-        Process {
-            pid,
-            parent: 1,
-            start_ns: 0,
-            comm: comm.into(),
-            exe: None,
-            argv: vec![comm.into()],
-            children: BTreeSet::new(),
-            kernel_thread: false,
-            state: State::Alive,
-            service: Some(0),
-            root: false,
-            orphan: false,
-            threads: 1,
-            exec_ns: None,
-        }
+        Process::for_test(pid, comm)
     }
 
     #[test]

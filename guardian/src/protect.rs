@@ -97,26 +97,10 @@ impl Protections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{procs::Pin, selector::User, table::State};
-    use std::collections::BTreeSet;
+    use crate::{procs::Pin, selector::User};
 
     fn proc(pid: u32, comm: &str) -> Process {
-        Process {
-            pid,
-            parent: 1,
-            start_ns: 0,
-            comm: comm.into(),
-            exe: None,
-            argv: vec![comm.into()],
-            children: BTreeSet::new(),
-            kernel_thread: false,
-            state: State::Alive,
-            service: Some(0),
-            root: false,
-            orphan: false,
-            threads: 1,
-            exec_ns: None,
-        }
+        Process::for_test(pid, comm)
     }
 
     fn names(n: &[&str]) -> Protect {

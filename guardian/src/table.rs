@@ -76,6 +76,29 @@ impl Process {
     }
 }
 
+#[cfg(test)]
+impl Process {
+    /// A live member of service 0, child of init, for tests.
+    pub(crate) fn for_test(pid: u32, comm: &str) -> Self {
+        Self {
+            pid,
+            parent: 1,
+            start_ns: 0,
+            comm: comm.into(),
+            exe: None,
+            argv: vec![comm.into()],
+            children: BTreeSet::new(),
+            kernel_thread: false,
+            state: State::Alive,
+            service: Some(0),
+            root: false,
+            orphan: false,
+            threads: 1,
+            exec_ns: None,
+        }
+    }
+}
+
 /// What an event changed. The process named is in the table when the change is returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {

@@ -123,6 +123,18 @@ impl Guardian {
         g
     }
 
+    /// Starts guardian on the policy `text` builds from the test's token (see [`token`]);
+    /// `None` (said aloud) when the test cannot run here.
+    pub fn on_policy(test: &str, text: impl FnOnce(&str) -> String) -> Option<(String, Self)> {
+        if !privileged(test) {
+            return None;
+        }
+        let tok = token(test);
+        let policy = policy_file(test, &text(&tok));
+        let g = Self::start(&["--policy", policy.to_str().unwrap()]);
+        Some((tok, g))
+    }
+
     /// `guardian trace`.
     pub fn trace() -> Self {
         Self::start(&["trace"])
@@ -256,6 +268,13 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Starts `program ARGS...`.
+    pub fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Self::spawn(cmd)
+    }
+
     pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -345,6 +364,46 @@ pub fn pids(pairs: &HashMap<String, String>, key: &str) -> Vec<u32> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().expect("pid"))
         .collect()
+}
+
+/// A policy with one service, `svc`, whose roots have `tok` on their command line and whose
+/// orphans are killed at once; `extra` adds keys to the service.
+pub fn kill_policy(tok: &str, extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n{extra}\n"
+    )
+}
+
+/// Removes, when dropped (the test passed or not), the cgroup of service `svc` and its parent
+/// `self.0` in each hierarchy, as [`service_cgroup_dirs`] finds them: empty ones only (rmdir
+/// refuses others).
+pub struct CgroupCleanup(pub String);
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        for d in service_cgroup_dirs(&self.0, "svc") {
+            let _ = std::fs::remove_dir(&d);
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+/// Whether a budget test can run here: root, and the cgroup controllers when it needs them
+/// (said aloud when not).
+pub fn budget_test_ready(test: &str, needs_cgroups: bool) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    if needs_cgroups && !has_memory_and_pids_controllers() {
+        missing(
+            test,
+            "no memory and pids cgroup controllers on this machine",
+        );
+        return false;
+    }
+    true
 }
 
 /// The decision records about one pid.

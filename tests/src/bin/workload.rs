@@ -232,7 +232,8 @@ fn main() {
             unreachable!("SYS_exit returned");
         }
         // `tree N [MODE]`: N children that linger. MODE `split`: the second child ignores
-        // SIGTERM; `ignore-term`: all do; `nested`: the last child has two children of its own.
+        // SIGTERM; `ignore-term`: all do; `nested`: the last child has two children of its own;
+        // `as-uid=UID`: the second child runs as UID.
         // The parent holds until a line or EOF on stdin (then exits without reaping: the
         // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
         // launched in the background by a shell).
@@ -246,6 +247,11 @@ fn main() {
                         if mode == "ignore-term" || (mode == "split" && i == 1) {
                             // SAFETY: setting a signal disposition in the child.
                             unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                        }
+                        if let Some(uid) = mode.strip_prefix("as-uid=") {
+                            if i == 1 {
+                                become_user(uid.parse().expect("tree N as-uid=UID"));
+                            }
                         }
                         if mode == "nested" && i == n - 1 {
                             for _ in 0..2 {
@@ -562,29 +568,6 @@ fn main() {
             );
             panic!("cannot run {program}: {err}");
         }
-        // `uid-tree UID`: two children that linger, the second as UID; the parent holds like
-        // `tree`.
-        "uid-tree" => {
-            let uid = u32::try_from(num(1, u64::MAX)).expect("uid-tree UID");
-            let kids: Vec<String> = (0..2)
-                .map(|i| {
-                    let c = fork();
-                    if c == 0 {
-                        if i == 1 {
-                            become_user(uid);
-                        }
-                        linger();
-                    }
-                    c.to_string()
-                })
-                .collect();
-            say(&format!(
-                "parent={} children={}",
-                std::process::id(),
-                kids.join(",")
-            ));
-            hold();
-        }
         // `in-pidns [--host-proc] PROGRAM ARGS...`: runs PROGRAM as pid 1 of a new pid namespace
         // (with a /proc of its own unless --host-proc) and exits with its status.
         "in-pidns" => {
@@ -635,7 +618,7 @@ fn main() {
                  hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | \
                  shared-heap [MB] [WORKERS] [GROW_MB] | fork-loop [N] | linger [N] | \
                  roots-chain TAG | churn [N] [KEEP] | clone-parent | \
-                 as-uid UID PROGRAM [ARGS...] | uid-tree UID | \
+                 as-uid UID PROGRAM [ARGS...] | \
                  in-pidns [--host-proc] PROGRAM ARGS..."
             );
             std::process::exit(2);
