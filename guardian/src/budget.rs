@@ -557,7 +557,13 @@ impl BudgetEngine {
         }
         let rss: HashMap<(u32, u64), u64> = members.iter().map(Member::keyed_rss).collect();
         let pass_ns = procs::boottime_ns();
-        let sized = proportional(members);
+        // Where the kernel's charge is the usage, victims are sized by resident memory: reading
+        // every member's PSS would cost milliseconds (a page-table walk each) between the
+        // crossing and the kill.
+        let sized = match charged {
+            Some(_) => members.into_iter().map(|m| (m.p, m.rss)).collect(),
+            None => proportional(members),
+        };
         let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
         st.pss = match charged {
             None if over(usage).is_none() => {

@@ -312,7 +312,11 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     let (daemon, policy, out) = start_with_policy(
         &guardian,
         &tag,
-        &format!("[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\" }}\norphans = \"kill\"\n"),
+        // Pinned to the workload's executable, as a real service would be (to its account).
+        &format!(
+            "[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\", exe = \"{}\" }}\norphans = \"kill\"\n",
+            workload.display()
+        ),
     )?;
     let trace = ExitTrace::start()?;
     step(&format!(
@@ -465,7 +469,8 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
         &guardian,
         &tag,
         &format!(
-            "cgroup_parent = \"{tag}\"\n[[service]]\nname = \"mem\"\nmatch = {{ cmdline = \"{tag}mem\" }}\norphans = \"report\"\nmemory_high = \"{high_mb}M\"\nmemory_max = \"400M\"\ncgroup = \"own\"\n\n[[service]]\nname = \"forks\"\nmatch = {{ cmdline = \"{tag}forks\" }}\norphans = \"report\"\ntasks_max = 100000\ncgroup = \"inherit\"\n"
+            "cgroup_parent = \"{tag}\"\n[[service]]\nname = \"mem\"\nmatch = {{ cmdline = \"{tag}mem\", exe = \"{exe}\" }}\norphans = \"report\"\nmemory_high = \"{high_mb}M\"\nmemory_max = \"400M\"\ncgroup = \"own\"\n\n[[service]]\nname = \"forks\"\nmatch = {{ cmdline = \"{tag}forks\", exe = \"{exe}\" }}\norphans = \"report\"\ntasks_max = 100000\ncgroup = \"inherit\"\n",
+            exe = workload.display()
         ),
     )?;
     let trace = ExitTrace::start()?;
