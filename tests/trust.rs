@@ -443,38 +443,62 @@ fn a_full_tracked_map_falls_back_to_proc() {
     let tok = token(test);
     let policy = policy_file(test, &kill_policy(&tok, ""));
     let mut cmd = Guardian::command(&["--policy", policy.to_str().unwrap()]);
-    cmd.env("GUARDIAN_TRACKED_ENTRIES", "64");
+    cmd.env("GUARDIAN_TRACKED_ENTRIES", "64")
+        .env("GUARDIAN_LOG", "info,guardian::daemon=debug");
     let g = Guardian::spawn(cmd);
     let mut w = workload(&["tree", "100", "nested", &tok]);
     let p = w.read_pairs();
     let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
     w.cleanup.extend(&kids);
     let middle = *kids.last().unwrap();
+    g.wait_root(parent);
+    // The kernel could not track some children, guardian some members.
+    let lost = g.wait_for("the full map reported", |v| {
+        v["event"] == "lost" && v["reason"] == "tracked_map_full"
+    });
+    assert!(lost["count"].as_u64().unwrap() > 0, "{lost}");
+    g.wait_for("members guardian could not track", |v| {
+        v["event"] == "lost" && v["reason"] == "untracked"
+    });
+    g.wait_for("the table re-read after the loss", |v| {
+        v["event"] == "resync" && v["trigger"] == "lost"
+    });
+    // Forked last, the middle child is beyond the map: the children it forks now are never
+    // reported, and are found in /proc.
+    let before = g.records().len();
+    kill(middle, libc::SIGUSR1);
     let mut grandchildren = Vec::new();
     eventually("the last child's own children", WAIT, || {
         grandchildren = children_of(middle);
         grandchildren.len() == 2
     });
     w.cleanup.extend(&grandchildren);
-    g.wait_root(parent);
-    // The kernel could not track some children, guardian some members.
-    let lost = g.wait_for("the full map reported", |v| {
-        v["event"] == "lost" && v["reason"] == "tracked_map_full"
-    });
-    g.wait_for("members guardian could not track", |v| {
-        v["event"] == "lost" && v["reason"] == "untracked"
-    });
-    assert!(lost["count"].as_u64().unwrap() > 0, "{lost}");
-    // Forked last, the middle child is beyond the map: its children were never reported, and
-    // are found in /proc.
-    let found = g.wait_for("the untracked member's children found in /proc", |v| {
-        v["event"] == "resync" && v["adopted"].as_u64() >= Some(2)
-    });
-    assert_eq!(found["trigger"], "lost", "{found}");
+    g.wait_for_after(
+        "the untracked member's children found in /proc",
+        before,
+        WAIT,
+        |v| v["event"] == "resync" && v["trigger"] == "untracked" && v["adopted"] == 2,
+    );
     // Its death is only seen in /proc too.
     kill(middle, libc::SIGKILL);
-    let took = all_gone(&grandchildren, Duration::from_secs(5));
-    eprintln!("orphans of an untracked member gone {took:?} after its SIGKILL");
+    let start = Instant::now();
+    while grandchildren.iter().any(|&c| alive(c)) {
+        if start.elapsed() > Duration::from_secs(5) {
+            let seen: Vec<Value> = g
+                .records()
+                .into_iter()
+                .filter(|v| v["event"] != "root")
+                .collect();
+            panic!(
+                "the orphans {grandchildren:?} of untracked {middle} outlived it; records: {seen:?}"
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "orphans of an untracked member gone {:?} after its SIGKILL",
+        start.elapsed()
+    );
     let resync = g.wait_for("a resync for untracked members", |v| {
         v["event"] == "resync" && v["trigger"] == "untracked" && v["retired"].as_u64() >= Some(1)
     });
@@ -531,16 +555,22 @@ fn clone_parent_tracks_nobody_outside_the_service() {
         policy_file(test, &kill_policy(&tok, "")).to_str().unwrap(),
     ]);
     let mut w = workload(&["clone-parent", &tok]);
-    let p = w.read_pairs();
-    let (member, sibling) = (pid(&p, "pid"), pid(&p, "sibling"));
-    w.cleanup.push(sibling);
+    let member = pid(&w.read_pairs(), "pid");
     g.wait_root(member);
+    w.step();
+    let sibling = pid(&w.read_pairs(), "sibling");
+    w.cleanup.push(sibling);
     let me = std::process::id();
     let mut tracked = Vec::new();
-    eventually("the root and its clone tracked", WAIT, || {
+    let start = Instant::now();
+    while !(tracked.contains(&member) && tracked.contains(&sibling)) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the root {member} and its clone {sibling} are not both tracked: {tracked:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
         tracked = tracked_pids(g.pid());
-        tracked.contains(&member) && tracked.contains(&sibling)
-    });
+    }
     assert!(
         !tracked.contains(&me),
         "the member's parent ({me}), outside every service, is tracked: {tracked:?}"
@@ -566,13 +596,14 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
     let p = w.read_pairs();
     let (parent, middle) = (pid(&p, "parent"), pids(&p, "children")[0]);
     w.cleanup.push(middle);
+    g.wait_root(parent);
+    kill(middle, libc::SIGUSR1);
     let mut grandchildren = Vec::new();
     eventually("the middle process's children", WAIT, || {
         grandchildren = children_of(middle);
         grandchildren.len() == 2
     });
     w.cleanup.extend(&grandchildren);
-    g.wait_root(parent);
     eventually("the grandchildren tracked", WAIT, || {
         let t = tracked_pids(g.pid());
         grandchildren.iter().all(|c| t.contains(c)) && t.contains(&middle)

@@ -373,15 +373,20 @@ impl Daemon {
             self.emit(record);
         }
 
-        // Members the kernel could not track before may fit now.
-        for pid in self.untracked.clone() {
-            let has_children = state.table.alive(pid).map(|p| !p.children.is_empty());
-            match has_children {
-                Some(kids) => self.follow(state, pid, kids),
-                None => {
-                    self.untracked.remove(&pid);
-                }
-            }
+        // Every member must be in the kernel's map: those the kernel could not take when they
+        // were forked (it only counts them), and those that did not fit before, are tried
+        // (again); what still does not fit is followed from /proc.
+        let tracked: HashSet<u32> = state.probes.tracked_pids().into_iter().collect();
+        self.untracked
+            .retain(|&pid| state.table.alive(pid).is_some());
+        let missing: Vec<(u32, bool)> = state
+            .table
+            .members()
+            .filter(|p| !tracked.contains(&p.pid) || self.untracked.contains(&p.pid))
+            .map(|p| (p.pid, !p.children.is_empty()))
+            .collect();
+        for (pid, has_children) in missing {
+            self.follow(state, pid, has_children);
         }
         n
     }

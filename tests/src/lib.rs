@@ -178,11 +178,23 @@ impl Guardian {
         limit: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_for_after(what, 0, limit, pred)
+    }
+
+    /// Waits (bounded by `limit`) for a record matching `pred` among those after the first
+    /// `skip` (see [`Guardian::records`]), and returns it.
+    pub fn wait_for_after(
+        &self,
+        what: &str,
+        skip: usize,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + limit;
         let (lock, cv) = &*self.records;
         let mut rec = lock.lock().unwrap();
         loop {
-            if let Some(v) = rec.lines.iter().find(|v| pred(v)) {
+            if let Some(v) = rec.lines.iter().skip(skip).find(|v| pred(v)) {
                 return v.clone();
             }
             let now = Instant::now();

@@ -103,6 +103,22 @@ fn orphan(body: impl FnOnce()) -> (i32, i32) {
     (middle, i32::from_ne_bytes(msg))
 }
 
+/// Waits for `sig` (blocked, so that it does not kill), bounded by MAX_LIFETIME.
+fn wait_signal(sig: i32) {
+    // SAFETY: signal-set calls on locals; this process is single-threaded here.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let limit = libc::timespec {
+            tv_sec: MAX_LIFETIME.as_secs() as libc::time_t,
+            tv_nsec: 0,
+        };
+        libc::sigtimedwait(&set, std::ptr::null_mut(), &limit);
+    }
+}
+
 /// Waits for a line (or EOF) on stdin, bounded by MAX_LIFETIME.
 fn hold() {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -232,7 +248,8 @@ fn main() {
             unreachable!("SYS_exit returned");
         }
         // `tree N [MODE]`: N children that linger. MODE `split`: the second child ignores
-        // SIGTERM; `ignore-term`: all do; `nested`: the last child has two children of its own;
+        // SIGTERM; `ignore-term`: all do; `nested`: the last child forks two children of its own
+        // when it gets SIGUSR1;
         // `as-uid=UID`: the second child runs as UID.
         // The parent holds until a line or EOF on stdin (then exits without reaping: the
         // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
@@ -254,6 +271,7 @@ fn main() {
                             }
                         }
                         if mode == "nested" && i == n - 1 {
+                            wait_signal(libc::SIGUSR1);
                             for _ in 0..2 {
                                 if fork() == 0 {
                                     linger();
@@ -535,9 +553,13 @@ fn main() {
             say(&format!("extra={extra}"));
             linger();
         }
-        // `clone-parent`: clones a child with CLONE_PARENT (it becomes this process's sibling,
-        // a child of this process's parent), prints `pid= sibling=`, and lingers.
+        // `clone-parent`: prints `pid=P`; after a line on stdin clones a child with CLONE_PARENT
+        // (it becomes this process's sibling, a child of this process's parent), prints
+        // `sibling=S`, and lingers.
         "clone-parent" => {
+            say(&format!("pid={}", std::process::id()));
+            let mut line = String::new();
+            let _ = io::stdin().lock().read_line(&mut line);
             // SAFETY: a raw clone without a new stack behaves like fork; the child only sleeps.
             let sibling = unsafe {
                 libc::syscall(
@@ -553,7 +575,7 @@ fn main() {
             if sibling == 0 {
                 linger();
             }
-            say(&format!("pid={} sibling={sibling}", std::process::id()));
+            say(&format!("sibling={sibling}"));
             linger();
         }
         // `as-uid UID PROGRAM [ARGS...]`: runs PROGRAM as UID (and group UID), like `setpriv
