@@ -103,20 +103,32 @@ fn orphan(body: impl FnOnce()) -> (i32, i32) {
     (middle, i32::from_ne_bytes(msg))
 }
 
-/// Waits for `sig` (blocked, so that it does not kill), bounded by MAX_LIFETIME.
-fn wait_signal(sig: i32) {
-    // SAFETY: signal-set calls on locals; this process is single-threaded here.
+/// The set holding only `sig`.
+fn sigset(sig: i32) -> libc::sigset_t {
+    // SAFETY: initialising a local signal set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, sig);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let limit = libc::timespec {
-            tv_sec: MAX_LIFETIME.as_secs() as libc::time_t,
-            tv_nsec: 0,
-        };
-        libc::sigtimedwait(&set, std::ptr::null_mut(), &limit);
+        set
     }
+}
+
+/// Blocks `sig` (inherited by children forked afterwards): sent early, it waits instead of
+/// killing.
+fn block_signal(sig: i32) {
+    // SAFETY: changing this thread's signal mask.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &sigset(sig), std::ptr::null_mut()) };
+}
+
+/// Waits for a blocked `sig`, bounded by MAX_LIFETIME.
+fn wait_signal(sig: i32) {
+    let limit = libc::timespec {
+        tv_sec: MAX_LIFETIME.as_secs() as libc::time_t,
+        tv_nsec: 0,
+    };
+    // SAFETY: waiting on a local signal set.
+    unsafe { libc::sigtimedwait(&sigset(sig), std::ptr::null_mut(), &limit) };
 }
 
 /// Waits for a line (or EOF) on stdin, bounded by MAX_LIFETIME.
@@ -257,6 +269,9 @@ fn main() {
         "tree" => {
             let n = num(1, 3);
             let mode = args.get(2).map(String::as_str).unwrap_or("");
+            if mode == "nested" {
+                block_signal(libc::SIGUSR1);
+            }
             let kids: Vec<String> = (0..n)
                 .map(|i| {
                     let c = fork();
