@@ -463,8 +463,16 @@ fn a_full_tracked_map_falls_back_to_proc() {
     g.wait_for("the table re-read after the loss", |v| {
         v["event"] == "resync" && v["trigger"] == "lost"
     });
-    // Forked last, the middle child is beyond the map: the children it forks now are never
-    // reported, and are found in /proc.
+    // The middle child, forked last, is beyond the map, unless an entry came free meanwhile:
+    // make sure of it (and that the map stays full) with pids no process can have. The
+    // children it forks now are never reported, and are found in /proc.
+    let mut map = tracked_map(g.pid());
+    let _ = map.remove(&middle);
+    let mut filler = 1 << 23; // above any pid_max (4194304 at most)
+    while map.insert(filler, 0, 0).is_ok() {
+        filler += 1;
+        assert!(filler < (1 << 23) + 4096, "the map never filled");
+    }
     let before = g.records().len();
     kill(middle, libc::SIGUSR1);
     let mut grandchildren = Vec::new();
