@@ -150,10 +150,40 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         would_signal = c.would_signal,
         reported = c.reported,
         refused = c.refused,
+        put_off = c.retried,
         "guardian stopped"
     );
     daemon.out.close(std::time::Duration::from_secs(2));
     Ok(())
+}
+
+/// Puts a process just tracked in the kernel into the table (read from `/proc` unless the table
+/// or the start-up scan knows it already); false if it is gone. One known from before it was
+/// tracked is checked to be alive still: if it was gone already, its exit will never come to
+/// take it out of the kernel's map. One read now is alive after it was tracked.
+fn enter(state: &mut State, pid: u32, known: &HashMap<u32, &ProcInfo>) -> bool {
+    let before = match state.table.alive(pid) {
+        Some(e) => Some((e.start_ns, None)),
+        None => known.get(&pid).map(|&i| (i.start_ns, Some(i))),
+    };
+    match before {
+        Some((start, info)) => {
+            if !matches!(Pinned::open(pid, Some(start)), Pin::Ok(_) | Pin::Failed(_)) {
+                return false;
+            }
+            if let Some(info) = info {
+                state.table.insert(info.clone());
+            }
+            true
+        }
+        None => match procs::read(pid) {
+            Some(info) if live(&info) => {
+                state.table.insert(info);
+                true
+            }
+            _ => false,
+        },
+    }
 }
 
 /// Whether a `/proc` entry is a live process (a zombie leader with live threads still is one).
@@ -256,17 +286,17 @@ impl Daemon {
 
         // Processes no event announced: children of members become members (or roots of their
         // own, if they exec'd into one), in start order so that parents come first.
-        let mut unknown: Vec<&ProcInfo> = scan
-            .iter()
-            .filter(|p| {
-                !state
-                    .table
-                    .alive(p.pid)
-                    .is_some_and(|e| procs::same_process(e.start_ns, p.start_ns))
-            })
-            .collect();
-        unknown.sort_by_key(|p| p.start_ns);
         if !startup {
+            let mut unknown: Vec<&ProcInfo> = scan
+                .iter()
+                .filter(|p| {
+                    !state
+                        .table
+                        .alive(p.pid)
+                        .is_some_and(|e| procs::same_process(e.start_ns, p.start_ns))
+                })
+                .collect();
+            unknown.sort_by_key(|p| p.start_ns);
             for p in &unknown {
                 if state.table.alive(p.pid).is_some() {
                     continue; // adopted meanwhile, below its parent
@@ -378,11 +408,11 @@ impl Daemon {
         // (again); what still does not fit is followed from /proc.
         let tracked: HashSet<u32> = state.probes.tracked_pids().into_iter().collect();
         self.untracked
-            .retain(|&pid| state.table.alive(pid).is_some());
+            .retain(|pid| state.table.alive(*pid).is_some() && !tracked.contains(pid));
         let missing: Vec<(u32, bool)> = state
             .table
             .members()
-            .filter(|p| !tracked.contains(&p.pid) || self.untracked.contains(&p.pid))
+            .filter(|p| !tracked.contains(&p.pid))
             .map(|p| (p.pid, !p.children.is_empty()))
             .collect();
         for (pid, has_children) in missing {
@@ -485,24 +515,7 @@ impl Daemon {
                 continue;
             }
             self.follow(state, p, false);
-            let start = match state.table.alive(p) {
-                Some(e) => Some(e.start_ns),
-                // What the start-up scan read already is not read again.
-                None => match known.get(&p).map(|&i| i.clone()).or_else(|| procs::read(p)) {
-                    Some(info) if live(&info) => {
-                        let start = info.start_ns;
-                        state.table.insert(info);
-                        Some(start)
-                    }
-                    _ => None,
-                },
-            };
-            // Tracked only now: a process already gone will never have its exit seen.
-            let gone = match start {
-                Some(s) => matches!(Pinned::open(p, Some(s)), Pin::Gone | Pin::Reused),
-                None => true,
-            };
-            if gone {
+            if !enter(state, p, known) {
                 state.probes.untrack(p);
                 self.untracked.remove(&p);
                 continue;
@@ -759,9 +772,8 @@ impl Handler for Daemon {
                 // never saw from a command line rewritten in place.
                 if let Some(start) = state.table.alive(pid).map(|p| p.start_ns) {
                     if let Pin::Ok(p) = Pinned::open(pid, Some(start)) {
-                        if let (Some(exe), Some(entry)) = (p.exe(), state.table.alive(pid)) {
-                            let (comm, argv) = (entry.comm.clone(), entry.argv.clone());
-                            state.table.update_image(pid, &comm, Some(exe), argv);
+                        if let Some(exe) = p.exe() {
+                            state.table.set_exe(pid, exe);
                         }
                     }
                 }
@@ -840,12 +852,14 @@ impl Handler for Daemon {
             self.out.emit(&record);
         }
         self.check(state);
-        let now = procs::boottime_ns();
         // A storm of losses (an exec flood) must not turn into a storm of /proc scans.
-        if self.resync_due.is_some() && now >= self.checks.last_resync_ns + RESYNC_EVERY_NS {
-            self.checks.last_resync_ns = now;
-            let trigger = self.resync_due.take().unwrap_or("lost");
-            self.resync(state, trigger);
+        let now = procs::boottime_ns();
+        if let Some(trigger) = self.resync_due {
+            if now >= self.checks.last_resync_ns + RESYNC_EVERY_NS {
+                self.checks.last_resync_ns = now;
+                self.resync_due = None;
+                self.resync(state, trigger);
+            }
         }
     }
 }

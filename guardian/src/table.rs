@@ -513,6 +513,14 @@ impl Table {
         }
     }
 
+    /// Records the executable of a live process as `/proc` resolves it (the exec event carries
+    /// the path as passed to execve).
+    pub fn set_exe(&mut self, pid: u32, exe: String) {
+        if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
+            p.exe = Some(exe);
+        }
+    }
+
     /// Live members of any service.
     pub fn members(&self) -> impl Iterator<Item = &Process> {
         self.iter_alive().filter(|p| p.service.is_some())
