@@ -150,10 +150,11 @@ enum Handle {
     Failed(std::io::Error),
 }
 
-/// What one attempt at a decision came to.
+/// What one attempt at a decision came to: done (its record is the waiting decision's), or
+/// put off because the process could not be opened for want of resources.
+#[derive(PartialEq, Eq)]
 enum Attempt {
-    Done(Decision),
-    /// The process could not be opened for want of resources.
+    Done,
     Later,
 }
 
@@ -200,7 +201,7 @@ impl Enforcer {
             decision.result = format!("refused: {why}");
             return Some(decision.record(clock, self.mode));
         }
-        let waiting = Waiting {
+        let mut w = Waiting {
             pid: p.pid,
             start_ns: p.start_ns,
             decision,
@@ -209,54 +210,74 @@ impl Enforcer {
             deadline_ns: None,
             fd: None,
         };
-        self.attempt(clock, waiting)
+        if self.try_once(&mut w) == Attempt::Done {
+            return Some(w.decision.record(clock, self.mode));
+        }
+        self.counts.retried += 1;
+        self.waiting.push(w);
+        self.warn_waiting();
+        None
     }
 
-    /// One attempt at a decision whose cheap checks passed.
-    fn attempt(&mut self, clock: &Clock, mut w: Waiting) -> Option<Record> {
-        match self.try_once(&mut w) {
-            Attempt::Done(d) => Some(d.record(clock, self.mode)),
-            Attempt::Later => {
-                self.counts.retried += 1;
-                self.waiting.push(w);
-                self.warn_waiting();
-                None
+    /// Opens and checks the process, then carries the decision out.
+    fn try_once(&mut self, w: &mut Waiting) -> Attempt {
+        // The same checks in both modes: only the signal differs.
+        match verified_handle(w.pid, w.start_ns) {
+            Handle::Ok { fd, proc } => self.carry_out(w, fd, &proc),
+            Handle::Gone => {
+                w.decision.result = "gone".into();
+                w.decision.gone = true;
+                Attempt::Done
+            }
+            Handle::Reused => {
+                w.decision.result = "refused: pid reused by another process".into();
+                w.decision.gone = true;
+                self.counts.refused += 1;
+                Attempt::Done
+            }
+            Handle::Failed(e) => {
+                debug!(pid = w.pid, "cannot open the process yet: {e}");
+                Attempt::Later
             }
         }
     }
 
-    fn try_once(&mut self, w: &mut Waiting) -> Attempt {
+    /// SIGKILL through the pidfd SIGTERM went through, once the process is opened in `/proc`
+    /// again for the protections (it may have exec'd a protected program meanwhile).
+    fn escalate(&mut self, w: &mut Waiting, fd: OwnedFd) -> Attempt {
+        if exited(&fd) {
+            w.decision.gone = true; // it honoured SIGTERM after all
+            return Attempt::Done;
+        }
+        // The pidfd says the process lives, so its pid is still its own: /proc speaks of it.
+        match Pinned::open(w.pid, Some(w.start_ns)) {
+            Pin::Ok(proc) => self.carry_out(w, fd, &proc),
+            Pin::Failed(_) => {
+                w.fd = Some(fd);
+                Attempt::Later
+            }
+            Pin::Gone | Pin::Reused => {
+                w.decision.gone = true;
+                Attempt::Done
+            }
+        }
+    }
+
+    /// The last checks on the process as `/proc` shows it now, then the signal through `fd`
+    /// (skipped in audit mode). A SIGTERM leaves a SIGKILL waiting for `kill_timeout`.
+    fn carry_out(&mut self, w: &mut Waiting, fd: OwnedFd, proc: &Pinned) -> Attempt {
         let d = &mut w.decision;
-        // The same checks in both modes: only the signal differs.
-        let (fd, proc) = match verified_handle(w.pid, w.start_ns) {
-            Handle::Ok { fd, proc } => (fd, proc),
-            Handle::Gone => {
-                d.result = "gone".into();
-                d.gone = true;
-                return Attempt::Done(d.clone());
-            }
-            Handle::Reused => {
-                d.result = "refused: pid reused by another process".into();
-                d.gone = true;
-                self.counts.refused += 1;
-                return Attempt::Done(d.clone());
-            }
-            Handle::Failed(e) => {
-                debug!(pid = w.pid, "cannot open the process yet: {e}");
-                return Attempt::Later;
-            }
-        };
-        if let Some(why) = self.protections.refuse_now(&proc) {
+        if let Some(why) = self.protections.refuse_now(proc) {
             self.counts.refused += 1;
             d.result = format!("refused: {why}");
-            return Attempt::Done(d.clone());
+            return Attempt::Done;
         }
         d.new_parent = (proc.stat.ppid != d.old_parent).then_some(proc.stat.ppid);
         let signal = match w.action {
             OrphanAction::Report => {
                 self.counts.reported += 1;
                 d.result = "reported".into();
-                return Attempt::Done(d.clone());
+                return Attempt::Done;
             }
             OrphanAction::Kill => Signal::KILL,
             OrphanAction::Terminate => Signal::TERM,
@@ -264,7 +285,7 @@ impl Enforcer {
         if self.mode == Mode::Audit {
             self.counts.would_signal += 1;
             d.result = format!("audit: would send {}", sig_name(signal));
-            return Attempt::Done(d.clone());
+            return Attempt::Done;
         }
         match pidfd_send_signal(&fd, signal) {
             Ok(()) => {
@@ -299,7 +320,7 @@ impl Enforcer {
                 d.result = format!("error: {e}");
             }
         }
-        Attempt::Done(d.clone())
+        Attempt::Done
     }
 
     fn warn_waiting(&mut self) {
@@ -321,7 +342,8 @@ impl Enforcer {
     }
 
     /// Retries decisions put off, and escalates terminations whose deadline passed; returns
-    /// their decision records.
+    /// their decision records. A termination whose process is gone by then (it honoured
+    /// SIGTERM, or its pid is another process's now) leaves no record.
     pub fn tick(&mut self, clock: &Clock) -> Vec<Record> {
         if self.waiting.is_empty() {
             return Vec::new();
@@ -329,64 +351,21 @@ impl Enforcer {
         let now = procs::boottime_ns();
         let mut records = Vec::new();
         for mut w in std::mem::take(&mut self.waiting) {
-            // It honoured SIGTERM: done, and its descriptor freed.
-            if w.fd.as_ref().is_some_and(exited) {
-                continue;
-            }
-            match w.deadline_ns {
-                Some(deadline) if now < deadline => self.waiting.push(w),
-                Some(_) if w.fd.is_some() => match self.escalate(&mut w) {
-                    Attempt::Done(d) if d.gone => {}
-                    Attempt::Done(d) => records.push(d.record(clock, self.mode)),
-                    Attempt::Later => self.waiting.push(w),
+            let attempt = match w.deadline_ns {
+                Some(deadline) if now < deadline => Attempt::Later,
+                Some(_) => match w.fd.take() {
+                    Some(fd) => self.escalate(&mut w, fd),
+                    None => self.try_once(&mut w),
                 },
-                Some(_) => match self.try_once(&mut w) {
-                    // Gone, or its pid taken by another process: it honoured SIGTERM.
-                    Attempt::Done(d) if d.gone => {}
-                    Attempt::Done(d) => records.push(d.record(clock, self.mode)),
-                    Attempt::Later => self.waiting.push(w),
-                },
-                None => match self.try_once(&mut w) {
-                    Attempt::Done(d) => records.push(d.record(clock, self.mode)),
-                    Attempt::Later => self.waiting.push(w),
-                },
+                None => self.try_once(&mut w),
+            };
+            match attempt {
+                Attempt::Later => self.waiting.push(w),
+                Attempt::Done if w.deadline_ns.is_some() && w.decision.gone => {}
+                Attempt::Done => records.push(w.decision.record(clock, self.mode)),
             }
         }
         records
-    }
-
-    /// SIGKILL through the pidfd SIGTERM went through, after the protections are checked again
-    /// on what the process is now (it may have exec'd a protected program meanwhile).
-    fn escalate(&mut self, w: &mut Waiting) -> Attempt {
-        let d = &mut w.decision;
-        let Some(fd) = &w.fd else {
-            return Attempt::Later;
-        };
-        // The pidfd says the process lives, so its pid is still its own: /proc speaks of it.
-        let proc = match Pinned::open(w.pid, Some(w.start_ns)) {
-            Pin::Ok(p) => p,
-            Pin::Failed(_) => return Attempt::Later,
-            Pin::Gone | Pin::Reused => {
-                d.gone = true;
-                return Attempt::Done(d.clone());
-            }
-        };
-        if let Some(why) = self.protections.refuse_now(&proc) {
-            self.counts.refused += 1;
-            d.result = format!("refused: {why}");
-            return Attempt::Done(d.clone());
-        }
-        d.new_parent = (proc.stat.ppid != d.old_parent).then_some(proc.stat.ppid);
-        match pidfd_send_signal(fd, Signal::KILL) {
-            Ok(()) => {
-                self.counts.signalled += 1;
-                d.performed = true;
-                d.result = "sent SIGKILL".into();
-            }
-            Err(rustix::io::Errno::SRCH) => d.gone = true,
-            Err(e) => d.result = format!("error: {e}"),
-        }
-        Attempt::Done(d.clone())
     }
 
     /// Records a decision that signals nothing.
