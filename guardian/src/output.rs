@@ -6,7 +6,7 @@ use std::{
     io::{self, IsTerminal, Write},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError},
+        mpsc::{sync_channel, Receiver, SyncSender, TryRecvError},
         Arc,
     },
     time::{Duration, SystemTime},
@@ -329,10 +329,8 @@ const DROP_WARN_NS: u64 = 10_000_000_000;
 /// What the writer thread and the daemon share.
 #[derive(Debug, Default)]
 struct Shared {
-    /// Records dropped because the queue was full (a stalled reader).
-    dropped_full: AtomicU64,
-    /// Records dropped because stdout failed (closed pipe, full disk...).
-    dropped_closed: AtomicU64,
+    /// Records not printed: the queue was full (a stalled reader), or stdout failed.
+    dropped: AtomicU64,
     /// stdout failed for good: further records are discarded by the writer.
     closed: AtomicBool,
 }
@@ -379,36 +377,32 @@ impl Output {
 
     /// Queues a record; never blocks.
     pub fn emit(&mut self, record: &Record) {
+        let Some(tx) = &self.tx else { return };
         let mut line = if self.json {
             serde_json::to_vec(record).unwrap_or_default()
         } else {
             record.text().into_bytes()
         };
         line.push(b'\n');
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.shared.dropped_full.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.shared.dropped_closed.fetch_add(1, Ordering::Relaxed);
-            }
+        if tx.try_send(line).is_err() {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
         }
         self.warn_drops();
     }
 
     /// Records not printed so far.
     pub fn dropped(&self) -> u64 {
-        self.shared.dropped_full.load(Ordering::Relaxed)
-            + self.shared.dropped_closed.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Says on stderr (at most every [`DROP_WARN_NS`]) that records are being lost.
     fn warn_drops(&mut self) {
         let dropped = self.dropped();
+        if dropped == self.warned.0 {
+            return;
+        }
         let now = procs::boottime_ns();
-        if dropped == self.warned.0 || (self.warned.1 != 0 && now < self.warned.1 + DROP_WARN_NS) {
+        if self.warned.1 != 0 && now < self.warned.1 + DROP_WARN_NS {
             return;
         }
         let why = if self.shared.closed.load(Ordering::Relaxed) {
@@ -448,7 +442,7 @@ fn write_records(rx: Receiver<Vec<u8>>, out: impl Write, shared: &Shared) {
     // Records in the buffer not yet flushed: lost with it if stdout fails.
     let mut buffered = 0u64;
     let fail = |shared: &Shared, lost: u64, e: io::Error| {
-        shared.dropped_closed.fetch_add(lost, Ordering::Relaxed);
+        shared.dropped.fetch_add(lost, Ordering::Relaxed);
         if !shared.closed.swap(true, Ordering::Relaxed) {
             warn!("stdout failed ({e}): records are no longer printed; enforcement goes on");
         }
@@ -471,7 +465,7 @@ fn write_records(rx: Receiver<Vec<u8>>, out: impl Write, shared: &Shared) {
             Err(TryRecvError::Disconnected) => break,
         };
         if shared.closed.load(Ordering::Relaxed) {
-            shared.dropped_closed.fetch_add(1, Ordering::Relaxed);
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let flushes = out.buffer().len() + line.len() > out.capacity();
