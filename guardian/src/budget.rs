@@ -344,50 +344,43 @@ impl BudgetEngine {
         if count <= max {
             return Vec::new();
         }
-        let record = match thread {
-            false => {
-                st.skip.insert((p.pid, p.start_ns));
-                return enforcer
-                    .act(
-                        &state.clock,
-                        Request {
-                            service: &service.name,
-                            target: p,
-                            action: OrphanAction::Kill,
-                            reason: Reason::TasksMax,
-                            kill_timeout: service.kill_timeout,
-                            old_parent: p.parent,
-                            since_ns: Some(ts_ns),
-                            usage: Some(count),
-                            limit: Some(max),
-                        },
-                    )
-                    .into_iter()
-                    .collect();
-            }
-            true if ts_ns >= st.thread_report_ns => {
-                st.thread_report_ns = ts_ns + THREAD_REPORT_NS;
-                enforcer.note(
-                    &state.clock,
-                    Note {
-                        service: &service.name,
-                        pid,
-                        comm: &p.comm,
-                        cmdline: p.cmdline(),
-                        parent: p.parent,
-                        action: "report",
-                        reason: Reason::TasksMax,
-                        performed: false,
-                        result: "a new thread took the service over tasks_max (threads are not killed alone)"
-                            .into(),
-                        usage: Some(count),
-                        limit: Some(max),
-                    },
-                )
-            }
-            true => return Vec::new(),
-        };
-        vec![record]
+        if !thread {
+            st.skip.insert((p.pid, p.start_ns));
+            let request = Request {
+                service: &service.name,
+                target: p,
+                action: OrphanAction::Kill,
+                reason: Reason::TasksMax,
+                kill_timeout: service.kill_timeout,
+                old_parent: p.parent,
+                since_ns: Some(ts_ns),
+                usage: Some(count),
+                limit: Some(max),
+            };
+            return enforcer.act(&state.clock, request).into_iter().collect();
+        }
+        if ts_ns < st.thread_report_ns {
+            return Vec::new();
+        }
+        st.thread_report_ns = ts_ns + THREAD_REPORT_NS;
+        vec![enforcer.note(
+            &state.clock,
+            Note {
+                service: &service.name,
+                pid,
+                comm: &p.comm,
+                cmdline: p.cmdline(),
+                parent: p.parent,
+                action: "report",
+                reason: Reason::TasksMax,
+                performed: false,
+                result:
+                    "a new thread took the service over tasks_max (threads are not killed alone)"
+                        .into(),
+                usage: Some(count),
+                limit: Some(max),
+            },
+        )]
     }
 
     /// Kernel counters, memory checks and cgroup clean-up, once per monitor tick.
