@@ -548,18 +548,20 @@ impl BudgetEngine {
                 return;
             }
         }
-        let rss: HashMap<(u32, u64), u64> = members.iter().map(Member::keyed_rss).collect();
         let pass_ns = procs::boottime_ns();
         // Where the kernel's charge is the usage, victims are sized by resident memory: reading
         // every member's PSS would cost milliseconds (a page-table walk each) between the
-        // crossing and the kill.
-        let sized = match charged {
-            Some(_) => members.into_iter().map(|m| (m.p, m.rss)).collect(),
-            None => proportional(members),
+        // crossing and the kill. Otherwise the resident sets are kept for the next bound.
+        let (sized, rss) = match charged {
+            Some(_) => (members.into_iter().map(|m| (m.p, m.rss)).collect(), None),
+            None => {
+                let rss: HashMap<(u32, u64), u64> = members.iter().map(Member::keyed_rss).collect();
+                (proportional(members), Some(rss))
+            }
         };
         let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
-        st.pss = match charged {
-            None if over(usage).is_none() => {
+        st.pss = match rss {
+            Some(rss) if over(usage).is_none() => {
                 let cost = procs::boottime_ns().saturating_sub(pass_ns);
                 Some(PssSnapshot {
                     due_ns: now + PSS_REFRESH_NS.max(PSS_COST_FACTOR * cost),
