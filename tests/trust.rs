@@ -12,8 +12,8 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, all_gone, children_of, decisions, eventually, kill, kill_policy, pid, pids, policy_file,
-    privileged, token, Guardian, Workload, WAIT,
+    alive, all_gone, children_of, collect_stderr, decisions, eventually, kill, kill_policy, pid,
+    pids, policy_file, privileged, terminate, token, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -69,21 +69,6 @@ fn roots_stay_roots_whatever_the_order_of_adoption() {
     assert_eq!(decisions(&records, k[0]).len(), 1);
 }
 
-/// Collects a child's stderr lines.
-fn collect(stderr: std::process::ChildStderr) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = Arc::clone(&buf);
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[guardian] {line}");
-            let mut s = b.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-    buf
-}
-
 fn wait_text(buf: &Arc<Mutex<String>>, text: &str) {
     eventually(&format!("`{text}` on guardian's stderr"), WAIT, || {
         buf.lock().unwrap().contains(text)
@@ -92,19 +77,8 @@ fn wait_text(buf: &Arc<Mutex<String>>, text: &str) {
 
 /// Stops a guardian started by hand with SIGTERM; it must exit by itself, successfully.
 fn stop(child: &mut std::process::Child) {
-    kill(child.id(), libc::SIGTERM);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "guardian exited with {status}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guardian did not stop on SIGTERM"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    let status = terminate(child);
+    assert!(status.success(), "guardian exited with {status}");
 }
 
 /// A service tree whose parent is killed: its children must die within a second.
@@ -135,7 +109,7 @@ fn a_closed_stdout_stops_no_enforcement() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = collect(child.stderr.take().unwrap());
+    let stderr = collect_stderr(child.stderr.take().unwrap());
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
@@ -185,7 +159,7 @@ fn a_stalled_stdout_delays_no_kill() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = collect(child.stderr.take().unwrap());
+    let stderr = collect_stderr(child.stderr.take().unwrap());
     wait_text(&stderr, "guardian running");
     // Far more than the pipe holds: 60 reported orphans.
     let mut w = workload(&["tree", "60", "", &noisy]);
@@ -511,8 +485,13 @@ fn a_full_tracked_map_falls_back_to_proc() {
         v["event"] == "resync" && v["trigger"] == "untracked" && v["retired"].as_u64() >= Some(1)
     });
     assert!(resync["retired"].as_u64().unwrap() >= 1, "{resync}");
-    kill(parent, libc::SIGKILL);
+    // What the re-reads found must not be taken for orphans: the root and its other children
+    // (tracked or not) live on.
     let rest: Vec<u32> = kids.iter().copied().filter(|&k| k != middle).collect();
+    assert!(alive(parent), "the root was killed");
+    let dead: Vec<u32> = rest.iter().copied().filter(|&k| !alive(k)).collect();
+    assert!(dead.is_empty(), "children of the live root died: {dead:?}");
+    kill(parent, libc::SIGKILL);
     all_gone(&rest, Duration::from_secs(5));
     g.stop();
 }
@@ -624,12 +603,14 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
         v["event"] == "resync" && v["trigger"] == "check"
     });
     assert!(resync["retired"].as_u64() >= Some(1), "{resync}");
+    assert!(alive(parent), "the re-read killed the live root");
     let records = g.stop();
     for &c in &grandchildren {
         let d = decisions(&records, c);
         assert_eq!(d.len(), 1, "{d:?}");
         assert_eq!(d[0]["old_parent"], middle);
     }
+    assert!(decisions(&records, parent).is_empty());
 }
 
 /// Adds a user to /etc/passwd for the test's duration (the line is removed when dropped).

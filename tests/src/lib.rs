@@ -103,21 +103,11 @@ impl Guardian {
             r.0.lock().unwrap().closed = true;
             r.1.notify_all();
         });
-        let stderr_buf = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let s = Arc::clone(&stderr_buf);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[guardian] {line}");
-                let mut s = s.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
+        let stderr = collect_stderr(child.stderr.take().expect("stderr"));
         let g = Self {
             child,
             records,
-            stderr: stderr_buf,
+            stderr,
         };
         g.wait_for("the ready record", |v| v["event"] == "ready");
         g
@@ -234,19 +224,7 @@ impl Guardian {
 
     /// Stops guardian with SIGTERM and checks that it shut down cleanly.
     pub fn stop(mut self) -> Vec<Value> {
-        // SAFETY: signalling the child we started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("waiting for guardian") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "guardian did not stop on SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(10));
-        };
+        let status = terminate(&mut self.child);
         assert!(
             status.success(),
             "guardian exited with {status}; stderr:\n{}",
@@ -267,6 +245,37 @@ impl Drop for Guardian {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Collects a guardian's stderr lines (echoed to the test's own stderr as they come).
+pub fn collect_stderr(stderr: std::process::ChildStderr) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = Arc::clone(&buf);
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[guardian] {line}");
+            let mut s = b.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    buf
+}
+
+/// Sends SIGTERM to a guardian and waits (bounded by [`WAIT`]) for it to exit by itself.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    kill(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for guardian") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guardian did not stop on SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
