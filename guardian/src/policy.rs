@@ -572,12 +572,11 @@ impl Policy {
         out
     }
 
-    /// Looks user names that did not resolve up again (accounts created since the policy was
-    /// read); returns the indices of the services whose `match` or `orphan_match` changed.
+    /// Looks user names of the services' selectors that did not resolve up again (accounts
+    /// created since the policy was read); returns the indices of the services whose `match` or
+    /// `orphan_match` changed. (The `protect` selectors in force are the enforcer's copies,
+    /// which look theirs up right before each signal.)
     pub fn resolve_users(&mut self) -> Vec<usize> {
-        for p in &mut self.protect.selectors {
-            p.resolve_user();
-        }
         let mut changed = Vec::new();
         for (i, s) in self.services.iter_mut().enumerate() {
             let in_match = s.selector.resolve_user();
