@@ -210,7 +210,7 @@ impl Monitor {
 
     /// Decodes every record waiting in the ring buffer (in place, no copy of the bytes), then
     /// applies them in kernel order.
-    pub fn drain(&mut self, handler: &mut impl Handler) {
+    fn drain(&mut self, handler: &mut impl Handler) {
         let mut decoded = std::mem::take(&mut self.decoded);
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
@@ -269,7 +269,7 @@ impl Monitor {
     }
 
     /// Hands table changes to the handler, in order; orphans get their new parent confirmed.
-    pub fn notify(&mut self, changes: Vec<Change>, ts_ns: u64, handler: &mut impl Handler) {
+    fn notify(&mut self, changes: Vec<Change>, ts_ns: u64, handler: &mut impl Handler) {
         for change in changes {
             let notice = match change {
                 Change::Forked { pid } => Notice::Fork { pid, ts_ns },
