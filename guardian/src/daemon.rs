@@ -12,16 +12,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use tracing::{debug, info, warn};
 
 use crate::{
-    budget::{BudgetEngine, NewTask},
-    enforce::{Enforcer, Reason, Request},
-    events::{Exec, ExitStatus},
-    loader::LoadOptions,
+    act::budget::{BudgetEngine, NewTask},
+    act::enforce::{Enforcer, Reason, Request},
+    kernel::events::{Exec, ExitStatus},
+    kernel::loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, State, DRAIN_INTERVAL},
     output::{Output, OutputFormat, Proc, Record},
+    policy::protect::Protections,
+    policy::selector::Candidate,
     policy::{AtStart, Mode, OrphanAction, Policy},
     procs::{self, Pin, Pinned, ProcInfo},
-    protect::Protections,
-    selector::Candidate,
     table::Change,
 };
 
@@ -923,7 +923,7 @@ pub fn check(policy: &Policy) -> String {
             }
         ));
     }
-    let mut names: Vec<&str> = crate::protect::BUILTIN_PROTECTED.to_vec();
+    let mut names: Vec<&str> = crate::policy::protect::BUILTIN_PROTECTED.to_vec();
     for n in &policy.protect.names {
         if !names.contains(&n.as_str()) {
             names.push(n);

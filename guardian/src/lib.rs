@@ -1,22 +1,15 @@
 //! guardian: a policy-driven eBPF resource guardian.
 
-pub mod budget;
-pub mod cgroup;
+pub mod act;
 pub mod cli;
 pub mod daemon;
-pub mod enforce;
-pub mod events;
-pub mod kernel_btf;
-pub mod loader;
+pub mod kernel;
 pub mod monitor;
 pub mod output;
 pub mod policy;
 pub mod procs;
-pub mod protect;
-pub mod selector;
 pub mod table;
 pub mod trace;
-pub mod tracefs;
 
 use anyhow::bail;
 use cli::{Cli, Command};

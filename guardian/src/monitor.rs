@@ -16,8 +16,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    events::{self, Event, Exec, ExitStatus},
-    loader::{KernelStats, LoadOptions, Probes},
+    kernel::events::{self, Event, Exec, ExitStatus},
+    kernel::loader::{KernelStats, LoadOptions, Probes},
     output::Clock,
     procs,
     table::{Change, Table},
@@ -395,7 +395,7 @@ impl Monitor {
 
 /// Raises the soft limit on open files to the hard one: every signal opens a pidfd and a
 /// `/proc` directory, and a burst of orphans must not run guardian out of descriptors. (A
-/// decision that still finds none is retried, see [`crate::enforce::Enforcer::tick`].)
+/// decision that still finds none is retried, see [`crate::act::enforce::Enforcer::tick`].)
 fn raise_nofile() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let limit = getrlimit(Resource::Nofile);

@@ -15,7 +15,7 @@ use std::{
 use serde::Serialize;
 use tracing::warn;
 
-use crate::{events::ExitStatus, procs};
+use crate::{kernel::events::ExitStatus, procs};
 
 /// How records are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::{
-    events::{Event, Exec, Exit, ExitStatus, Fork, Thread},
+    kernel::events::{Event, Exec, Exit, ExitStatus, Fork, Thread},
     procs::ProcInfo,
 };
 

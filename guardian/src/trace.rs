@@ -1,7 +1,7 @@
 //! `guardian trace`: the live stream of fork, exec, exit, reparent and loss records.
 
 use crate::{
-    loader::LoadOptions,
+    kernel::loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, State},
     output::{Output, OutputFormat, Proc, Record},
 };

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 
 use crate::{
+    policy::selector::{Candidate, Selector},
     procs::{self, Pinned},
-    selector::{Candidate, Selector},
     table::Process,
 };
 
@@ -97,7 +97,7 @@ impl Protections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{procs::Pin, selector::User};
+    use crate::{policy::selector::User, procs::Pin};
 
     fn proc(pid: u32, comm: &str) -> Process {
         Process::for_test(pid, comm)

@@ -14,7 +14,7 @@ use guardian_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{kernel_btf::KernelBtf, tracefs};
+use crate::{kernel::btf::KernelBtf, kernel::tracefs};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time. Empty when
 /// the daemon was built without it (see `build.rs`).
@@ -295,7 +295,7 @@ fn kernel_config(opts: LoadOptions) -> anyhow::Result<(Config, GroupDeadSource)>
         bail!(
             "cannot tell when a process (not just a thread) exits on this kernel: \
              `sched_process_exit` has no `group_dead` field and kernel BTF ({}) is unavailable",
-            crate::kernel_btf::VMLINUX_BTF
+            crate::kernel::btf::VMLINUX_BTF
         );
     };
     Ok((c, source))

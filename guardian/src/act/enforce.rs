@@ -14,9 +14,9 @@ use tracing::{debug, warn};
 
 use crate::{
     output::{Clock, Record},
+    policy::protect::Protections,
     policy::{Mode, OrphanAction},
     procs::{self, Pin, Pinned},
-    protect::Protections,
     table::Process,
 };
 
@@ -477,7 +477,7 @@ fn sig_name(s: Signal) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protect::Protect;
+    use crate::policy::protect::Protect;
 
     fn proc(pid: u32, comm: &str) -> Process {
         Process::for_test(pid, comm)

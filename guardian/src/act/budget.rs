@@ -22,10 +22,10 @@ use anyhow::Context as _;
 use tracing::{debug, info, warn};
 
 use crate::{
-    cgroup::{
+    act::cgroup::{
         budget_values, fired, Cgroupfs, Counters, Layout, Limit, Origin, Plan, ServiceCgroup,
     },
-    enforce::{Enforcer, Note, Reason, Request},
+    act::enforce::{Enforcer, Note, Reason, Request},
     monitor::State,
     output::{Clock, Record},
     policy::{CgroupMode, Mode, OrphanAction, Policy, Service, Victim},
@@ -812,7 +812,7 @@ mod tests {
     use std::{fs, path::Path};
 
     use super::*;
-    use crate::protect::Protections;
+    use crate::policy::protect::Protections;
 
     /// An engine for one `own` service with tasks_max and memory_max, on a scratch v1 tree
     /// (`m` and `p` stand in for the memory and pids hierarchies).
@@ -872,7 +872,7 @@ mod tests {
             let (mut engine, policy) = engine(&root);
             let mut enforcer = Enforcer::new(
                 Mode::Enforce,
-                Protections::new(&crate::protect::Protect::default()),
+                Protections::new(&crate::policy::protect::Protect::default()),
             );
             let clock = Clock::new();
             let records = engine.place(&mut enforcer, &clock, &policy, 0, &member(999_999, true));

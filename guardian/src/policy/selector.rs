@@ -10,7 +10,7 @@ use globset::GlobMatcher;
 use regex::Regex;
 
 use crate::{
-    events::Exec,
+    kernel::events::Exec,
     procs::{Pin, Pinned, ProcInfo},
     table::Process,
 };
@@ -315,7 +315,7 @@ impl<'a> From<&'a Exec> for Candidate<'a> {
 /// The paths of `/proc/PID/cgroup` ("ID:controllers:path" per line), without duplicates.
 pub fn parse_cgroups(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
-    for (_, path) in crate::cgroup::entries(text) {
+    for (_, path) in crate::act::cgroup::entries(text) {
         if !paths.iter().any(|p| p == path) {
             paths.push(path.to_owned());
         }

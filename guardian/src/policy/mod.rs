@@ -4,6 +4,9 @@
 //! every error names the file, line, column and key. A policy that fails validation changes
 //! nothing: guardian refuses to start with it.
 
+pub mod protect;
+pub mod selector;
+
 use std::{
     collections::HashSet,
     fmt,
@@ -24,8 +27,8 @@ use serde::{de, Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::{
-    protect::Protect,
-    selector::{Selector, User},
+    policy::protect::Protect,
+    policy::selector::{Selector, User},
 };
 
 /// How long `terminate` waits between SIGTERM and SIGKILL unless the policy says otherwise.
@@ -846,7 +849,7 @@ impl std::error::Error for Untrusted {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selector::User;
+    use crate::policy::selector::User;
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
         Policy::parse(Path::new("p.toml"), text)
@@ -970,7 +973,7 @@ kill_timeout = "250ms"
         let a = &p.services[0];
         assert_eq!(a.selector.unresolved_user(), Some("no-such-user-here"));
         let me = std::process::id();
-        let c = crate::selector::Candidate::new(me, None, "x", "x");
+        let c = crate::policy::selector::Candidate::new(me, None, "x", "x");
         assert!(!a.selector.matches(&c), "matches nothing until it exists");
         let w = p.warnings();
         assert!(
