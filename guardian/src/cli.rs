@@ -17,6 +17,15 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub run: RunArgs,
+    /// Format of the diagnostics on stderr: `text`, or `json` (one object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The daemon's options.
@@ -32,6 +41,14 @@ pub struct RunArgs {
     /// default otherwise).
     #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
     pub output: OutputFormat,
+    /// Serve Prometheus metrics (`/metrics`) and a health check (`/healthz`) on this address
+    /// (for instance `127.0.0.1:9464`). Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// The control socket `guardian status` and `guardian explain` ask (created 0600, in a
+    /// directory of root's only) [default: /run/guardian/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +57,16 @@ pub enum Command {
     Trace {
         /// Output format: `text` (the default on a terminal) or `json` (one object per line,
         /// the default otherwise).
+        #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
+        output: OutputFormat,
+    },
+    /// Ask the running daemon what it guards: per service its roots, members, orphans alive,
+    /// tasks and memory against the budgets, and decisions.
+    Status {
+        /// The daemon's control socket [default: /run/guardian/control.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// `text` (the default on a terminal) or `json`.
         #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
         output: OutputFormat,
     },

@@ -8,6 +8,7 @@ pub mod monitor;
 pub mod output;
 pub mod policy;
 pub mod procs;
+pub mod serve;
 pub mod table;
 pub mod trace;
 
@@ -25,6 +26,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(Command::Status { socket, output }) = &cli.command {
+        let status = serve::control::ask(
+            &serve::control::socket_path(socket.as_deref()),
+            &serve::control::Query::Status,
+        )?;
+        if output.json() {
+            println!("{status}");
+        } else {
+            print!("{}", daemon::render_status(&status));
+        }
+        return Ok(());
+    }
     // The policy is validated before anything is loaded or changed.
     let policy = match &cli.command {
         None => match &cli.run.policy {
@@ -39,7 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         match (cli.command, policy) {
             (Some(Command::Trace { output }), _) => trace::run(output).await,
-            (None, Some(policy)) => daemon::run(policy, cli.run.dry_run, cli.run.output).await,
+            (None, Some(policy)) => daemon::run(policy, &cli.run).await,
             _ => unreachable!("handled above"),
         }
     })
@@ -49,7 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// policy's mode unless `--dry-run`), a policy file others than root can change is refused:
 /// whoever writes it decides what root kills. Audit mode signals nothing, so there it is a
 /// warning, like everything else [`Policy::warnings`] finds.
-fn trusted_policy(path: &std::path::Path, dry_run: bool) -> anyhow::Result<Policy> {
+pub(crate) fn trusted_policy(path: &std::path::Path, dry_run: bool) -> anyhow::Result<Policy> {
     let policy = Policy::load(path)?;
     if !dry_run && policy.mode == Mode::Enforce && rustix::process::geteuid().is_root() {
         policy.enforceable_as_root()?;

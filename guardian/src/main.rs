@@ -4,6 +4,7 @@ use std::{
 };
 
 use clap::Parser as _;
+use guardian::cli::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -13,14 +14,15 @@ fn main() -> ExitCode {
         .lossy(true)
         .thread_name("guardian-stderr")
         .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("GUARDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = guardian::cli::Cli::parse();
+    let filter = EnvFilter::try_from_env("GUARDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let result = guardian::run(cli);
     // Diagnostics queued so far go out before the final word.
     drop(flush_on_exit);

@@ -11,6 +11,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
+    sync::mpsc,
     time::{interval, MissedTickBehavior},
 };
 use tracing::{debug, warn};
@@ -20,6 +21,7 @@ use crate::{
     kernel::loader::{KernelStats, LoadOptions, Probes},
     output::Clock,
     procs,
+    serve::control::{Answer, Ask, Query},
     table::{Change, Table},
 };
 
@@ -91,6 +93,14 @@ pub trait Handler {
 
     /// Called after each timer drain.
     fn tick(&mut self, _state: &mut State) {}
+
+    /// SIGHUP: re-read the configuration (events waiting have been applied first).
+    fn reload(&mut self, _state: &mut State) {}
+
+    /// A question from the control socket (events waiting have been applied first).
+    fn ask(&mut self, _state: &mut State, _query: &Query) -> Answer {
+        Err("not served by this command".into())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +118,10 @@ pub struct Monitor {
     // stop rather than the default (abrupt) termination.
     sigint: tokio::signal::unix::Signal,
     sigterm: tokio::signal::unix::Signal,
+    /// SIGHUP reloads; it never ends the loop.
+    sighup: tokio::signal::unix::Signal,
+    /// Questions from the control socket, when it is served.
+    asks: Option<mpsc::Receiver<Ask>>,
     pending: Vec<PendingReparent>,
     kstats: KernelStats,
     decode_errors: u64,
@@ -125,6 +139,7 @@ impl Monitor {
         raise_nofile();
         let sigint = signal(SignalKind::interrupt())?;
         let sigterm = signal(SignalKind::terminate())?;
+        let sighup = signal(SignalKind::hangup())?;
         let mut probes = Probes::load(opts)?;
         let ring = probes.events.take().context("ring buffer already taken")?;
         // SAFETY: the ring buffer owns its map fd and keeps it open for as long as it is wrapped.
@@ -157,11 +172,18 @@ impl Monitor {
             ring,
             sigint,
             sigterm,
+            sighup,
+            asks: None,
             pending: Vec::new(),
             kstats: KernelStats::default(),
             decode_errors: 0,
             decoded: Vec::new(),
         })
+    }
+
+    /// Where the control socket's questions arrive.
+    pub fn answer(&mut self, asks: mpsc::Receiver<Ask>) {
+        self.asks = Some(asks);
     }
 
     /// Runs until SIGINT or SIGTERM: nothing else ends it.
@@ -199,6 +221,22 @@ impl Monitor {
                     }
                     handler.tick(&mut self.state);
                 }
+                _ = self.sighup.recv() => {
+                    self.drain(handler);
+                    handler.reload(&mut self.state);
+                }
+                ask = next_ask(&mut self.asks) => match ask {
+                    Some(ask) => {
+                        self.drain(handler);
+                        let answer = handler.ask(&mut self.state, &ask.query);
+                        // The client may have given up meanwhile.
+                        let _ = ask.reply.send(answer);
+                    }
+                    None => {
+                        warn!("the control socket's server stopped; status and explain are unavailable");
+                        self.asks = None;
+                    }
+                },
                 _ = self.sigint.recv() => break,
                 _ = self.sigterm.recv() => break,
             }
@@ -390,6 +428,14 @@ impl Monitor {
                 );
             }
         }
+    }
+}
+
+/// The next question, or never when none can come.
+async fn next_ask(asks: &mut Option<mpsc::Receiver<Ask>>) -> Option<Ask> {
+    match asks {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

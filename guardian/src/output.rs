@@ -28,6 +28,17 @@ pub enum OutputFormat {
     Json,
 }
 
+impl OutputFormat {
+    /// Whether JSON is printed (`auto`: when stdout is not a terminal).
+    pub fn json(self) -> bool {
+        match self {
+            Self::Json => true,
+            Self::Text => false,
+            Self::Auto => !io::stdout().is_terminal(),
+        }
+    }
+}
+
 /// A process as it appears in records.
 #[derive(Clone, Debug, Serialize)]
 pub struct Proc {
@@ -115,6 +126,25 @@ pub enum Record {
         usage: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         limit: Option<u64>,
+    },
+    /// The policy was read again (SIGHUP): what changed, or why the policy in force stays.
+    Reload {
+        ts: String,
+        /// `ok`, or `error` (the policy in force is unchanged).
+        result: &'static str,
+        policy: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        /// Services by name: new ones, ones no longer in the policy (their members are
+        /// forgotten, not killed), and kept ones whose settings changed.
+        added: Vec<String>,
+        removed: Vec<String>,
+        changed: Vec<String>,
+        /// Roots the new selectors found among running processes.
+        roots: u64,
+        /// Processes that are no longer members of any service.
+        forgotten: u64,
+        took_us: u64,
     },
     /// Events the kernel side could not deliver, or guardian could not decode.
     Lost {
@@ -260,6 +290,35 @@ impl Record {
                 count,
                 total,
             } => format!("{ts} LOST     {count} events ({reason}, {total} in all)"),
+            Self::Reload {
+                ts,
+                result,
+                policy,
+                error: Some(error),
+                ..
+            } => format!(
+                "{ts} RELOAD   result={result} policy={} error={error:?} (the policy in force stays)",
+                escape_controls(policy)
+            ),
+            Self::Reload {
+                ts,
+                result,
+                policy,
+                added,
+                removed,
+                changed,
+                roots,
+                forgotten,
+                took_us,
+                ..
+            } => format!(
+                "{ts} RELOAD   result={result} policy={} added=[{}] removed=[{}] changed=[{}] \
+                 roots={roots} forgotten={forgotten} took={took_us}us",
+                escape_controls(policy),
+                added.join(","),
+                removed.join(","),
+                changed.join(",")
+            ),
             Self::Resync {
                 ts,
                 trigger,
@@ -350,11 +409,7 @@ pub struct Output {
 impl Output {
     /// Prints to stdout.
     pub fn new(format: OutputFormat) -> Self {
-        let json = match format {
-            OutputFormat::Json => true,
-            OutputFormat::Text => false,
-            OutputFormat::Auto => !io::stdout().is_terminal(),
-        };
+        let json = format.json();
         Self::to_writer(json, io::stdout(), QUEUE_RECORDS)
     }
 

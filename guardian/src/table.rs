@@ -526,6 +526,63 @@ impl Table {
         self.iter_alive().filter(|p| p.service.is_some())
     }
 
+    /// A reloaded policy renumbered its services: `map[old]` is each old service's new index,
+    /// `None` for a service that is gone, whose members are forgotten (no longer members, roots
+    /// or orphans). Exited entries are renumbered too (an orphan's dead parent is looked up).
+    /// Returns the live processes forgotten.
+    pub fn remap_services(&mut self, map: &[Option<usize>]) -> Vec<u32> {
+        let mut forgotten = Vec::new();
+        for p in self.procs.values_mut() {
+            let Some(old) = p.service else { continue };
+            p.service = map.get(old).copied().flatten();
+            if p.service.is_none() {
+                p.root = false;
+                p.orphan = false;
+                if p.alive() {
+                    forgotten.push(p.pid);
+                }
+            }
+        }
+        self.recount();
+        forgotten
+    }
+
+    /// Makes a root and its descendants no longer members (its selectors stopped matching it
+    /// after a reload); descendants that are roots of their own stay. Returns those forgotten.
+    pub fn forget_root(&mut self, pid: u32) -> Vec<u32> {
+        let Some(svc) = self.alive(pid).and_then(|p| p.service) else {
+            return Vec::new();
+        };
+        let mut forgotten = Vec::new();
+        let mut stack = vec![pid];
+        while let Some(p) = stack.pop() {
+            if forgotten.len() > self.procs.len() {
+                break; // a cycle would be a bug; never loop forever on it
+            }
+            let Some(e) = self.alive(p) else { continue };
+            if p != pid && (e.root || e.service != Some(svc)) {
+                continue;
+            }
+            stack.extend(e.children.iter().copied());
+            self.set_service(p, None, false);
+            if let Some(e) = self.procs.get_mut(&p) {
+                e.orphan = false;
+            }
+            forgotten.push(p);
+        }
+        forgotten
+    }
+
+    /// Counts every service's live members afresh.
+    fn recount(&mut self) {
+        self.services.clear();
+        let counts: Vec<(Option<usize>, u32)> =
+            self.iter_alive().map(|p| (p.service, p.threads)).collect();
+        for (svc, threads) in counts {
+            self.account(svc, 1, i64::from(threads));
+        }
+    }
+
     /// Records a confirmed new parent (from `/proc`) of a live process.
     pub fn reparented(&mut self, pid: u32, new_parent: u32) {
         let Some(c) = self.procs.get_mut(&pid).filter(|c| c.alive()) else {

@@ -87,6 +87,8 @@ struct ServiceState {
     fallback: bool,
     /// When the next warning of a recurring fault may be logged.
     warn_ns: u64,
+    /// The service's memory at the last check (bytes), for status and metrics.
+    memory: Option<u64>,
 }
 
 impl ServiceState {
@@ -105,6 +107,8 @@ pub struct BudgetEngine {
     cgroupfs: Option<Cgroupfs>,
     parent: String,
     services: Vec<ServiceState>,
+    /// Cgroups of services a reload removed (or moved out of `own`): removed once empty.
+    retiring: Vec<ServiceCgroup>,
 }
 
 impl BudgetEngine {
@@ -130,7 +134,65 @@ impl BudgetEngine {
                 .iter()
                 .map(|_| ServiceState::default())
                 .collect(),
+            retiring: Vec::new(),
         })
+    }
+
+    /// The service's memory as last measured (services with a memory budget).
+    pub fn memory_used(&self, svc: usize) -> Option<u64> {
+        self.services.get(svc).and_then(|st| st.memory)
+    }
+
+    /// A reloaded policy: `map[old]` is each old service's index in `new` (`None`: removed).
+    /// A kept service whose budgets, cgroup mode and the mode in force are unchanged keeps its
+    /// state and cgroup. Any other kept service starts afresh: the indices returned are those
+    /// whose members must be placed again. Cgroups of removed services, and of services no
+    /// longer in `own` mode, are removed once empty; their processes are left where they are.
+    /// The only failure (a cgroup hierarchy the new policy needs cannot be opened) comes before
+    /// anything changed.
+    pub fn reload(
+        &mut self,
+        old: &Policy,
+        new: &Policy,
+        mode: Mode,
+        map: &[Option<usize>],
+    ) -> anyhow::Result<Vec<usize>> {
+        if self.cgroupfs.is_none() {
+            let engine = Self::new(new, mode)?;
+            self.cgroupfs = engine.cgroupfs;
+        }
+        let mut states: Vec<ServiceState> = new
+            .services
+            .iter()
+            .map(|_| ServiceState::default())
+            .collect();
+        let mut again = Vec::new();
+        for (o, mut st) in std::mem::take(&mut self.services).into_iter().enumerate() {
+            let (before, after) = (&old.services[o], map[o].map(|n| (n, &new.services[n])));
+            match after {
+                Some((n, s))
+                    if mode == self.mode
+                        && s.budgets == before.budgets
+                        && s.cgroup == before.cgroup =>
+                {
+                    states[n] = st;
+                }
+                Some((n, s)) => {
+                    again.push(n);
+                    // Still `own` in enforce mode: the same directory is opened again (it is
+                    // guardian's, marked) and given the new limits as members are placed.
+                    let reused =
+                        mode == Mode::Enforce && s.cgroup == CgroupMode::Own && s.budgets.any();
+                    if let Some(cg) = st.cgroup.take().filter(|_| !reused) {
+                        self.retiring.push(cg);
+                    }
+                }
+                None => self.retiring.extend(st.cgroup.take()),
+            }
+        }
+        self.services = states;
+        self.mode = mode;
+        Ok(again)
     }
 
     /// Whether guardian itself may count tasks (and so needs thread events): in `inherit` and
@@ -387,6 +449,7 @@ impl BudgetEngine {
     pub fn tick(&mut self, state: &State, enforcer: &mut Enforcer, policy: &Policy) -> Vec<Record> {
         let mut records = Vec::new();
         let now = procs::boottime_ns();
+        self.retiring.retain_mut(|cg| !cg.remove());
         for (svc, service) in policy.services.iter().enumerate() {
             if !service.budgets.any() {
                 continue;
@@ -535,6 +598,7 @@ impl BudgetEngine {
             _ => None,
         };
         let cheap = charged.unwrap_or_else(|| members.iter().map(|m| m.rss).sum());
+        st.memory = Some(cheap);
         if over(cheap).is_none() {
             st.pss = None;
             return;
@@ -560,6 +624,7 @@ impl BudgetEngine {
             }
         };
         let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
+        st.memory = Some(usage);
         st.pss = match rss {
             Some(rss) if over(usage).is_none() => {
                 let cost = procs::boottime_ns().saturating_sub(pass_ns);
@@ -623,6 +688,7 @@ impl BudgetEngine {
         st.victim = None;
         st.fallback = false;
         st.pss = None;
+        st.memory = None;
         if let Some(mut cg) = st.cgroup.take() {
             st.watch = None;
             if !cg.remove() {
@@ -676,6 +742,9 @@ impl BudgetEngine {
     /// Removes the cgroups guardian created that are empty; those with processes stay, with
     /// their limits.
     pub fn shutdown(&mut self, policy: &Policy) {
+        for mut cg in self.retiring.drain(..) {
+            cg.remove();
+        }
         for (svc, service) in policy.services.iter().enumerate() {
             if let Some(mut cg) = self.services[svc].cgroup.take() {
                 if !cg.remove() {
@@ -833,6 +902,7 @@ mod tests {
             cgroupfs: Some(Cgroupfs::open_scratch(layout).unwrap()),
             parent: policy.cgroup_parent.clone(),
             services: vec![ServiceState::default()],
+            retiring: Vec::new(),
         };
         (engine, policy)
     }

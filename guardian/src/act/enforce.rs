@@ -175,6 +175,20 @@ impl Enforcer {
         }
     }
 
+    /// A reloaded policy: its mode and protections apply from now on, and decisions still
+    /// waiting (retries, SIGKILLs due after SIGTERM) for services it no longer has are dropped:
+    /// their members are forgotten, not killed.
+    pub fn reconfigure(
+        &mut self,
+        mode: Mode,
+        protections: Protections,
+        keep: impl Fn(&str) -> bool,
+    ) {
+        self.mode = mode;
+        self.protections = protections;
+        self.waiting.retain(|w| keep(&w.decision.service));
+    }
+
     /// Decides and (in enforce mode) acts. Returns the decision record, or `None` when the
     /// process could not be opened for want of resources: the decision is then retried on every
     /// tick and its record comes from [`Enforcer::tick`].

@@ -7,21 +7,36 @@
 //! orphans: a service started by a shell that exits is left alone, even when the shell's own
 //! command line matches too. Forked workers do not exec, so they stay members.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod reload;
+mod status;
+
+pub use status::render_status;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use tracing::{debug, info, warn};
 
 use crate::{
     act::budget::{BudgetEngine, NewTask},
     act::enforce::{Enforcer, Reason, Request},
+    cli::RunArgs,
     kernel::events::{Exec, ExitStatus},
     kernel::loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, State, DRAIN_INTERVAL},
-    output::{Output, OutputFormat, Proc, Record},
+    output::{Output, Proc, Record},
     policy::protect::Protections,
     policy::selector::Candidate,
     policy::{AtStart, Mode, OrphanAction, Policy},
     procs::{self, Pin, Pinned, ProcInfo},
+    serve::{
+        self, control,
+        control::{Answer, Query},
+        metrics::{self, Metrics},
+        notify::Notifier,
+    },
     table::Change,
 };
 
@@ -67,6 +82,28 @@ struct Synced {
     roots: u64,
 }
 
+/// Why `/proc` is read in full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sync {
+    /// guardian starts: every service's roots, and the processes already orphaned.
+    Startup,
+    /// Events were lost, or the table was found wrong.
+    Resync,
+    /// A reloaded policy's new or changed selectors meet the running processes.
+    Reload,
+}
+
+impl Sync {
+    /// How a root found this way is recorded (`found`).
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Startup => "startup",
+            Self::Resync => "resync",
+            Self::Reload => "reload",
+        }
+    }
+}
+
 /// The periodic reconciliation's state.
 #[derive(Default)]
 struct Checks {
@@ -85,8 +122,21 @@ struct Checks {
     next_users_ns: u64,
 }
 
+/// How often the metrics' gauges and systemd's status line are brought up to date (ns).
+const REFRESH_NS: u64 = 100_000_000;
+
 pub struct Daemon {
     policy: Policy,
+    /// `--dry-run`: audit mode whatever the policy says, across reloads too.
+    dry_run: bool,
+    /// Whether the kernel reports threads (fixed at load: a reload cannot turn it on).
+    track_threads: bool,
+    metrics: Arc<Metrics>,
+    notifier: Notifier,
+    /// What the daemon did and saw since it started, for `guardian status`.
+    stats: Stats,
+    next_refresh_ns: u64,
+    last_status: String,
     enforcer: Enforcer,
     budgets: BudgetEngine,
     out: Output,
@@ -102,21 +152,68 @@ pub struct Daemon {
     checks: Checks,
 }
 
+/// What `guardian status` reports beyond the table.
+struct Stats {
+    started: std::time::Instant,
+    /// When the policy in force was loaded.
+    loaded: String,
+    /// Decisions by service and action (performed or not).
+    decisions: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    lost: u64,
+    reloads_ok: u64,
+    reloads_failed: u64,
+}
+
+/// The policy's mode, unless `--dry-run` forces audit.
+fn mode_of(policy: &Policy, dry_run: bool) -> Mode {
+    if dry_run {
+        Mode::Audit
+    } else {
+        policy.mode
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow::Result<()> {
-    // Audit mode is decided once, here: the CLI flag overrides the file.
-    let mode = if dry_run { Mode::Audit } else { policy.mode };
+pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
+    let dry_run = args.dry_run;
+    let mode = mode_of(&policy, dry_run);
     let budgets = BudgetEngine::new(&policy, mode)?;
+    // What is served is bound before anything is loaded: a taken port or a socket another
+    // guardian answers is a start-up error.
+    let metrics = Arc::new(Metrics::new());
+    let metrics_listener = args.metrics_address.map(metrics::bind).transpose()?;
+    let socket = control::socket_path(args.socket.as_deref());
+    let control_listener = control::bind(&socket)?;
+    let track_threads = BudgetEngine::counts_tasks(&policy);
     let mut monitor = Monitor::start(LoadOptions {
         track_all: false,
-        track_threads: BudgetEngine::counts_tasks(&policy),
+        track_threads,
     })?;
+    let asks = serve::start(
+        metrics_listener.map(|l| (l, metrics.clone())),
+        control_listener,
+    )?;
+    monitor.answer(asks);
     let protections = Protections::new(&policy.protect);
     let mut daemon = Daemon {
         enforcer: Enforcer::new(mode, protections),
         budgets,
         policy,
-        out: Output::new(format),
+        dry_run,
+        track_threads,
+        metrics,
+        notifier: Notifier::new(),
+        stats: Stats {
+            started: std::time::Instant::now(),
+            loaded: monitor.state.clock.now(),
+            decisions: BTreeMap::new(),
+            lost: 0,
+            reloads_ok: 0,
+            reloads_failed: 0,
+        },
+        next_refresh_ns: 0,
+        last_status: String::new(),
+        out: Output::new(args.output),
         self_pid: std::process::id(),
         deferred: Vec::new(),
         untracked: HashSet::new(),
@@ -125,7 +222,7 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         resync_due: None,
         checks: Checks::default(),
     };
-    daemon.sync(&mut monitor.state, true);
+    daemon.sync(&mut monitor.state, Sync::Startup);
     daemon.budgets.sweep(&monitor.state, &daemon.policy);
     let ready = Record::Ready {
         ts: monitor.state.clock.now(),
@@ -140,9 +237,14 @@ pub async fn run(policy: Policy, dry_run: bool, format: OutputFormat) -> anyhow:
         mode = mode.as_str(),
         services = daemon.policy.services.len(),
         members = monitor.state.table.len_alive(),
+        socket = %socket.display(),
+        metrics = ?args.metrics_address,
         "guardian running"
     );
+    daemon.refresh(&monitor.state);
+    daemon.notifier.ready(&daemon.last_status);
     monitor.run(&mut daemon).await;
+    let _ = std::fs::remove_file(&socket);
     daemon.budgets.shutdown(&daemon.policy);
     let c = daemon.enforcer.counts;
     info!(
@@ -206,15 +308,39 @@ impl Daemon {
 
     fn emit(&mut self, records: impl IntoIterator<Item = Record>) {
         for r in records {
-            self.out.emit(&r);
+            self.emit_one(&r);
         }
+    }
+
+    /// Every record goes out here: printed, and counted for metrics and status.
+    fn emit_one(&mut self, r: &Record) {
+        match r {
+            Record::Decision {
+                service, action, ..
+            } => {
+                self.metrics.record(r);
+                *self
+                    .stats
+                    .decisions
+                    .entry(service.clone())
+                    .or_default()
+                    .entry(action)
+                    .or_default() += 1;
+            }
+            Record::Lost { count, .. } => {
+                self.metrics.lost(*count);
+                self.stats.lost += count;
+            }
+            _ => {}
+        }
+        self.out.emit(r);
     }
 
     /// Brings the table in line with `/proc`: at start-up (every service's roots, and the
     /// processes already orphaned), and after events were lost or a check found the table
     /// wrong (members that died unseen are retired and their orphans acted on, parents
     /// corrected, unseen execs and children followed, new roots found).
-    fn sync(&mut self, state: &mut State, startup: bool) -> Synced {
+    fn sync(&mut self, state: &mut State, why: Sync) -> Synced {
         let now = procs::boottime_ns();
         let scan: Vec<ProcInfo> = procs::scan().into_iter().filter(live).collect();
         let by_pid: HashMap<u32, &ProcInfo> = scan.iter().map(|p| (p.pid, p)).collect();
@@ -286,7 +412,7 @@ impl Daemon {
 
         // Processes no event announced: children of members become members (or roots of their
         // own, if they exec'd into one), in start order so that parents come first.
-        if !startup {
+        if why != Sync::Startup {
             let mut unknown: Vec<&ProcInfo> = scan
                 .iter()
                 .filter(|p| {
@@ -367,7 +493,7 @@ impl Daemon {
                 roots.push((p.pid, svc));
             }
         }
-        let found = if startup { "startup" } else { "resync" };
+        let found = why.as_str();
         for (pid, svc) in roots {
             if state.table.alive(pid).is_some_and(|e| e.service.is_some()) {
                 continue; // adopted below an earlier root
@@ -424,7 +550,7 @@ impl Daemon {
     /// Re-reads `/proc` and says what that changed.
     fn resync(&mut self, state: &mut State, trigger: &'static str) {
         let start = procs::boottime_ns();
-        let n = self.sync(state, false);
+        let n = self.sync(state, Sync::Resync);
         let mut members: BTreeMap<String, u64> = BTreeMap::new();
         for (i, s) in self.policy.services.iter().enumerate() {
             members.insert(s.name.clone(), state.table.service_count(i).processes);
@@ -442,7 +568,7 @@ impl Daemon {
             members,
             took_us,
         };
-        self.out.emit(&record);
+        self.emit_one(&record);
         // What was wrong has been put right; checks start afresh.
         self.checks.suspects.clear();
     }
@@ -563,7 +689,7 @@ impl Daemon {
             found,
             members,
         };
-        self.out.emit(&record);
+        self.emit_one(&record);
     }
 
     /// A member exec'd: if it now matches a service's selectors, it becomes that service's
@@ -790,7 +916,7 @@ impl Handler for Daemon {
                     count,
                     total,
                 };
-                self.out.emit(&record);
+                self.emit_one(&record);
                 self.resync_due = Some("lost");
             }
             Notice::Fork { pid, ts_ns } | Notice::Thread { pid, ts_ns, .. } => {
@@ -807,6 +933,17 @@ impl Handler for Daemon {
                 }
             }
             Notice::Exit { .. } | Notice::Reparent { .. } => {}
+        }
+    }
+
+    fn reload(&mut self, state: &mut State) {
+        self.reload_policy(state);
+    }
+
+    fn ask(&mut self, state: &mut State, query: &Query) -> Answer {
+        match query {
+            Query::Status => Ok(self.status(state)),
+            Query::Explain { .. } => Err("explain is not served by this daemon".into()),
         }
     }
 
@@ -838,6 +975,8 @@ impl Handler for Daemon {
         }
         let records = self.enforcer.tick(&state.clock);
         self.emit(records);
+        self.metrics.heartbeat();
+        self.notifier.watchdog();
         let records = self.budgets.tick(state, &mut self.enforcer, &self.policy);
         self.emit(records);
         if self.untracked_new > 0 {
@@ -849,11 +988,15 @@ impl Handler for Daemon {
                 count: std::mem::take(&mut self.untracked_new),
                 total: self.untracked_total,
             };
-            self.out.emit(&record);
+            self.emit_one(&record);
         }
         self.check(state);
-        // A storm of losses (an exec flood) must not turn into a storm of /proc scans.
         let now = procs::boottime_ns();
+        if now >= self.next_refresh_ns {
+            self.next_refresh_ns = now + REFRESH_NS;
+            self.refresh(state);
+        }
+        // A storm of losses (an exec flood) must not turn into a storm of /proc scans.
         if let Some(trigger) = self.resync_due {
             if now >= self.checks.last_resync_ns + RESYNC_EVERY_NS {
                 self.checks.last_resync_ns = now;

@@ -1,0 +1,209 @@
+//! SIGHUP: the policy file is read again and, if valid, put in force without a restart.
+//!
+//! Services are matched by name. A kept service keeps its members; one whose `match` changed
+//! forgets the roots it no longer selects (with their members). New and changed selectors meet
+//! the running processes at once, through the same `/proc` scan as at start-up. A removed
+//! service's members are forgotten, never killed, and its cgroup goes once empty. An invalid
+//! policy changes nothing: the one in force stays, and the `reload` record says why.
+
+use anyhow::bail;
+use tracing::{info, warn};
+
+use super::{mode_of, Daemon, Sync};
+use crate::{
+    act::budget::BudgetEngine,
+    monitor::State,
+    output::Record,
+    policy::{protect::Protections, selector::Candidate, Policy, Service},
+    procs,
+};
+
+/// What a reload changed.
+struct Changes {
+    added: Vec<String>,
+    removed: Vec<String>,
+    changed: Vec<String>,
+    roots: u64,
+    forgotten: u64,
+}
+
+/// Everything a service says, in a form two policies' services can be compared by.
+fn settings(s: &Service) -> String {
+    format!(
+        "{} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?}",
+        s.selector.describe(),
+        s.orphan_match.as_ref().map(|m| m.describe()),
+        s.orphans,
+        s.kill_timeout,
+        s.orphans_at_start,
+        s.budgets,
+        s.memory_victim,
+        s.cgroup
+    )
+}
+
+impl Daemon {
+    pub(super) fn reload_policy(&mut self, state: &mut State) {
+        let start = procs::boottime_ns();
+        self.notifier.reloading();
+        let path = self.policy.path.display().to_string();
+        let result = self.try_reload(state);
+        let took_us = procs::boottime_ns().saturating_sub(start) / 1_000;
+        let ts = state.clock.now();
+        let record = match result {
+            Ok(c) => {
+                self.stats.reloads_ok += 1;
+                self.stats.loaded = ts.clone();
+                self.metrics.reload(true);
+                info!(
+                    policy = %path,
+                    added = ?c.added,
+                    removed = ?c.removed,
+                    changed = ?c.changed,
+                    roots = c.roots,
+                    forgotten = c.forgotten,
+                    "policy reloaded"
+                );
+                Record::Reload {
+                    ts,
+                    result: "ok",
+                    policy: path,
+                    error: None,
+                    added: c.added,
+                    removed: c.removed,
+                    changed: c.changed,
+                    roots: c.roots,
+                    forgotten: c.forgotten,
+                    took_us,
+                }
+            }
+            Err(e) => {
+                self.stats.reloads_failed += 1;
+                self.metrics.reload(false);
+                warn!(policy = %path, "policy reload refused, the policy in force stays: {e:#}");
+                Record::Reload {
+                    ts,
+                    result: "error",
+                    policy: path,
+                    error: Some(format!("{e:#}")),
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                    changed: Vec::new(),
+                    roots: 0,
+                    forgotten: 0,
+                    took_us,
+                }
+            }
+        };
+        self.emit_one(&record);
+        self.refresh(state);
+        self.notifier.ready(&self.last_status);
+    }
+
+    /// Reads and checks the policy, then applies it; nothing changes unless it succeeds.
+    fn try_reload(&mut self, state: &mut State) -> anyhow::Result<Changes> {
+        let new = crate::trusted_policy(&self.policy.path, self.dry_run)?;
+        if BudgetEngine::counts_tasks(&new) && !self.track_threads {
+            bail!(
+                "tasks_max appears in a policy that had none: the kernel was told at start-up \
+                 not to report threads; restart guardian to count them"
+            );
+        }
+        if new.cgroup_parent != self.policy.cgroup_parent {
+            bail!(
+                "cgroup_parent changed ({} -> {}): the services' cgroups cannot move while they \
+                 run; restart guardian",
+                self.policy.cgroup_parent,
+                new.cgroup_parent
+            );
+        }
+        let old = &self.policy;
+        let index = |p: &Policy, name: &str| p.services.iter().position(|s| s.name == name);
+        let map: Vec<Option<usize>> = old.services.iter().map(|s| index(&new, &s.name)).collect();
+        let mode = mode_of(&new, self.dry_run);
+        // The one step that can fail (opening a cgroup hierarchy), before anything changes.
+        let place_again = self.budgets.reload(old, &new, mode, &map)?;
+
+        let mut c = Changes {
+            added: new
+                .services
+                .iter()
+                .filter(|s| index(old, &s.name).is_none())
+                .map(|s| s.name.clone())
+                .collect(),
+            removed: Vec::new(),
+            changed: Vec::new(),
+            roots: 0,
+            forgotten: 0,
+        };
+        let mut rematch = Vec::new();
+        for (o, s) in old.services.iter().enumerate() {
+            match map[o] {
+                None => c.removed.push(s.name.clone()),
+                Some(n) if settings(s) != settings(&new.services[n]) => {
+                    c.changed.push(s.name.clone());
+                    if s.selector.describe() != new.services[n].selector.describe() {
+                        rematch.push(n);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+
+        let mut forgotten = state.table.remap_services(&map);
+        // Roots the changed selectors no longer select are forgotten, with their members.
+        for svc in rematch {
+            let roots: Vec<u32> = state
+                .table
+                .members()
+                .filter(|p| p.root && p.service == Some(svc))
+                .map(|p| p.pid)
+                .collect();
+            for pid in roots {
+                let selected = state
+                    .table
+                    .alive(pid)
+                    .is_some_and(|p| new.services[svc].selector.matches(&Candidate::from(p)));
+                if !selected {
+                    forgotten.extend(state.table.forget_root(pid));
+                }
+            }
+        }
+        for &pid in &forgotten {
+            state.probes.untrack(pid);
+            self.untracked.remove(&pid);
+        }
+        c.forgotten = forgotten.len() as u64;
+        let names: Vec<String> = new.services.iter().map(|s| s.name.clone()).collect();
+        self.enforcer
+            .reconfigure(mode, Protections::new(&new.protect), |service| {
+                names.iter().any(|n| n == service)
+            });
+        self.policy = new;
+        // Users the new policy names that do not resolve are looked for from now on.
+        self.checks.next_users_ns = 0;
+
+        c.roots = self.sync(state, Sync::Reload).roots;
+        for svc in place_again {
+            let members: Vec<u32> = state
+                .table
+                .members()
+                .filter(|p| p.service == Some(svc))
+                .map(|p| p.pid)
+                .collect();
+            for pid in members {
+                if let Some(member) = state.table.alive(pid) {
+                    let records = self.budgets.place(
+                        &mut self.enforcer,
+                        &state.clock,
+                        &self.policy,
+                        svc,
+                        member,
+                    );
+                    self.emit(records);
+                }
+            }
+        }
+        Ok(c)
+    }
+}
