@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread,
@@ -61,6 +61,8 @@ struct Records {
 /// A running guardian whose stdout records are collected.
 pub struct Guardian {
     child: Child,
+    /// The daemon's control socket (in a directory of its own), when it runs one.
+    socket: Option<PathBuf>,
     records: Arc<(Mutex<Records>, Condvar)>,
     stderr: Arc<Mutex<String>>,
 }
@@ -77,12 +79,50 @@ impl Guardian {
         cmd.args(args)
             .args(["--output", "json"])
             .env("GUARDIAN_LOG", "info");
+        // Each daemon answers on a socket of its own, never on the host's default one.
+        if args.contains(&"--policy") && !args.contains(&"--socket") {
+            cmd.arg("--socket")
+                .arg(private_dir("socket").join("control.sock"));
+        }
         cmd
+    }
+
+    /// Runs `guardian ARGS --socket SOCKET` against this daemon (`status`, `explain`).
+    pub fn ask(&self, args: &[&str]) -> std::process::Output {
+        Command::new(guardian_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .expect("running a guardian client")
+    }
+
+    /// `guardian status --output json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.ask(&["status", "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "guardian status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        self.socket
+            .as_deref()
+            .expect("this guardian has no control socket")
     }
 
     /// Starts guardian from `cmd` with its stdout and stderr collected, and waits for its
     /// `ready` record.
     pub fn spawn(mut cmd: Command) -> Self {
+        let socket = cmd
+            .get_args()
+            .skip_while(|a| *a != "--socket")
+            .nth(1)
+            .map(PathBuf::from);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -106,6 +146,7 @@ impl Guardian {
         let stderr = collect_stderr(child.stderr.take().expect("stderr"));
         let g = Self {
             child,
+            socket,
             records,
             stderr,
         };
@@ -521,6 +562,20 @@ pub fn token(test: &str) -> String {
         std::process::id(),
         test.replace(|c: char| !c.is_ascii_alphanumeric(), "")
     )
+}
+
+/// A new directory only root may enter (0700), unique to this test run.
+pub fn private_dir(what: &str) -> PathBuf {
+    use std::os::unix::fs::DirBuilderExt as _;
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("guardian-{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .expect("creating a private directory");
+    dir
 }
 
 /// Writes a policy file for one test and returns its path.

@@ -149,6 +149,7 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
     }
     util::step("privileged integration tests");
     if is_root() {
+        setup::test_tools()?;
         host_integration_tests(&object)?;
     } else {
         eprintln!(

@@ -109,6 +109,29 @@ pub fn ebpf_toolchain(check_only: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the host integration tests need beyond Rust: the Prometheus client library's parser,
+/// which checks guardian's metrics (Debian's package, for the system python3).
+pub fn test_tools() -> anyhow::Result<()> {
+    step("setup (integration tests)");
+    let has_parser = Command::new("/usr/bin/python3")
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_parser {
+        eprintln!("integration test tools ready: python3-prometheus-client");
+        return Ok(());
+    }
+    if !(is_root() && which("apt-get").is_some()) {
+        eprintln!(
+            "missing for the metrics tests (they will fail under GUARDIAN_REQUIRE_PRIVILEGED=1): \
+             apt-get install -y python3-prometheus-client"
+        );
+        return Ok(());
+    }
+    apt_install(&["python3-prometheus-client"])
+}
+
 /// The kernel matrix's packages that are missing (a dynamically linked busybox counts as
 /// missing: the guests have no C library).
 pub fn vm_tools_missing() -> Vec<&'static str> {
