@@ -399,7 +399,13 @@ fn reloads_while_orphans_are_made() {
         "{v1}\n[[service]]\nname = \"added\"\nmatch = {{ cmdline = \"{tok_b}\" }}\norphans = \"kill\"\n"
     );
     let policy = policy_file(test, &v1);
-    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    // Reloads on SIGHUP only here (the file watch has a test of its own).
+    let g = Guardian::start(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--watch-policy",
+        "false",
+    ]);
     let reload = |text: &str, n: usize| -> Value {
         std::fs::write(&policy, text).unwrap();
         kill(g.pid(), libc::SIGHUP);
@@ -484,6 +490,65 @@ fn reloads_while_orphans_are_made() {
     );
     let st: Vec<&Value> = records.iter().filter(|v| v["event"] == "reload").collect();
     assert_eq!(st.len(), 3);
+}
+
+/// A Kubernetes ConfigMap mounted as a directory: the kubelet writes the new contents into a
+/// timestamped directory and renames a `..data` symlink over the old one. guardian reloads on
+/// its own; a rewrite that leaves the contents as they were reloads nothing; a bad edit is
+/// refused and the policy in force stays.
+#[test]
+fn a_configmap_update_is_reloaded_without_a_signal() {
+    let test = "reload_configmap";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let v1 = kill_policy(&tok, "");
+    let v2 = format!(
+        "{v1}\n[[service]]\nname = \"added\"\nmatch = {{ cmdline = \"{}\" }}\n",
+        token("configmap_added")
+    );
+    let dir = private_dir("configmap");
+    let publish = |version: &str, text: &str| {
+        let ts = dir.join(format!("..2026_11_26_02_00_00.{version}"));
+        std::fs::create_dir(&ts).unwrap();
+        std::fs::write(ts.join("policy.toml"), text).unwrap();
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(ts.file_name().unwrap(), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    };
+    publish("1", &v1);
+    std::os::unix::fs::symlink("..data/policy.toml", dir.join("policy.toml")).unwrap();
+    let policy = dir.join("policy.toml");
+    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    let reloads = || -> Vec<Value> {
+        g.records()
+            .into_iter()
+            .filter(|v| v["event"] == "reload")
+            .collect()
+    };
+
+    publish("2", &v2);
+    eventually("a reload after the ConfigMap swap", WAIT, || {
+        reloads().len() == 1
+    });
+    let r = &reloads()[0];
+    assert_eq!(r["trigger"], "file", "{r}");
+    assert_eq!(r["result"], "ok", "{r}");
+    assert_eq!(r["added"], serde_json::json!(["added"]));
+
+    // The same contents again: nothing to reload.
+    publish("3", &v2);
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(reloads().len(), 1, "{:?}", reloads());
+
+    // A broken edit: refused, and the service it would remove stays.
+    publish("4", "[[service]]\nname = \"broken\"\n");
+    eventually("the refused reload", WAIT, || reloads().len() == 2);
+    assert_eq!(reloads()[1]["result"], "error");
+    assert_eq!(g.status()["services"].as_array().unwrap().len(), 2);
+    g.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Under systemd: READY=1 with a status line, WATCHDOG=1 from the event loop, RELOADING=1 (with

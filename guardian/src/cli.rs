@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// directory of root's only) [default: /run/guardian/control.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Reload the policy when its file changes (saved in place, renamed over, or a Kubernetes
+    /// ConfigMap update); `false`: only on SIGHUP.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_policy: bool,
 }
 
 #[derive(Debug, Subcommand)]

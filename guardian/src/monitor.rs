@@ -20,6 +20,7 @@ use crate::{
     kernel::events::{self, Event, Exec, ExitStatus},
     kernel::loader::{KernelStats, LoadOptions, Probes},
     output::Clock,
+    policy::watch::PolicyWatch,
     procs,
     serve::control::{Answer, Ask, Query},
     table::{Change, Table},
@@ -31,6 +32,28 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 const STATS_EVERY_TICKS: u32 = 10;
 /// A reparent not visible in `/proc` after this long is given up (ns).
 const REPARENT_GIVE_UP_NS: u64 = 2_000_000_000;
+
+/// Why the configuration is read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// SIGHUP: asked for.
+    Signal,
+    /// The policy file (or the ConfigMap it comes from) changed in its directory.
+    FileChanged,
+}
+
+impl Reload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "signal",
+            Self::FileChanged => "file",
+        }
+    }
+}
+
+/// A change in the policy's directory is acted on once it has been quiet this long (ns): an
+/// editor's or the kubelet's steps come as a burst.
+const RELOAD_SETTLE_NS: u64 = 100_000_000;
 
 /// Something the monitor saw, in kernel order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,8 +117,9 @@ pub trait Handler {
     /// Called after each timer drain.
     fn tick(&mut self, _state: &mut State) {}
 
-    /// SIGHUP: re-read the configuration (events waiting have been applied first).
-    fn reload(&mut self, _state: &mut State) {}
+    /// SIGHUP, or the policy file changed: re-read the configuration (events waiting have
+    /// been applied first).
+    fn reload(&mut self, _state: &mut State, _why: Reload) {}
 
     /// A question from the control socket (events waiting have been applied first).
     fn ask(&mut self, _state: &mut State, _query: &Query) -> Answer {
@@ -122,6 +146,10 @@ pub struct Monitor {
     sighup: tokio::signal::unix::Signal,
     /// Questions from the control socket, when it is served.
     asks: Option<mpsc::Receiver<Ask>>,
+    /// The policy's directory, when it is watched.
+    watch: Option<PolicyWatch>,
+    /// When a change seen there is to be acted on (boot ns).
+    reload_due_ns: Option<u64>,
     pending: Vec<PendingReparent>,
     kstats: KernelStats,
     decode_errors: u64,
@@ -174,6 +202,8 @@ impl Monitor {
             sigterm,
             sighup,
             asks: None,
+            watch: None,
+            reload_due_ns: None,
             pending: Vec::new(),
             kstats: KernelStats::default(),
             decode_errors: 0,
@@ -184,6 +214,11 @@ impl Monitor {
     /// Where the control socket's questions arrive.
     pub fn answer(&mut self, asks: mpsc::Receiver<Ask>) {
         self.asks = Some(asks);
+    }
+
+    /// Reloads when the policy file changes.
+    pub fn watch(&mut self, watch: PolicyWatch) {
+        self.watch = Some(watch);
     }
 
     /// Runs until SIGINT or SIGTERM: nothing else ends it.
@@ -220,11 +255,23 @@ impl Monitor {
                         logger.flush();
                     }
                     handler.tick(&mut self.state);
+                    if self.reload_due_ns.is_some_and(|due| procs::boottime_ns() >= due) {
+                        self.reload_due_ns = None;
+                        handler.reload(&mut self.state, Reload::FileChanged);
+                    }
                 }
                 _ = self.sighup.recv() => {
                     self.drain(handler);
-                    handler.reload(&mut self.state);
+                    handler.reload(&mut self.state, Reload::Signal);
                 }
+                changed = next_change(&mut self.watch) => match changed {
+                    Ok(true) => self.reload_due_ns = Some(procs::boottime_ns() + RELOAD_SETTLE_NS),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!("watching the policy's directory failed ({e}); reload it with SIGHUP");
+                        self.watch = None;
+                    }
+                },
                 ask = next_ask(&mut self.asks) => match ask {
                     Some(ask) => {
                         self.drain(handler);
@@ -428,6 +475,14 @@ impl Monitor {
                 );
             }
         }
+    }
+}
+
+/// Whether the policy's directory changed, or never when it is not watched.
+async fn next_change(watch: &mut Option<PolicyWatch>) -> std::io::Result<bool> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -130,6 +130,8 @@ pub enum Record {
     /// The policy was read again (SIGHUP): what changed, or why the policy in force stays.
     Reload {
         ts: String,
+        /// `signal` (SIGHUP) or `file` (the policy file changed).
+        trigger: &'static str,
         /// `ok`, or `error` (the policy in force is unchanged).
         result: &'static str,
         policy: String,
@@ -292,16 +294,18 @@ impl Record {
             } => format!("{ts} LOST     {count} events ({reason}, {total} in all)"),
             Self::Reload {
                 ts,
+                trigger,
                 result,
                 policy,
                 error: Some(error),
                 ..
             } => format!(
-                "{ts} RELOAD   result={result} policy={} error={error:?} (the policy in force stays)",
+                "{ts} RELOAD   trigger={trigger} result={result} policy={} error={error:?} (the policy in force stays)",
                 escape_controls(policy)
             ),
             Self::Reload {
                 ts,
+                trigger,
                 result,
                 policy,
                 added,
@@ -312,7 +316,7 @@ impl Record {
                 took_us,
                 ..
             } => format!(
-                "{ts} RELOAD   result={result} policy={} added=[{}] removed=[{}] changed=[{}] \
+                "{ts} RELOAD   trigger={trigger} result={result} policy={} added=[{}] removed=[{}] changed=[{}] \
                  roots={roots} forgotten={forgotten} took={took_us}us",
                 escape_controls(policy),
                 added.join(","),

@@ -25,11 +25,11 @@ use crate::{
     cli::RunArgs,
     kernel::events::{Exec, ExitStatus},
     kernel::loader::LoadOptions,
-    monitor::{Handler, Monitor, Notice, State, DRAIN_INTERVAL},
+    monitor::{Handler, Monitor, Notice, Reload, State, DRAIN_INTERVAL},
     output::{Output, Proc, Record},
     policy::protect::Protections,
     policy::selector::Candidate,
-    policy::{AtStart, Mode, OrphanAction, Policy},
+    policy::{watch::PolicyWatch, AtStart, Mode, OrphanAction, Policy},
     procs::{self, Pin, Pinned, ProcInfo},
     serve::{
         self, control,
@@ -137,6 +137,9 @@ pub struct Daemon {
     stats: Stats,
     next_refresh_ns: u64,
     last_status: String,
+    /// The policy file's contents when last loaded: a change in its directory that leaves
+    /// them as they were reloads nothing.
+    policy_digest: u64,
     enforcer: Enforcer,
     budgets: BudgetEngine,
     out: Output,
@@ -194,7 +197,14 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         control_listener,
     )?;
     monitor.answer(asks);
+    if args.watch_policy {
+        match PolicyWatch::new(&policy.path) {
+            Ok(w) => monitor.watch(w),
+            Err(e) => warn!("cannot watch the policy's directory ({e}): reload it with SIGHUP"),
+        }
+    }
     let protections = Protections::new(&policy.protect);
+    let policy_digest = reload::digest(&policy.path);
     let mut daemon = Daemon {
         enforcer: Enforcer::new(mode, protections),
         budgets,
@@ -213,6 +223,7 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         },
         next_refresh_ns: 0,
         last_status: String::new(),
+        policy_digest,
         out: Output::new(args.output),
         self_pid: std::process::id(),
         deferred: Vec::new(),
@@ -936,8 +947,8 @@ impl Handler for Daemon {
         }
     }
 
-    fn reload(&mut self, state: &mut State) {
-        self.reload_policy(state);
+    fn reload(&mut self, state: &mut State, why: Reload) {
+        self.reload_policy(state, why);
     }
 
     fn ask(&mut self, state: &mut State, query: &Query) -> Answer {

@@ -7,12 +7,12 @@
 //! policy changes nothing: the one in force stays, and the `reload` record says why.
 
 use anyhow::bail;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{mode_of, Daemon, Sync};
 use crate::{
     act::budget::BudgetEngine,
-    monitor::State,
+    monitor::{Reload, State},
     output::Record,
     policy::{protect::Protections, selector::Candidate, Policy, Service},
     procs,
@@ -42,8 +42,23 @@ fn settings(s: &Service) -> String {
     )
 }
 
+/// A digest of the policy file's contents (0 when it cannot be read).
+pub(super) fn digest(path: &std::path::Path) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(path).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
 impl Daemon {
-    pub(super) fn reload_policy(&mut self, state: &mut State) {
+    pub(super) fn reload_policy(&mut self, state: &mut State, why: Reload) {
+        let digest = digest(&self.policy.path);
+        if why == Reload::FileChanged && digest == self.policy_digest {
+            debug!("the policy's directory changed, its contents did not: nothing to reload");
+            return;
+        }
+        // A file that fails to load is not tried again until it changes once more.
+        self.policy_digest = digest;
         let start = procs::boottime_ns();
         self.notifier.reloading();
         let path = self.policy.path.display().to_string();
@@ -66,6 +81,7 @@ impl Daemon {
                 );
                 Record::Reload {
                     ts,
+                    trigger: why.as_str(),
                     result: "ok",
                     policy: path,
                     error: None,
@@ -83,6 +99,7 @@ impl Daemon {
                 warn!(policy = %path, "policy reload refused, the policy in force stays: {e:#}");
                 Record::Reload {
                     ts,
+                    trigger: why.as_str(),
                     result: "error",
                     policy: path,
                     error: Some(format!("{e:#}")),

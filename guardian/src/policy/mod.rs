@@ -6,6 +6,7 @@
 
 pub mod protect;
 pub mod selector;
+pub mod watch;
 
 use std::{
     collections::HashSet,
