@@ -12,8 +12,9 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, all_gone, children_of, eventually, guardian_bin, kill, kill_policy, pid, pids,
-    policy_file, private_dir, privileged, python, script, token, Guardian, Workload, WAIT,
+    alive, all_gone, budget_test_ready, children_of, eventually, guardian_bin, kill, kill_policy,
+    pid, pids, policy_file, private_dir, privileged, python, script, service_cgroup_dirs, token,
+    CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -549,6 +550,92 @@ fn a_configmap_update_is_reloaded_without_a_signal() {
     assert_eq!(g.status()["services"].as_array().unwrap().len(), 2);
     g.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reload that changes a kept `own` service's budgets writes them to its cgroup, members in
+/// place; one that removes the service leaves its members alone and removes its cgroup once
+/// they are gone.
+#[test]
+fn a_reload_rewrites_a_kept_services_limits_and_retires_a_removed_ones_cgroup() {
+    let test = "reload_limits";
+    if !budget_test_ready(test, true) {
+        return;
+    }
+    let tok = token(test);
+    let _cleanup = CgroupCleanup(tok.clone());
+    let policy_text = |memory_max: &str, tasks_max: u32| {
+        format!(
+            "cgroup_parent = \"{tok}\"\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\n\
+             orphans = \"report\"\ncgroup = \"own\"\nmemory_max = \"{memory_max}\"\ntasks_max = {tasks_max}\n"
+        )
+    };
+    let policy = policy_file(test, &policy_text("300M", 40));
+    let g = Guardian::start(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--watch-policy",
+        "false",
+    ]);
+    let mut w = workload(&["tree", "2", "", &tok]);
+    let p = w.read_pairs();
+    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    w.cleanup.extend(&kids);
+    g.wait_root(parent);
+    let dirs = service_cgroup_dirs(&tok, "svc");
+    let memory_file = if dirs.len() == 1 {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    let read = |dir: &std::path::Path, file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    eventually("the first limits", WAIT, || {
+        read(&dirs[0], memory_file) == (300u64 << 20).to_string()
+    });
+    assert_eq!(read(dirs.last().unwrap(), "pids.max"), "40");
+
+    std::fs::write(&policy, policy_text("400M", 50)).unwrap();
+    kill(g.pid(), libc::SIGHUP);
+    let r = g.wait_for("the reload", |v| v["event"] == "reload");
+    assert_eq!(r["result"], "ok", "{r}");
+    assert_eq!(r["changed"], serde_json::json!(["svc"]));
+    assert_eq!(read(&dirs[0], memory_file), (400u64 << 20).to_string());
+    assert_eq!(read(dirs.last().unwrap(), "pids.max"), "50");
+    let procs = read(&dirs[0], "cgroup.procs");
+    for pid in std::iter::once(parent).chain(kids.iter().copied()) {
+        assert!(
+            procs.lines().any(|l| l == pid.to_string()),
+            "{pid} left the cgroup: {procs}"
+        );
+    }
+
+    // The service removed: its members stay where they are, alive, and its cgroup goes once
+    // they are gone.
+    std::fs::write(&policy, kill_policy(&token("reload_limits_other"), "")).unwrap();
+    kill(g.pid(), libc::SIGHUP);
+    eventually("the second reload", WAIT, || {
+        g.records()
+            .iter()
+            .filter(|v| v["event"] == "reload")
+            .count()
+            == 2
+    });
+    assert!(dirs[0].is_dir(), "a cgroup with processes was removed");
+    kill(parent, libc::SIGKILL);
+    thread::sleep(Duration::from_millis(300));
+    for &k in &kids {
+        assert!(alive(k), "a forgotten member {k} was killed");
+        kill(k, libc::SIGKILL);
+    }
+    all_gone(&kids, Duration::from_secs(2));
+    eventually("the removed service's cgroup gone", WAIT, || {
+        dirs.iter().all(|d| !d.exists())
+    });
+    g.stop();
 }
 
 /// Under systemd: READY=1 with a status line, WATCHDOG=1 from the event loop, RELOADING=1 (with
