@@ -3,6 +3,7 @@
 pub mod act;
 pub mod cli;
 pub mod daemon;
+pub mod explain;
 pub mod kernel;
 pub mod monitor;
 pub mod output;
@@ -23,6 +24,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         for w in policy.warnings() {
             eprintln!("warning: {w}");
         }
+        return Ok(());
+    }
+    if let Some(Command::Explain {
+        pid,
+        policy,
+        socket,
+        output,
+    }) = &cli.command
+    {
+        let explanation = match policy {
+            Some(path) => explain::offline(&Policy::load(path)?, *pid)?,
+            None => explain::from_daemon(socket, *pid)?,
+        };
+        let text = explain::render(&explanation, *output);
+        // Not `print!`, which panics when stdout is a closed pipe.
+        std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
         return Ok(());
     }
     // The policy is validated before anything is loaded or changed.

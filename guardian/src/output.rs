@@ -28,6 +28,17 @@ pub enum OutputFormat {
     Json,
 }
 
+impl OutputFormat {
+    /// Whether to print JSON to stdout.
+    pub fn json(self) -> bool {
+        match self {
+            Self::Json => true,
+            Self::Text => false,
+            Self::Auto => !io::stdout().is_terminal(),
+        }
+    }
+}
+
 /// A process as it appears in records.
 #[derive(Clone, Debug, Serialize)]
 pub struct Proc {
@@ -350,12 +361,7 @@ pub struct Output {
 impl Output {
     /// Prints to stdout.
     pub fn new(format: OutputFormat) -> Self {
-        let json = match format {
-            OutputFormat::Json => true,
-            OutputFormat::Text => false,
-            OutputFormat::Auto => !io::stdout().is_terminal(),
-        };
-        Self::to_writer(json, io::stdout(), QUEUE_RECORDS)
+        Self::to_writer(format.json(), io::stdout(), QUEUE_RECORDS)
     }
 
     fn to_writer(json: bool, out: impl Write + Send + 'static, capacity: usize) -> Self {
