@@ -235,6 +235,56 @@ fn orphans_not_selected_by_orphan_match_survive() {
     }
 }
 
+/// The same, found at start: the shell (whose own command line matches) and the service it
+/// launched are both roots, however the scan orders them, and the shell's normal exit leaves the
+/// service alone.
+#[test]
+fn a_root_found_at_start_below_its_launching_shell_outlives_it() {
+    let test = "shell_root_at_start";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let out = std::env::temp_dir().join(format!("{tok}.out"));
+    let script = format!(
+        "{} tree 2 keep {tok} > {} 2>&1 & read x; exit 0",
+        env!("CARGO_BIN_EXE_guardian-workload"),
+        out.display()
+    );
+    let mut shell = Command::new("/bin/sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    eventually("the backgrounded root to report", WAIT, || {
+        line = std::fs::read_to_string(&out).unwrap_or_default();
+        line.contains("children=")
+    });
+    let pairs = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let (root, kids) = (pid(&pairs, "parent"), pids(&pairs, "children"));
+    let policy = policy_file(test, &kill_policy(&tok, ""));
+    let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
+    assert_eq!(g.wait_root(root)["found"], "startup");
+    assert_eq!(g.wait_root(shell.id())["found"], "startup");
+    drop(shell.stdin.take()); // `read` ends: the shell exits normally
+    assert!(shell.wait().unwrap().success());
+    thread::sleep(Duration::from_millis(400));
+    assert!(alive(root), "the root lost its shell, and must live");
+    for &k in &kids {
+        assert!(alive(k), "a child of a live root is no orphan");
+    }
+    kill(root, libc::SIGKILL);
+    all_gone(&kids, Duration::from_secs(1));
+    let records = g.stop();
+    assert!(decisions(&records, root).is_empty(), "{records:?}");
+    let _ = std::fs::remove_file(&out);
+}
+
 #[test]
 fn a_root_whose_launching_shell_exits_is_left_alone() {
     let test = "shell_root";

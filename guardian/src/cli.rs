@@ -74,6 +74,23 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
         output: OutputFormat,
     },
+    /// Explain why guardian treats a process as it does: its role (root, member, orphan or
+    /// none) and service, its ancestors, the selector keys that matched, what happens if its
+    /// parent dies, its rank as a memory victim, and the protections that apply.
+    Explain {
+        /// The process id.
+        pid: u32,
+        /// Answer from this policy file and `/proc` now, without the daemon (as a guardian
+        /// starting now would see the processes; it cannot know what happened before).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// The running daemon's control socket (without `--policy`).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Output format: `text` (the default on a terminal) or `json` (the default otherwise).
+        #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
+        output: OutputFormat,
+    },
     /// Validate a policy and print a summary of its services.
     Check {
         /// The policy file to check.

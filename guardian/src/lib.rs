@@ -3,6 +3,7 @@
 pub mod act;
 pub mod cli;
 pub mod daemon;
+pub mod explain;
 pub mod kernel;
 pub mod monitor;
 pub mod output;
@@ -36,6 +37,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         } else {
             print!("{}", daemon::render_status(&status));
         }
+        return Ok(());
+    }
+    if let Some(Command::Explain {
+        pid,
+        policy,
+        socket,
+        output,
+    }) = &cli.command
+    {
+        let text = match policy {
+            Some(path) => explain::render(&explain::offline(&Policy::load(path)?, *pid)?, *output),
+            None => explain::from_daemon(
+                &serve::control::socket_path(socket.as_deref()),
+                *pid,
+                *output,
+            )?,
+        };
+        // Not `print!`, which panics when stdout is a closed pipe.
+        std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())?;
         return Ok(());
     }
     // The policy is validated before anything is loaded or changed.

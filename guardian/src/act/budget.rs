@@ -30,7 +30,7 @@ use crate::{
     output::{Clock, Record},
     policy::{CgroupMode, Mode, OrphanAction, Policy, Service, Victim},
     procs::{self, Pin, Pinned},
-    table::Process,
+    table::{Process, Table},
 };
 
 /// Fallback memory check interval when no kernel notification applies (ns).
@@ -206,10 +206,7 @@ impl BudgetEngine {
 
     /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.
     fn kernel_enforced(&self, svc: usize, s: &Service) -> bool {
-        s.cgroup == CgroupMode::Own
-            && self.mode == Mode::Enforce
-            && self.cgroupfs.is_some()
-            && !self.services[svc].fallback
+        kernel_charged(s, self.mode) && self.cgroupfs.is_some() && !self.services[svc].fallback
     }
 
     /// A process became a member: in `own` mode it is moved into the service's cgroup (created,
@@ -584,7 +581,7 @@ impl BudgetEngine {
             (_, Some(h)) if usage > h => Some((h, Reason::MemoryHigh)),
             _ => None,
         };
-        let members = pinned_members(state, svc, &st.skip);
+        let members = pinned_members(&state.table, svc, &st.skip);
         // The cheap figure first: what the kernel charges the cgroup, or the members' resident
         // sets summed (an upper bound of their proportional sets).
         let charged = match (&st.cgroup, kernel) {
@@ -617,10 +614,10 @@ impl BudgetEngine {
         // every member's PSS would cost milliseconds (a page-table walk each) between the
         // crossing and the kill. Otherwise the resident sets are kept for the next bound.
         let (sized, rss) = match charged {
-            Some(_) => (members.into_iter().map(|m| (m.p, m.rss)).collect(), None),
+            Some(_) => (victim_sizes(members, false), None),
             None => {
                 let rss: HashMap<(u32, u64), u64> = members.iter().map(Member::keyed_rss).collect();
-                (proportional(members), Some(rss))
+                (victim_sizes(members, true), Some(rss))
             }
         };
         let mut usage = charged.unwrap_or_else(|| sized.iter().map(|(_, pss)| pss).sum());
@@ -759,6 +756,13 @@ impl BudgetEngine {
     }
 }
 
+/// Whether the policy puts this service's budgets on a cgroup of guardian's, in `mode`: then
+/// the kernel enforces `memory_max`, its charge is the usage, and victims are sized by resident
+/// memory (unless the cgroup cannot be used, when guardian counts as in `inherit` mode).
+pub(crate) fn kernel_charged(s: &Service, mode: Mode) -> bool {
+    s.cgroup == CgroupMode::Own && mode == Mode::Enforce
+}
+
 /// An error with its causes, for a decision's `result`.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -806,7 +810,7 @@ impl PssSnapshot {
 
 /// A member with its resident memory, read through its pinned `/proc` directory. The directory
 /// is not kept: a service may have thousands of members, and descriptors are for signals.
-struct Member<'a> {
+pub(crate) struct Member<'a> {
     p: &'a Process,
     rss: u64,
 }
@@ -820,9 +824,12 @@ impl Member<'_> {
 
 /// The members guardian may still choose, each checked to be the process the table knows: one
 /// that has gone, or whose pid another process holds now, is left out.
-fn pinned_members<'a>(state: &'a State, svc: usize, skip: &HashSet<(u32, u64)>) -> Vec<Member<'a>> {
-    state
-        .table
+pub(crate) fn pinned_members<'a>(
+    table: &'a Table,
+    svc: usize,
+    skip: &HashSet<(u32, u64)>,
+) -> Vec<Member<'a>> {
+    table
         .iter_alive()
         .filter(|p| p.service == Some(svc) && !skip.contains(&(p.pid, p.start_ns)))
         .filter_map(|p| match Pinned::open(p.pid, Some(p.start_ns)) {
@@ -834,6 +841,17 @@ fn pinned_members<'a>(state: &'a State, svc: usize, skip: &HashSet<(u32, u64)>) 
             Pin::Gone | Pin::Reused | Pin::Failed(_) => None,
         })
         .collect()
+}
+
+/// Members with the size their victim order goes by: their proportional set size (`pss`), or
+/// their resident memory where the kernel's charge is the service's usage (no page-table walk
+/// between the crossing and the kill).
+pub(crate) fn victim_sizes(members: Vec<Member<'_>>, pss: bool) -> Vec<(&Process, u64)> {
+    if pss {
+        proportional(members)
+    } else {
+        members.into_iter().map(|m| (m.p, m.rss)).collect()
+    }
 }
 
 /// Members with their proportional set size, read through their pinned directories (opened
@@ -865,7 +883,7 @@ fn proportional(members: Vec<Member<'_>>) -> Vec<(&Process, u64)> {
 
 /// Members with their sizes in the order `memory_victim` kills them; a root comes only after
 /// every other member.
-fn victim_order(mut sized: Vec<(&Process, u64)>, how: Victim) -> Vec<(&Process, u64)> {
+pub(crate) fn victim_order(mut sized: Vec<(&Process, u64)>, how: Victim) -> Vec<(&Process, u64)> {
     match how {
         Victim::OrphansThenLargest => {
             sized.sort_by_key(|(p, r)| (p.root, Reverse(p.orphan), Reverse(*r)))

@@ -175,6 +175,11 @@ impl Enforcer {
         }
     }
 
+    /// The protections in force.
+    pub fn protections(&self) -> &Protections {
+        &self.protections
+    }
+
     /// A reloaded policy: its mode and protections apply from now on, and decisions still
     /// waiting (retries, SIGKILLs due after SIGTERM) for services it no longer has are dropped:
     /// their members are forgotten, not killed.

@@ -23,13 +23,14 @@ use crate::{
     act::budget::{BudgetEngine, NewTask},
     act::enforce::{Enforcer, Reason, Request},
     cli::RunArgs,
+    explain,
     kernel::events::{Exec, ExitStatus},
     kernel::loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, Reload, State, DRAIN_INTERVAL},
     output::{Output, Proc, Record},
     policy::protect::Protections,
     policy::selector::Candidate,
-    policy::{watch::PolicyWatch, AtStart, Mode, OrphanAction, Policy},
+    policy::{watch::PolicyWatch, AtStart, Mode, OrphanAction, Policy, Service},
     procs::{self, Pin, Pinned, ProcInfo},
     serve::{
         self, control,
@@ -300,21 +301,114 @@ fn enter(state: &mut State, pid: u32, known: &HashMap<u32, &ProcInfo>) -> bool {
 }
 
 /// Whether a `/proc` entry is a live process (a zombie leader with live threads still is one).
-fn live(p: &ProcInfo) -> bool {
+pub(crate) fn live(p: &ProcInfo) -> bool {
     let dead = matches!(p.state, 'Z' | 'X') && p.threads <= 1;
     !p.kernel_thread && !dead
+}
+
+/// The first service (in file order) whose selectors the candidate matches; never pid 1 nor
+/// guardian itself (`self_pid`).
+pub(crate) fn match_service(policy: &Policy, self_pid: u32, c: &Candidate<'_>) -> Option<usize> {
+    if c.pid <= 1 || c.pid == self_pid {
+        return None;
+    }
+    policy.services.iter().position(|s| s.selector.matches(c))
+}
+
+/// What [`find_roots`] found: (pid, service) pairs, in scan order.
+pub(crate) struct Found {
+    pub roots: Vec<(u32, usize)>,
+    /// Processes already orphaned when found (see [`orphaned_at_start`]).
+    pub at_start: Vec<(u32, usize)>,
+}
+
+/// The service roots among the live processes of `scan` (`by_pid` indexes it) that belong to no
+/// service yet (`assigned` says which do), and the processes already orphaned at start. The
+/// start-up rule, shared with `guardian explain --policy`.
+pub(crate) fn find_roots(
+    policy: &Policy,
+    self_pid: u32,
+    scan: &[ProcInfo],
+    by_pid: &HashMap<u32, &ProcInfo>,
+    assigned: impl Fn(u32) -> bool,
+) -> Found {
+    let mut matched: HashMap<u32, usize> = HashMap::new();
+    for p in scan {
+        if assigned(p.pid) {
+            continue;
+        }
+        if let Some(svc) = match_service(policy, self_pid, &Candidate::from(p)) {
+            matched.insert(p.pid, svc);
+        }
+    }
+    let mut roots = Vec::new();
+    let mut at_start = Vec::new();
+    for p in scan {
+        let Some(&svc) = matched.get(&p.pid) else {
+            continue;
+        };
+        // A match below another match of the same service, with its parent's very command
+        // line, is a forked worker (no exec of its own): a member, not a root.
+        let mut up = p.ppid;
+        let mut below_root = false;
+        for _ in 0..by_pid.len() {
+            match by_pid.get(&up) {
+                Some(a) if a.pid > 1 => {
+                    if matched.get(&a.pid) == Some(&svc) {
+                        below_root = true;
+                        break;
+                    }
+                    up = a.ppid;
+                }
+                _ => break,
+            }
+        }
+        let forked = by_pid
+            .get(&p.ppid)
+            .is_some_and(|parent| parent.argv == p.argv);
+        if below_root && forked {
+            continue;
+        }
+        if orphaned_at_start(&policy.services[svc], p, by_pid) {
+            at_start.push((p.pid, svc));
+        } else {
+            roots.push((p.pid, svc));
+        }
+    }
+    // Deepest first: a root's adoption stops at the roots already adopted below it, so a
+    // service launched by a matching shell (`sh -c "app &"`) stays a root of its own, and the
+    // shell's exit does not make it an orphan.
+    let depth = |pid: u32| {
+        let mut up = pid;
+        let mut d = 0usize;
+        while let Some(p) = by_pid.get(&up).filter(|p| p.pid > 1 && d < by_pid.len()) {
+            up = p.ppid;
+            d += 1;
+        }
+        d
+    };
+    roots.sort_by_key(|&(pid, _)| std::cmp::Reverse(depth(pid)));
+    Found { roots, at_start }
+}
+
+/// A selector-matching process found at start whose parent is init, which is not its own
+/// process-group leader, and whose group leader is gone: the signature of a worker left behind
+/// by a dead parent (a service started by init leads its own group). With `orphan_match`, that
+/// must select it too.
+fn orphaned_at_start(service: &Service, p: &ProcInfo, by_pid: &HashMap<u32, &ProcInfo>) -> bool {
+    if p.ppid != 1 || p.pgid == p.pid || by_pid.contains_key(&p.pgid) {
+        return false;
+    }
+    match &service.orphan_match {
+        Some(m) => m.matches(&Candidate::from(p)),
+        None => true,
+    }
 }
 
 impl Daemon {
     /// The first service (in file order) whose selectors the candidate matches.
     fn match_service(&self, c: &Candidate<'_>) -> Option<usize> {
-        if c.pid <= 1 || c.pid == self.self_pid {
-            return None;
-        }
-        self.policy
-            .services
-            .iter()
-            .position(|s| s.selector.matches(c))
+        match_service(&self.policy, self.self_pid, c)
     }
 
     fn emit(&mut self, records: impl IntoIterator<Item = Record>) {
@@ -457,53 +551,10 @@ impl Daemon {
         }
 
         // Service roots among processes that belong to no service.
-        let mut matched: HashMap<u32, usize> = HashMap::new();
-        for p in &scan {
-            if state
-                .table
-                .alive(p.pid)
-                .is_some_and(|e| e.service.is_some())
-            {
-                continue;
-            }
-            if let Some(svc) = self.match_service(&Candidate::from(p)) {
-                matched.insert(p.pid, svc);
-            }
-        }
-        let mut roots = Vec::new();
-        let mut at_start = Vec::new();
-        for p in &scan {
-            let Some(&svc) = matched.get(&p.pid) else {
-                continue;
-            };
-            // A match below another match of the same service, with its parent's very command
-            // line, is a forked worker (no exec of its own): a member, not a root.
-            let mut up = p.ppid;
-            let mut below_root = false;
-            for _ in 0..by_pid.len() {
-                match by_pid.get(&up) {
-                    Some(a) if a.pid > 1 => {
-                        if matched.get(&a.pid) == Some(&svc) {
-                            below_root = true;
-                            break;
-                        }
-                        up = a.ppid;
-                    }
-                    _ => break,
-                }
-            }
-            let forked = by_pid
-                .get(&p.ppid)
-                .is_some_and(|parent| parent.argv == p.argv);
-            if below_root && forked {
-                continue;
-            }
-            if self.orphaned_at_start(p, svc, &by_pid) {
-                at_start.push((p.pid, svc));
-            } else {
-                roots.push((p.pid, svc));
-            }
-        }
+        let Found { roots, at_start } =
+            find_roots(&self.policy, self.self_pid, &scan, &by_pid, |pid| {
+                state.table.alive(pid).is_some_and(|e| e.service.is_some())
+            });
         let found = why.as_str();
         for (pid, svc) in roots {
             if state.table.alive(pid).is_some_and(|e| e.service.is_some()) {
@@ -515,6 +566,9 @@ impl Daemon {
         }
         for (pid, svc) in at_start {
             self.adopt(state, pid, svc, false, &by_pid);
+            // An orphan like those guardian sees made: counted as one, and first in line as a
+            // memory victim under `orphans-then-largest`.
+            state.table.set_orphan(pid);
             let service = &self.policy.services[svc];
             let action = match service.orphans_at_start {
                 AtStart::Report => OrphanAction::Report,
@@ -582,25 +636,6 @@ impl Daemon {
         self.emit_one(&record);
         // What was wrong has been put right; checks start afresh.
         self.checks.suspects.clear();
-    }
-
-    /// A selector-matching process found at start whose parent is init, which is not its own
-    /// process-group leader, and whose group leader is gone: the signature of a worker left
-    /// behind by a dead parent (a service started by init leads its own group). With
-    /// `orphan_match`, that must select it too.
-    fn orphaned_at_start(
-        &self,
-        p: &ProcInfo,
-        svc: usize,
-        by_pid: &HashMap<u32, &ProcInfo>,
-    ) -> bool {
-        if p.ppid != 1 || p.pgid == p.pid || by_pid.contains_key(&p.pgid) {
-            return false;
-        }
-        match &self.policy.services[svc].orphan_match {
-            Some(m) => m.matches(&Candidate::from(p)),
-            None => true,
-        }
     }
 
     /// Tracks a member in the kernel; when its map is full, the member is followed from
@@ -954,7 +989,21 @@ impl Handler for Daemon {
     fn ask(&mut self, state: &mut State, query: &Query) -> Answer {
         match query {
             Query::Status => Ok(self.status(state)),
-            Query::Explain { .. } => Err("explain is not served by this daemon".into()),
+            &Query::Explain { pid, text } => {
+                let ctx = explain::Context {
+                    policy: &self.policy,
+                    table: &state.table,
+                    protections: self.enforcer.protections(),
+                    mode: self.enforcer.mode,
+                    source: explain::Source::Daemon,
+                };
+                let e = explain::explain(&ctx, pid).map_err(|e| e.to_string())?;
+                if text {
+                    Ok(explain::render_text(&e).into())
+                } else {
+                    serde_json::to_value(&e).map_err(|e| e.to_string())
+                }
+            }
         }
     }
 

@@ -23,7 +23,8 @@ pub struct Protect {
 /// Who must never be signalled.
 #[derive(Debug)]
 pub struct Protections {
-    self_pid: u32,
+    /// The guardian daemon, if known.
+    guardian: Option<u32>,
     /// guardian's ancestors (its launcher, shell, supervisor...).
     ancestors: HashSet<u32>,
     names: Vec<String>,
@@ -31,20 +32,27 @@ pub struct Protections {
 }
 
 impl Protections {
+    /// The protections of the guardian running them.
     pub fn new(protect: &Protect) -> Self {
-        let self_pid = std::process::id();
+        Self::of(protect, Some(std::process::id()))
+    }
+
+    /// The protections of the guardian daemon `guardian` (with its ancestors); `None` when no
+    /// daemon is known, and only the other protections apply.
+    pub fn of(protect: &Protect, guardian: Option<u32>) -> Self {
         let mut ancestors = HashSet::new();
-        let mut pid = self_pid;
-        for _ in 0..4096 {
-            match procs::stat(pid) {
-                Some(st) if st.ppid > 0 && ancestors.insert(st.ppid) => pid = st.ppid,
-                _ => break,
+        if let Some(mut pid) = guardian {
+            for _ in 0..4096 {
+                match procs::stat(pid) {
+                    Some(st) if st.ppid > 0 && ancestors.insert(st.ppid) => pid = st.ppid,
+                    _ => break,
+                }
             }
         }
         let mut names: Vec<String> = BUILTIN_PROTECTED.iter().map(|s| s.to_string()).collect();
         names.extend(protect.names.iter().cloned());
         Self {
-            self_pid,
+            guardian,
             ancestors,
             names,
             selectors: protect.selectors.clone(),
@@ -53,44 +61,57 @@ impl Protections {
 
     /// Why `p` must not be signalled, if it must not: the checks that need no `/proc` read.
     pub fn refuse(&self, p: &Process) -> Option<String> {
-        self.refuse_parts(p.pid, p.kernel_thread, &p.comm)
+        self.plain(p.pid, p.kernel_thread, &p.comm).next()
     }
 
     /// Every check on what `/proc` shows right now, read through `p` (the table may lag an
     /// exec, and selectors need the process's current executable, user and cgroups). Called on
     /// the freshly pinned process right before a signal.
     pub fn refuse_now(&mut self, p: &Pinned) -> Option<String> {
-        if let Some(why) = self.refuse_parts(p.pid, p.stat.kernel_thread, &p.stat.comm) {
-            return Some(why);
-        }
-        let c = Candidate::pinned(p);
+        // A user created since guardian started is protected from then on.
         for s in &mut self.selectors {
-            // A user created since guardian started is protected from then on.
             s.resolve_user();
-            if s.matches(&c) {
-                return Some(format!("protected by `{}`", s.describe()));
-            }
         }
-        None
+        self.all(p).next()
     }
 
-    fn refuse_parts(&self, pid: u32, kernel_thread: bool, comm: &str) -> Option<String> {
-        if pid <= 1 {
-            return Some(format!("pid {pid} is init"));
-        }
-        if pid == self.self_pid {
-            return Some("guardian itself".into());
-        }
-        if self.ancestors.contains(&pid) {
-            return Some("an ancestor of guardian".into());
-        }
-        if kernel_thread {
-            return Some("a kernel thread".into());
-        }
-        if self.names.iter().any(|n| n == comm) {
-            return Some(format!("protected name `{comm}`"));
-        }
-        None
+    /// Every protection that applies to `p`, as [`Protections::refuse_now`] would check it now
+    /// (without looking user names up again), in the order they are checked.
+    pub fn applying(&self, p: &Pinned) -> Vec<String> {
+        self.all(p).collect()
+    }
+
+    fn all<'s>(&'s self, p: &'s Pinned) -> impl Iterator<Item = String> + 's {
+        let c = Candidate::pinned(p);
+        self.plain(p.pid, p.stat.kernel_thread, &p.stat.comm).chain(
+            self.selectors
+                .iter()
+                .filter(move |s| s.matches(&c))
+                .map(|s| format!("protected by `{}`", s.describe())),
+        )
+    }
+
+    /// The protections that need no `/proc` read, each said only if it applies.
+    fn plain<'s>(
+        &'s self,
+        pid: u32,
+        kernel_thread: bool,
+        comm: &'s str,
+    ) -> impl Iterator<Item = String> + 's {
+        [
+            (pid <= 1).then(|| format!("pid {pid} is init")),
+            (self.guardian == Some(pid)).then(|| "guardian itself".into()),
+            self.ancestors
+                .contains(&pid)
+                .then(|| "an ancestor of guardian".into()),
+            kernel_thread.then(|| "a kernel thread".into()),
+            self.names
+                .iter()
+                .any(|n| n == comm)
+                .then(|| format!("protected name `{comm}`")),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -126,6 +147,11 @@ mod tests {
         assert!(prot.refuse(&proc(99_999, "sshd")).is_some());
         assert!(prot.refuse(&proc(99_999, "redis-server")).is_some());
         assert!(prot.refuse(&proc(99_999, "python3")).is_none());
+        // Without a known daemon, this process and its ancestors are nobody in particular.
+        let none = Protections::of(&names(&[]), None);
+        assert_eq!(none.refuse(&proc(std::process::id(), "x")), None);
+        assert_eq!(none.refuse(&proc(parent, "x")), None);
+        assert!(none.refuse(&proc(1, "x")).is_some());
     }
 
     /// Selectors are checked on the pinned process, against what `/proc` says now.
@@ -151,11 +177,22 @@ mod tests {
         let why = Protections::new(&by_user(euid)).refuse_now(&pinned);
         let other = Protections::new(&by_user(euid.wrapping_add(1))).refuse_now(&pinned);
         let by_name = Protections::new(&names(&["sleep"])).refuse_now(&pinned);
+        let mut both = by_user(euid);
+        both.names.push("sleep".into());
+        let all = Protections::new(&both).applying(&pinned);
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(why, Some(format!("protected by `uid={euid}`")));
         assert_eq!(other, None, "another user's process is not protected");
         assert_eq!(by_name, Some("protected name `sleep`".into()));
+        assert_eq!(
+            all,
+            [
+                "protected name `sleep`".to_owned(),
+                format!("protected by `uid={euid}`")
+            ],
+            "every protection that applies, the first being the refusal's"
+        );
         assert_eq!(
             Protections::new(&by_user(euid)).refuse(&proc(pid, "sleep")),
             None,

@@ -8,6 +8,7 @@ use std::{borrow::Cow, cell::OnceCell};
 
 use globset::GlobMatcher;
 use regex::Regex;
+use serde::Serialize;
 
 use crate::{
     kernel::events::Exec,
@@ -79,16 +80,24 @@ impl User {
         }
     }
 
-    fn describe(&self) -> String {
+    /// The condition as written, with what a name resolved to: `1000`, `alice (uid 1000)`.
+    fn pattern(&self) -> String {
         match self {
-            Self::Id(uid) => format!("uid={uid}"),
+            Self::Id(uid) => uid.to_string(),
             Self::Name {
                 name,
                 uid: Some(uid),
-            } => format!("user={name} (uid {uid})"),
+            } => format!("{name} (uid {uid})"),
             Self::Name { name, uid: None } => {
-                format!("user={name} (no such user yet: matches nothing)")
+                format!("{name} (no such user yet: matches nothing)")
             }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Id(uid) => format!("uid={uid}"),
+            Self::Name { .. } => format!("user={}", self.pattern()),
         }
     }
 }
@@ -138,35 +147,33 @@ impl Selector {
     /// checked last and only if the others hold; a process that cannot be pinned (gone, or its
     /// pid reused) fails them all.
     pub fn matches(&self, c: &Candidate<'_>) -> bool {
-        if let Some((_, g)) = &self.comm {
-            if !g.is_match(c.comm) {
-                return false;
-            }
-        }
-        if let Some(re) = &self.cmdline {
-            if !c.cmdline().is_some_and(|cmd| re.is_match(cmd)) {
-                return false;
-            }
-        }
-        if let Some(user) = &self.user {
-            if user.uid().is_none() || c.euid() != user.uid() {
-                return false;
-            }
-        }
-        if let Some((_, g)) = &self.exe {
-            if !c.exe().is_some_and(|e| g.is_match(e)) {
-                return false;
-            }
-        }
-        if let Some(cgroup) = &self.cgroup {
-            if !c
-                .cgroups()
-                .is_some_and(|paths| paths.iter().any(|p| in_cgroup(p, cgroup)))
-            {
-                return false;
-            }
-        }
-        true
+        self.keys().all(|k| k.holds(c))
+    }
+
+    /// Every condition checked on the candidate, in the order [`Selector::matches`] checks them,
+    /// with what the candidate showed (`/proc` is read for all of them).
+    pub fn checks(&self, c: &Candidate<'_>) -> Vec<KeyCheck> {
+        self.keys().map(|k| k.check(c)).collect()
+    }
+
+    /// The condition that makes [`Selector::matches`] fail, if one does: the first that does not
+    /// hold, reading `/proc` only as far as `matches` would.
+    pub fn first_failure(&self, c: &Candidate<'_>) -> Option<KeyCheck> {
+        self.keys().find(|k| !k.holds(c)).map(|k| k.check(c))
+    }
+
+    /// The conditions in the order they are checked: what the event gives first, then what
+    /// needs `/proc`.
+    fn keys(&self) -> impl Iterator<Item = Key<'_>> {
+        [
+            self.comm.as_ref().map(|(g, m)| Key::Comm(g, m)),
+            self.cmdline.as_ref().map(Key::Cmdline),
+            self.user.as_ref().map(Key::User),
+            self.exe.as_ref().map(|(g, m)| Key::Exe(g, m)),
+            self.cgroup.as_deref().map(Key::Cgroup),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// A one-line description, for `guardian check`.
@@ -188,6 +195,83 @@ impl Selector {
             parts.push(u.describe());
         }
         parts.join(" ")
+    }
+}
+
+/// One condition of a selector checked on one process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KeyCheck {
+    /// `comm`, `cmdline`, `user`, `exe` or `cgroup`.
+    pub key: &'static str,
+    /// What the policy says.
+    pub pattern: String,
+    /// What the process showed; `None` when it could not be read (it is gone, its pid belongs
+    /// to another process now, or `/proc` refused).
+    pub value: Option<String>,
+    pub matched: bool,
+}
+
+/// One condition of a selector.
+enum Key<'s> {
+    Comm(&'s str, &'s GlobMatcher),
+    Cmdline(&'s Regex),
+    User(&'s User),
+    Exe(&'s str, &'s GlobMatcher),
+    Cgroup(&'s str),
+}
+
+impl Key<'_> {
+    /// The one place a condition is decided.
+    fn holds(&self, c: &Candidate<'_>) -> bool {
+        match *self {
+            Self::Comm(_, g) => g.is_match(c.comm),
+            Self::Cmdline(re) => c.cmdline().is_some_and(|cmd| re.is_match(cmd)),
+            Self::User(u) => u.uid().is_some() && c.euid() == u.uid(),
+            Self::Exe(_, g) => c.exe().is_some_and(|e| g.is_match(e)),
+            Self::Cgroup(under) => c
+                .cgroups()
+                .is_some_and(|paths| paths.iter().any(|p| in_cgroup(p, under))),
+        }
+    }
+
+    /// The condition's outcome with what the candidate showed (read once: the candidate keeps
+    /// what it read).
+    fn check(&self, c: &Candidate<'_>) -> KeyCheck {
+        let matched = self.holds(c);
+        let (key, pattern, value) = match *self {
+            Self::Comm(g, _) => ("comm", g.to_owned(), Some(c.comm.to_owned())),
+            Self::Cmdline(re) => (
+                "cmdline",
+                re.as_str().to_owned(),
+                c.cmdline().map(str::to_owned),
+            ),
+            Self::User(u) => ("user", u.pattern(), c.euid().map(describe_uid)),
+            Self::Exe(g, _) => ("exe", g.to_owned(), c.exe().map(str::to_owned)),
+            Self::Cgroup(under) => {
+                let paths = c.cgroups().map(|paths| {
+                    // The path that holds it when one does, else all of them.
+                    match paths.iter().find(|p| in_cgroup(p, under)) {
+                        Some(p) => p.clone(),
+                        None => paths.join(", "),
+                    }
+                });
+                ("cgroup", under.to_owned(), paths)
+            }
+        };
+        KeyCheck {
+            key,
+            pattern,
+            value,
+            matched,
+        }
+    }
+}
+
+/// `1000 (alice)`, or the bare uid when it has no name.
+fn describe_uid(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => format!("{uid} ({})", u.name),
+        _ => uid.to_string(),
     }
 }
 
@@ -482,6 +566,61 @@ mod tests {
             ),
             None => eprintln!("only root cgroups here: the component check ran on strings only"),
         }
+    }
+
+    /// `checks` and `first_failure` say what `matches` decides, key by key, in its order; the
+    /// first failure reads no more of `/proc` than `matches` does.
+    #[test]
+    fn checks_agree_with_matches_key_by_key() {
+        let (pid, start) = me();
+        let s = Selector {
+            cmdline: Some(Regex::new("worker").unwrap()),
+            comm: glob("py*"),
+            user: Some(User::Id(euid())),
+            cgroup: Some("/".into()),
+            ..Selector::default()
+        };
+        let cases = [
+            ("python3", "python3 worker", true),
+            ("bash", "python3 worker", false),
+            ("python3", "python3 api", false),
+        ];
+        for (comm, cmd, want) in cases {
+            let c = Candidate::new(pid, Some(start), comm, cmd);
+            let checks = s.checks(&c);
+            let keys: Vec<&str> = checks.iter().map(|k| k.key).collect();
+            assert_eq!(keys, ["comm", "cmdline", "user", "cgroup"], "match order");
+            assert_eq!(s.matches(&c), want, "{comm} {cmd}");
+            assert_eq!(checks.iter().all(|k| k.matched), want);
+            assert_eq!(
+                s.first_failure(&c),
+                checks.iter().find(|k| !k.matched).cloned()
+            );
+        }
+        let c = Candidate::new(pid, Some(start), "python3", "python3 api");
+        let miss = s.first_failure(&c).unwrap();
+        assert_eq!(
+            (miss.key, miss.pattern.as_str(), miss.value.as_deref()),
+            ("cmdline", "worker", Some("python3 api"))
+        );
+        assert_eq!(
+            c.euid.get(),
+            None,
+            "stopped at the cmdline: user never read"
+        );
+        let user = &s.checks(&c)[2];
+        assert!(
+            user.matched
+                && user
+                    .value
+                    .as_deref()
+                    .unwrap()
+                    .starts_with(&euid().to_string())
+        );
+        // A process that is gone shows no value for what `/proc` would have said.
+        let gone = Candidate::new(u32::MAX, None, "python3", "python3 worker");
+        let miss = s.first_failure(&gone).unwrap();
+        assert_eq!((miss.key, miss.value), ("user", None));
     }
 
     #[test]

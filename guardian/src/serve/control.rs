@@ -35,7 +35,13 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(tag = "query", rename_all = "snake_case")]
 pub enum Query {
     Status,
-    Explain { pid: u32 },
+    /// With `text`, the explanation comes rendered for a terminal (a JSON string); otherwise
+    /// as its JSON object.
+    Explain {
+        pid: u32,
+        #[serde(default)]
+        text: bool,
+    },
 }
 
 /// The daemon's answer: a JSON value, or why there is none.
@@ -203,8 +209,12 @@ mod tests {
 
     #[test]
     fn queries_are_one_json_object() {
-        let q = serde_json::to_string(&Query::Explain { pid: 42 }).unwrap();
-        assert_eq!(q, r#"{"query":"explain","pid":42}"#);
+        let q = serde_json::to_string(&Query::Explain {
+            pid: 42,
+            text: false,
+        })
+        .unwrap();
+        assert_eq!(q, r#"{"query":"explain","pid":42,"text":false}"#);
         assert_eq!(
             serde_json::from_str::<Query>(r#"{"query":"status"}"#).unwrap(),
             Query::Status
