@@ -1,11 +1,14 @@
-//! Task and memory budgets on real processes, with cgroups created below this test's own cgroup
-//! (a relative `cgroup_parent`) and removed afterwards.
+//! Task, memory and CPU budgets on real processes, with cgroups created below this test's own
+//! cgroup (a relative `cgroup_parent`) and removed afterwards.
 
-use std::{thread, time::Duration};
+use std::{
+    fs, thread,
+    time::{Duration, Instant},
+};
 
 use guardian_tests::{
-    alive, budget_test_ready, eventually, pid, policy_file, service_cgroup_dirs, token,
-    CgroupCleanup, Guardian, Workload, WAIT,
+    alive, budget_test_ready, eventually, missing, pid, policy_file, service_cgroup_dirs,
+    service_cpu_cgroup_dir, token, CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -77,7 +80,8 @@ fn wait_placed(g: &Guardian, root: u32, own: bool) {
 
 /// The service cgroup, and the parent guardian created for it, are removed.
 fn assert_removed(tok: &str) {
-    let dirs = service_cgroup_dirs(tok, "svc");
+    let mut dirs = service_cgroup_dirs(tok, "svc");
+    dirs.extend(service_cpu_cgroup_dir(tok, "svc"));
     eventually(
         "the service cgroup and its parent to be removed",
         WAIT,
@@ -368,4 +372,131 @@ fn audit_mode_limits_and_kills_nothing() {
     pids.dedup();
     assert_eq!(pids.len(), n, "a fork recorded twice: {over:?}");
     assert!(!over.is_empty());
+}
+
+/// CPU time (user + system) a process has used, in clock ticks, from `/proc/PID/stat`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
+    // After the name come the state (field 3) ... utime (14) and stime (15).
+    let after_name: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| -> u64 { after_name[n - 3].parse().unwrap() };
+    field(14) + field(15)
+}
+
+/// The share of one CPU each process used over `window`, side by side.
+fn cpu_shares(pids: &[u32], window: Duration) -> Vec<f64> {
+    // SAFETY: no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    let start = Instant::now();
+    thread::sleep(window);
+    let after: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    let wall = start.elapsed().as_secs_f64();
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a - b) as f64 / hz / wall)
+        .collect()
+}
+
+/// How many periods the kernel throttled a cgroup in (`nr_throttled` of `cpu.stat`, v1 and v2).
+fn nr_throttled(dir: &std::path::Path) -> u64 {
+    let stat = fs::read_to_string(dir.join("cpu.stat"))
+        .unwrap_or_else(|e| panic!("reading {}/cpu.stat: {e}", dir.display()));
+    stat.lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no nr_throttled in {}/cpu.stat: {stat}", dir.display()))
+}
+
+/// A busy loop in a service with `cpu_max = "50%"` gets at most about half a CPU (the kernel's
+/// quota: v1 `cpu.cfs_quota_us` on this host, v2 `cpu.max` in the kernel matrix), while a busy
+/// loop outside the service, measured side by side, is neither moved nor throttled.
+#[test]
+fn own_cpu_max_throttles_a_busy_loop() {
+    let test = "own_cpu_max";
+    if !budget_test_ready(test, true) {
+        return;
+    }
+    if service_cpu_cgroup_dir("x", "y").is_none() {
+        missing(
+            test,
+            "no cpu cgroup controller with CPU bandwidth control here (neither `cpu` in cgroup v2's cgroup.controllers nor a v1 cpu hierarchy with cpu.cfs_quota_us)",
+        );
+        return;
+    }
+    let Some((tok, g)) = start(test, true, "cpu_max = \"50%\"\ncgroup = \"own\"", &[]) else {
+        return;
+    };
+    let cpu_dir = service_cpu_cgroup_dir(&tok, "svc").unwrap();
+    let mut inside = workload(&["spin", "30", &tok]);
+    let root = pid(&inside.read_pairs(), "pid");
+    wait_placed(&g, root, true);
+    let limit = g.wait_for("the cpu_max limit record", |v| {
+        v["event"] == "decision" && v["action"] == "limit" && v["reason"] == "cpu_max"
+    });
+    assert_eq!(limit["performed"], true, "{limit}");
+    assert_eq!(limit["limit"], 50_000, "µs per 100 ms period: {limit}");
+    let mut outside = workload(&["spin", "30"]);
+    let other = pid(&outside.read_pairs(), "pid");
+    let throttled = nr_throttled(&cpu_dir);
+
+    let shares = cpu_shares(&[root, other], Duration::from_secs(3));
+    let (held, free) = (shares[0] * 100.0, shares[1] * 100.0);
+    eprintln!(
+        "{test}: over 3 s, the busy loop under cpu_max 50% used {held:.1}% of a CPU; the one outside the service {free:.1}%"
+    );
+    assert!(
+        held <= 55.0,
+        "cpu_max 50% did not hold: {held:.1}% of a CPU"
+    );
+    assert!(
+        held >= 20.0,
+        "the busy loop hardly ran ({held:.1}%): nothing was measured"
+    );
+    // The loop outside getting well over the quota shows the machine had room for the one inside
+    // too: then the kernel must have held it back. (A machine too busy to give either loop half
+    // a CPU leaves nothing to throttle.)
+    if free > 60.0 {
+        assert!(
+            nr_throttled(&cpu_dir) > throttled,
+            "the kernel never throttled {}",
+            cpu_dir.display()
+        );
+    } else {
+        eprintln!("{test}: the machine was too busy for throttling to show ({free:.1}% outside)");
+    }
+    // The limit as the kernel shows it, and the loop where the kernel applies it.
+    let read = |f: &str| {
+        fs::read_to_string(cpu_dir.join(f))
+            .unwrap_or_else(|e| panic!("reading {}/{f}: {e}", cpu_dir.display()))
+    };
+    if cpu_dir.join("cpu.max").exists() {
+        assert_eq!(read("cpu.max").trim(), "50000 100000");
+    } else {
+        assert_eq!(read("cpu.cfs_period_us").trim(), "100000");
+        assert_eq!(read("cpu.cfs_quota_us").trim(), "50000");
+    }
+    let procs = read("cgroup.procs");
+    assert!(
+        procs.lines().any(|l| l == root.to_string()),
+        "{root} is not in {}: {procs}",
+        cpu_dir.display()
+    );
+    // What must not happen: the loop outside the service is left where it was.
+    let other_cgroups = fs::read_to_string(format!("/proc/{other}/cgroup")).unwrap();
+    assert!(!other_cgroups.contains(&tok), "{other_cgroups}");
+
+    drop(inside);
+    drop(outside);
+    assert_removed(&tok);
+    let records = g.stop();
+    let limits = decisions(&records, |v| v["action"] == "limit");
+    assert_eq!(limits.len(), 1, "the cpu_max alone: {limits:?}");
 }

@@ -564,11 +564,18 @@ fn a_reload_rewrites_a_kept_services_limits_and_retires_a_removed_ones_cgroup() 
     let tok = token(test);
     let _cleanup = CgroupCleanup(tok.clone());
     let policy_text = |memory_max: &str, tasks_max: u32| {
+        let memory_max = if memory_max.is_empty() {
+            String::new()
+        } else {
+            format!("memory_max = \"{memory_max}\"\n")
+        };
         format!(
             "cgroup_parent = \"{tok}\"\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\n\
-             orphans = \"report\"\ncgroup = \"own\"\nmemory_max = \"{memory_max}\"\ntasks_max = {tasks_max}\n"
+             orphans = \"report\"\ncgroup = \"own\"\n{memory_max}tasks_max = {tasks_max}\n"
         )
     };
+    // What the kernel shows for no limit: `max` on v2, a huge number on v1.
+    let unlimited = |v: &str| v == "max" || v.parse::<u64>().is_ok_and(|n| n >= 1 << 60);
     let policy = policy_file(test, &policy_text("300M", 40));
     let g = Guardian::start(&[
         "--policy",
@@ -613,18 +620,41 @@ fn a_reload_rewrites_a_kept_services_limits_and_retires_a_removed_ones_cgroup() 
         );
     }
 
-    // The service removed: its members stay where they are, alive, and its cgroup goes once
-    // they are gone.
-    std::fs::write(&policy, kill_policy(&token("reload_limits_other"), "")).unwrap();
+    // memory_max dropped: its limit is lifted, tasks_max stays.
+    std::fs::write(&policy, policy_text("", 50)).unwrap();
     kill(g.pid(), libc::SIGHUP);
-    eventually("the second reload", WAIT, || {
+    let reloads = || {
         g.records()
             .iter()
             .filter(|v| v["event"] == "reload")
             .count()
-            == 2
-    });
+    };
+    eventually("the second reload", WAIT, || reloads() == 2);
+    let memory = read(&dirs[0], memory_file);
+    assert!(unlimited(&memory), "memory_max left at {memory}");
+    assert_eq!(read(dirs.last().unwrap(), "pids.max"), "50");
+
+    // The service removed: its members stay where they are, alive and no longer limited, and
+    // its cgroup goes once they are gone.
+    let other = format!(
+        "cgroup_parent = \"{tok}\"\n{}",
+        kill_policy(&token("reload_limits_other"), "").replace("\"svc\"", "\"other\"")
+    );
+    std::fs::write(&policy, other).unwrap();
+    kill(g.pid(), libc::SIGHUP);
+    eventually("the third reload", WAIT, || reloads() == 3);
+    let r = g
+        .records()
+        .into_iter()
+        .filter(|v| v["event"] == "reload")
+        .nth(2)
+        .unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    assert_eq!(r["removed"], serde_json::json!(["svc"]));
+    assert_eq!(r["added"], serde_json::json!(["other"]));
+    assert_eq!(r["forgotten"], 3);
     assert!(dirs[0].is_dir(), "a cgroup with processes was removed");
+    assert!(unlimited(&read(dirs.last().unwrap(), "pids.max")));
     kill(parent, libc::SIGKILL);
     thread::sleep(Duration::from_millis(300));
     for &k in &kids {

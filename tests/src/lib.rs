@@ -437,13 +437,14 @@ pub fn kill_policy(tok: &str, extra: &str) -> String {
 }
 
 /// Removes, when dropped (the test passed or not), the cgroup of service `svc` and its parent
-/// `self.0` in each hierarchy, as [`service_cgroup_dirs`] finds them: empty ones only (rmdir
-/// refuses others).
+/// `self.0` in each hierarchy, as [`service_cgroup_dirs`] and [`service_cpu_cgroup_dir`] find
+/// them: empty ones only (rmdir refuses others).
 pub struct CgroupCleanup(pub String);
 
 impl Drop for CgroupCleanup {
     fn drop(&mut self) {
-        for d in service_cgroup_dirs(&self.0, "svc") {
+        let cpu = service_cpu_cgroup_dir(&self.0, "svc");
+        for d in service_cgroup_dirs(&self.0, "svc").into_iter().chain(cpu) {
             let _ = std::fs::remove_dir(&d);
             if let Some(parent) = d.parent() {
                 let _ = std::fs::remove_dir(parent);
@@ -625,32 +626,57 @@ pub fn spawn_with_pid(pid: u32) -> Option<Child> {
 /// this process's own cgroup, in the v2 hierarchy when it has the memory and pids controllers,
 /// else in the v1 memory and pids hierarchies. (Worked out independently of guardian's code.)
 pub fn service_cgroup_dirs(parent: &str, service: &str) -> Vec<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let own_in = |ctrl: &str| -> String {
-        own.lines()
-            .find_map(|l| {
-                let mut p = l.splitn(3, ':');
-                let (_, c, path) = (p.next()?, p.next()?, p.next()?);
-                let hit = if ctrl.is_empty() {
-                    c.is_empty()
-                } else {
-                    c.split(',').any(|x| x == ctrl)
-                };
-                hit.then(|| path.trim_start_matches('/').to_owned())
-            })
-            .unwrap_or_default()
-    };
-    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
-    let has = |c: &str| v2.split_whitespace().any(|x| x == c);
     let dir = |mount: &str, own: String| PathBuf::from(mount).join(own).join(parent).join(service);
-    if has("memory") && has("pids") {
-        vec![dir("/sys/fs/cgroup", own_in(""))]
+    if v2_has("memory") && v2_has("pids") {
+        vec![dir("/sys/fs/cgroup", own_cgroup(""))]
     } else {
         vec![
-            dir("/sys/fs/cgroup/memory", own_in("memory")),
-            dir("/sys/fs/cgroup/pids", own_in("pids")),
+            dir("/sys/fs/cgroup/memory", own_cgroup("memory")),
+            dir("/sys/fs/cgroup/pids", own_cgroup("pids")),
         ]
     }
+}
+
+/// The directory of a service cgroup in the cpu controller's hierarchy, as guardian creates it
+/// for a service with a `cpu_max` and a relative `cgroup_parent`: the v2 directory where the
+/// memory and pids controllers are on v2, else the one in the v1 cpu hierarchy (also reached as
+/// `/sys/fs/cgroup/cpu` where it is mounted as `cpu,cpuacct`). `None`: no cpu controller there
+/// (or no CPU bandwidth control in the kernel).
+pub fn service_cpu_cgroup_dir(parent: &str, service: &str) -> Option<PathBuf> {
+    if v2_has("memory") && v2_has("pids") {
+        let own = PathBuf::from("/sys/fs/cgroup").join(own_cgroup(""));
+        return v2_has("cpu").then(|| own.join(parent).join(service));
+    }
+    let own = PathBuf::from("/sys/fs/cgroup/cpu").join(own_cgroup("cpu"));
+    own.join("cpu.cfs_quota_us")
+        .is_file()
+        .then(|| own.join(parent).join(service))
+}
+
+/// This process's cgroup in the hierarchy of controller `ctrl` (`""`: the v2 one), without its
+/// leading `/`.
+fn own_cgroup(ctrl: &str) -> String {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    own.lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+            let hit = if ctrl.is_empty() {
+                c.is_empty()
+            } else {
+                c.split(',').any(|x| x == ctrl)
+            };
+            hit.then(|| path.trim_start_matches('/').to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// Whether the v2 hierarchy at `/sys/fs/cgroup` offers controller `c`.
+fn v2_has(c: &str) -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|x| x == c)
 }
 
 /// Whether the machine has the cgroup controllers the budget tests need.

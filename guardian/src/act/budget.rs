@@ -1,8 +1,9 @@
-//! Per-service task and memory budgets.
+//! Per-service task, memory and CPU budgets.
 //!
-//! `cgroup = "own"`: the kernel enforces `tasks_max` and `memory_max` on a cgroup guardian
-//! creates; guardian reports what the kernel refused or killed, and acts above `memory_high`
-//! itself (one victim, then a re-check), before the kernel's OOM killer picks a wrong one.
+//! `cgroup = "own"`: the kernel enforces `tasks_max`, `memory_max` and `cpu_max` on a cgroup
+//! guardian creates; guardian reports what the kernel refused or killed, and acts above
+//! `memory_high` itself (one victim, then a re-check), before the kernel's OOM killer picks a
+//! wrong one. (`cpu_max` exists only there: counting cannot throttle.)
 //! `cgroup = "inherit"` (and audit mode, where nothing is created): guardian counts tasks from
 //! its process table and memory from the members' own, and acts itself. So does an `own`
 //! service whose cgroup cannot be used (refused, or a write failed) until its last process ends.
@@ -23,12 +24,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     act::cgroup::{
-        budget_values, fired, Cgroupfs, Counters, Layout, Limit, Origin, Plan, ServiceCgroup,
+        budget_values, fired, CgroupError, Cgroupfs, Counters, Layout, Origin, Plan, ServiceCgroup,
     },
     act::enforce::{Enforcer, Note, Reason, Request},
     monitor::State,
     output::{Clock, Record},
-    policy::{CgroupMode, Mode, OrphanAction, Policy, Service, Victim},
+    policy::{
+        cpu_percent, Budget, Budgets, CgroupMode, Mode, OrphanAction, Policy, Service, Victim,
+    },
     procs::{self, Pin, Pinned},
     table::{Process, Table},
 };
@@ -125,6 +128,19 @@ impl BudgetEngine {
             ),
             None => None,
         };
+        // Nothing else holds a cpu_max: better not to start than to run without it.
+        let layout = cgroupfs.as_ref().map(Cgroupfs::layout);
+        let cpu_max = policy
+            .services
+            .iter()
+            .find_map(|s| s.budgets.cpu_max.map(|quota| (s, quota)));
+        if let Some((s, quota)) = cpu_max.filter(|_| !layout.is_some_and(Layout::has_cpu)) {
+            return Err(anyhow::Error::new(CgroupError::NoCpu).context(format!(
+                "service `{}` wants cpu_max = \"{}\"",
+                s.name,
+                cpu_percent(quota)
+            )));
+        }
         Ok(Self {
             mode,
             cgroupfs,
@@ -136,6 +152,11 @@ impl BudgetEngine {
                 .collect(),
             retiring: Vec::new(),
         })
+    }
+
+    /// Whether a service has a cgroup of guardian's now (or one waits to be removed).
+    pub fn has_cgroups(&self) -> bool {
+        !self.retiring.is_empty() || self.services.iter().any(|st| st.cgroup.is_some())
     }
 
     /// The service's memory as last measured (services with a memory budget).
@@ -180,18 +201,34 @@ impl BudgetEngine {
                 Some((n, s)) => {
                     again.push(n);
                     // Still `own` in enforce mode: the same directory is opened again (it is
-                    // guardian's, marked) and given the new limits as members are placed.
+                    // guardian's, marked) and given the new limits as members are placed;
+                    // the limits the new budgets drop are lifted here.
                     let reused =
                         mode == Mode::Enforce && s.cgroup == CgroupMode::Own && s.budgets.any();
-                    if let Some(cg) = st.cgroup.take().filter(|_| !reused) {
+                    if let Some(cg) = st.cgroup.take() {
+                        let dropped = if reused {
+                            dropped(&before.budgets, &s.budgets)
+                        } else {
+                            before.budgets.clone()
+                        };
+                        lift(&cg, &dropped, &before.name);
+                        if !reused {
+                            self.retiring.push(cg);
+                        }
+                    }
+                }
+                None => {
+                    // Forgotten, and no longer limited: its processes stay where they are.
+                    if let Some(cg) = st.cgroup.take() {
+                        lift(&cg, &before.budgets, &before.name);
                         self.retiring.push(cg);
                     }
                 }
-                None => self.retiring.extend(st.cgroup.take()),
             }
         }
         self.services = states;
         self.mode = mode;
+        self.parent.clone_from(&new.cgroup_parent);
         Ok(again)
     }
 
@@ -243,23 +280,23 @@ impl BudgetEngine {
                 usage: None,
                 limit,
             };
-        let plan = || Plan::new(fs.layout(), &self.parent, &service.name);
+        let plan = || Plan::new(fs.layout(), &self.parent, &service.name, &service.budgets);
         if self.mode == Mode::Audit {
             if !st.limits_noted {
                 st.limits_noted = true;
-                let results: Vec<(Reason, u64, String)> = match &plan() {
-                    Ok(plan) => plan
-                        .limits(&service.budgets)
-                        .iter()
-                        .map(|l| {
-                            let r = format!("audit: would write {}", describe(l));
-                            (l.budget.into(), l.value, r)
-                        })
-                        .collect(),
-                    Err(e) => budget_values(&service.budgets)
-                        .map(|(b, v)| (b.into(), v, format!("error: {}", chain(e))))
-                        .collect(),
-                };
+                let results: Vec<(Reason, u64, String)> =
+                    match plan().and_then(|plan| plan.limits(&service.budgets)) {
+                        Ok(limits) => limits
+                            .iter()
+                            .map(|l| {
+                                let r = format!("audit: would write {}", l.describe());
+                                (l.budget.into(), l.value, r)
+                            })
+                            .collect(),
+                        Err(e) => budget_values(&service.budgets)
+                            .map(|(b, v)| (b.into(), v, format!("error: {}", chain(&e))))
+                            .collect(),
+                    };
                 for (reason, value, result) in results {
                     records.push(
                         enforcer.note(clock, note("limit", reason, false, result, Some(value))),
@@ -271,8 +308,8 @@ impl BudgetEngine {
         if st.cgroup.is_none() && !st.fallback {
             let set_up = plan().and_then(|plan| {
                 let cg = plan.create(fs)?;
-                match cg.write_limits(&service.budgets) {
-                    Ok(()) => Ok(cg),
+                match cg.apply_limits(&service.budgets) {
+                    Ok(limits) => Ok((cg, limits)),
                     Err(e) => {
                         // Whatever guardian made for it goes again (it is still empty).
                         let mut cg = cg;
@@ -282,8 +319,8 @@ impl BudgetEngine {
                 }
             });
             match set_up {
-                Ok(cg) => {
-                    for l in cg.limits(&service.budgets) {
+                Ok((cg, limits)) => {
+                    for l in limits {
                         let how = match cg.origin(&l) {
                             Some(Origin::Marked) => {
                                 "reused guardian's cgroup from an earlier run: "
@@ -293,7 +330,7 @@ impl BudgetEngine {
                             }
                             Some(Origin::Created) | None => "",
                         };
-                        let result = format!("{how}wrote {}", describe(&l));
+                        let result = format!("{how}wrote {}", l.describe());
                         records.push(enforcer.note(
                             clock,
                             note("limit", l.budget.into(), true, result, Some(l.value)),
@@ -314,8 +351,7 @@ impl BudgetEngine {
                     warn!(service = %service.name, "cannot use the service cgroup, guardian enforces its budgets itself: {}", chain(&e));
                     st.fallback = true;
                     for (budget, value) in budget_values(&service.budgets) {
-                        let result =
-                            format!("error: {}; guardian enforces the budget itself", chain(&e));
+                        let result = format!("error: {}; {}", chain(&e), without_cgroup(budget));
                         records.push(enforcer.note(
                             clock,
                             note("limit", budget.into(), false, result, Some(value)),
@@ -350,7 +386,15 @@ impl BudgetEngine {
                         "move",
                         Reason::Budget,
                         false,
-                        format!("error: {}; guardian enforces the budgets itself", chain(&e)),
+                        format!(
+                            "error: {}; guardian enforces the budgets itself{}",
+                            chain(&e),
+                            if service.budgets.cpu_max.is_some() {
+                                " (cpu_max excepted: it cannot throttle CPU by counting)"
+                            } else {
+                                ""
+                            }
+                        ),
                         None,
                     ),
                 ));
@@ -714,7 +758,8 @@ impl BudgetEngine {
             {
                 continue;
             }
-            let Ok(plan) = Plan::new(fs.layout(), &self.parent, &service.name) else {
+            let Ok(plan) = Plan::new(fs.layout(), &self.parent, &service.name, &service.budgets)
+            else {
                 continue;
             };
             // Opening is creating where a directory is missing: only a complete leftover is
@@ -763,6 +808,33 @@ pub(crate) fn kernel_charged(s: &Service, mode: Mode) -> bool {
     s.cgroup == CgroupMode::Own && mode == Mode::Enforce
 }
 
+/// The budgets `old` sets and `new` does not.
+fn dropped(old: &Budgets, new: &Budgets) -> Budgets {
+    Budgets {
+        tasks_max: old.tasks_max.filter(|_| new.tasks_max.is_none()),
+        memory_max: old.memory_max.filter(|_| new.memory_max.is_none()),
+        memory_high: old.memory_high.filter(|_| new.memory_high.is_none()),
+        cpu_max: old.cpu_max.filter(|_| new.cpu_max.is_none()),
+    }
+}
+
+/// Lifts a cgroup's limits `b` sets, saying so (or why not).
+fn lift(cg: &ServiceCgroup, b: &Budgets, service: &str) {
+    if !b.any() {
+        return;
+    }
+    match cg.lift_limits(b) {
+        Ok(()) => {
+            info!(service, dir = %cg.dirs()[0].display(), "limits the policy no longer sets were lifted")
+        }
+        Err(e) => warn!(
+            service,
+            "cannot lift limits the policy no longer sets: {}",
+            chain(&e)
+        ),
+    }
+}
+
 /// An error with its causes, for a decision's `result`.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -775,10 +847,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// `memory.max=209715200 to /sys/fs/cgroup/.../memory.max`
-fn describe(l: &Limit) -> String {
-    let name = l.path.file_name().unwrap_or_default().to_string_lossy();
-    format!("{name}={} to {}", l.value, l.path.display())
+/// What becomes of a budget while the service's cgroup cannot be used.
+fn without_cgroup(budget: Budget) -> &'static str {
+    match budget {
+        Budget::CpuMax => "cpu_max is not enforced (guardian cannot throttle CPU by counting)",
+        Budget::TasksMax | Budget::MemoryMax | Budget::MemoryHigh => {
+            "guardian enforces the budget itself"
+        }
+    }
 }
 
 /// What a PSS pass found, for the passes it spares.
@@ -904,19 +980,30 @@ mod tests {
     /// An engine for one `own` service with tasks_max and memory_max, on a scratch v1 tree
     /// (`m` and `p` stand in for the memory and pids hierarchies).
     fn engine(root: &Path) -> (BudgetEngine, Policy) {
+        engine_for(root, Mode::Enforce, "tasks_max = 8\nmemory_max = \"200M\"")
+    }
+
+    /// An engine in `mode` for one `own` service with the budget keys `budgets`, on a scratch
+    /// v1 tree (`m`, `p` and `c` stand in for the memory, pids and cpu hierarchies).
+    fn engine_for(root: &Path, mode: Mode, budgets: &str) -> (BudgetEngine, Policy) {
         let policy = Policy::parse(
             Path::new("p.toml"),
-            "cgroup_parent = \"/guardian\"\n[[service]]\nname = \"svc\"\nmatch = { comm = \"x\" }\ntasks_max = 8\nmemory_max = \"200M\"\ncgroup = \"own\"\n",
+            &format!("cgroup_parent = \"/guardian\"\n[[service]]\nname = \"svc\"\nmatch = {{ comm = \"x\" }}\n{budgets}\ncgroup = \"own\"\n"),
         )
         .unwrap();
+        for d in ["m", "p", "c"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
         let mi = format!(
-            "33 25 0:30 / {} rw - cgroup cgroup rw,memory\n35 25 0:32 / {} rw - cgroup cgroup rw,pids\n",
+            "33 25 0:30 / {} rw - cgroup cgroup rw,memory\n35 25 0:32 / {} rw - cgroup cgroup rw,pids\n32 25 0:29 / {} rw - cgroup cgroup rw,cpu,cpuacct\n",
             root.join("m").display(),
-            root.join("p").display()
+            root.join("p").display(),
+            root.join("c").display()
         );
-        let layout = Layout::from_proc(&mi, "8:pids:/\n4:memory:/\n", |_| None).unwrap();
+        let layout =
+            Layout::from_proc(&mi, "8:pids:/\n4:memory:/\n2:cpu,cpuacct:/\n", |_| None).unwrap();
         let engine = BudgetEngine {
-            mode: Mode::Enforce,
+            mode,
             cgroupfs: Some(Cgroupfs::open_scratch(layout).unwrap()),
             parent: policy.cgroup_parent.clone(),
             services: vec![ServiceState::default()],
@@ -996,6 +1083,98 @@ mod tests {
             assert!(engine.kernel_enforced(0, &policy.services[0]));
             fs::remove_dir_all(&root).unwrap();
         }
+    }
+
+    /// The `limit` records of a cpu_max: what audit mode would write, what was written, and, when
+    /// the cgroup cannot be used, that nothing else holds it.
+    #[test]
+    fn cpu_max_records_in_audit_enforce_and_failure() {
+        let root = std::env::temp_dir().join(format!("guardian-budget-{}-cpu", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let keys = "tasks_max = 8\ncpu_max = \"50%\"";
+        let place = |mode: Mode| {
+            let (mut engine, policy) = engine_for(&root, mode, keys);
+            let mut enforcer = Enforcer::new(
+                mode,
+                Protections::new(&crate::policy::protect::Protect::default()),
+            );
+            let records = engine.place(
+                &mut enforcer,
+                &Clock::new(),
+                &policy,
+                0,
+                &member(999_999, true),
+            );
+            let cpu: Vec<serde_json::Value> = records
+                .iter()
+                .map(|r| serde_json::to_value(r).unwrap())
+                .filter(|v| v["reason"] == "cpu_max")
+                .collect();
+            assert_eq!(
+                cpu.len(),
+                1,
+                "{mode:?}: one record for the cpu_max: {records:?}"
+            );
+            assert_eq!(cpu[0]["action"], "limit");
+            assert_eq!(cpu[0]["limit"], 50_000, "µs per 100 ms period");
+            (cpu[0].clone(), engine)
+        };
+        let svc = |d: &str| root.join(d).join("guardian/svc");
+
+        let (audit, _) = place(Mode::Audit);
+        assert_eq!(audit["performed"], false);
+        assert_eq!(
+            audit["result"],
+            format!(
+                "audit: would write cpu.cfs_period_us=100000 to {}, then cpu.cfs_quota_us=50000 to {}",
+                svc("c").join("cpu.cfs_period_us").display(),
+                svc("c").join("cpu.cfs_quota_us").display()
+            )
+        );
+        assert_eq!(entries(&root.join("c")), 0, "audit mode creates nothing");
+
+        // The limit files the kernel would have made are missing: the cgroup cannot be used.
+        let (failed, mut engine) = place(Mode::Enforce);
+        assert_eq!(failed["performed"], false);
+        let result = failed["result"].as_str().unwrap();
+        assert!(result.starts_with("error: cannot write"), "{result}");
+        assert!(
+            result.ends_with("cpu_max is not enforced (guardian cannot throttle CPU by counting)"),
+            "{result}"
+        );
+        assert_eq!(entries(&root.join("c")), 0, "what was made is gone again");
+        engine.release(0, "svc");
+
+        // As the kernel makes them (here: the operator's directories).
+        for (d, files) in [
+            ("m", &[][..]),
+            ("p", &["pids.max"][..]),
+            ("c", &["cpu.cfs_period_us", "cpu.cfs_quota_us"][..]),
+        ] {
+            fs::create_dir_all(svc(d)).unwrap();
+            for f in files.iter().chain(&["cgroup.procs"]) {
+                fs::write(svc(d).join(f), "").unwrap();
+            }
+        }
+        let (wrote, _) = place(Mode::Enforce);
+        assert_eq!(wrote["performed"], true, "{wrote}");
+        assert!(
+            wrote["result"].as_str().unwrap().ends_with(&format!(
+                "then cpu.cfs_quota_us=50000 to {}",
+                svc("c").join("cpu.cfs_quota_us").display()
+            )),
+            "{wrote}"
+        );
+        assert_eq!(
+            fs::read_to_string(svc("c").join("cpu.cfs_quota_us")).unwrap(),
+            "50000"
+        );
+        assert_eq!(
+            fs::read_to_string(svc("c").join("cgroup.procs")).unwrap(),
+            "999999",
+            "moved into the cpu hierarchy with the others"
+        );
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

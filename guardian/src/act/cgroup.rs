@@ -2,7 +2,9 @@
 //! counters read, removed once empty.
 //!
 //! Two layouts are supported: the unified hierarchy (cgroup v2) with the `memory` and `pids`
-//! controllers, and the v1 `memory` and `pids` hierarchies (hybrid hosts keep those on v1).
+//! controllers, and the v1 `memory` and `pids` hierarchies (hybrid hosts keep those on v1). A
+//! service with a `cpu_max` also needs the `cpu` controller: on v2 in the same hierarchy, on v1
+//! its own (often `cpu,cpuacct`), where the service gets a third directory.
 //!
 //! guardian runs as root, and the names it uses come from a policy and from `/proc`: every access
 //! goes through file descriptors so that none can lead outside the cgroup mount. Each
@@ -37,7 +39,7 @@ use rustix::{
 use thiserror::Error;
 use tracing::warn;
 
-use crate::policy::{Budget, Budgets};
+use crate::policy::{Budget, Budgets, CPU_PERIOD_US};
 
 /// `statfs` type of a cgroup v1 hierarchy.
 const CGROUP_SUPER_MAGIC: u64 = 0x0027_e0eb;
@@ -68,6 +70,16 @@ pub enum CgroupError {
          both enabled, or the v1 memory and pids hierarchies)"
     )]
     NoControllers,
+    #[error(
+        "no cpu controller for `cpu_max`: cgroup v2 has no `cpu` in cgroup.controllers, and no \
+         v1 cpu hierarchy is mounted"
+    )]
+    NoCpu,
+    #[error(
+        "`{path}` was set up without the cpu controller (its service had no `cpu_max` then): a \
+         cpu_max applies once the service's processes have ended and it starts again"
+    )]
+    NoCpuInCgroup { path: PathBuf },
     #[error("cannot read `{path}`")]
     Read {
         path: PathBuf,
@@ -125,10 +137,14 @@ pub fn entries(text: &str) -> impl Iterator<Item = (&str, &str)> {
 /// The hierarchies guardian uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Layout {
-    /// cgroup v2, mounted here, with `memory` and `pids` available.
-    V2 { mount: Hierarchy },
-    /// cgroup v1 `memory` and `pids` hierarchies.
-    V1 { memory: Hierarchy, pids: Hierarchy },
+    /// cgroup v2, mounted here, with `memory` and `pids` available, and `cpu` if `cpu`.
+    V2 { mount: Hierarchy, cpu: bool },
+    /// cgroup v1 `memory` and `pids` hierarchies, and the `cpu` one if mounted.
+    V1 {
+        memory: Hierarchy,
+        pids: Hierarchy,
+        cpu: Option<Hierarchy>,
+    },
 }
 
 /// A mounted hierarchy: where it is mounted, which cgroup path the mount shows at its top
@@ -210,6 +226,7 @@ impl Layout {
                         mount_root: root.clone(),
                         own: own("").unwrap_or_else(|| "/".into()),
                     },
+                    cpu: has("cpu"),
                 });
             }
         }
@@ -224,8 +241,20 @@ impl Layout {
                 })
         };
         match (v1("memory"), v1("pids")) {
-            (Some(memory), Some(pids)) => Ok(Self::V1 { memory, pids }),
+            (Some(memory), Some(pids)) => Ok(Self::V1 {
+                memory,
+                pids,
+                cpu: v1("cpu"),
+            }),
             _ => Err(CgroupError::NoControllers),
+        }
+    }
+
+    /// Whether `cpu_max` can be written: the cpu controller is available.
+    pub fn has_cpu(&self) -> bool {
+        match self {
+            Self::V2 { cpu, .. } => *cpu,
+            Self::V1 { cpu, .. } => cpu.is_some(),
         }
     }
 
@@ -361,7 +390,7 @@ struct Mount {
 #[derive(Debug)]
 pub struct Cgroupfs {
     layout: Layout,
-    /// v2: the unified mount; v1: the memory mount, then the pids mount.
+    /// v2: the unified mount; v1: the memory mount, the pids mount, then the cpu mount if any.
     mounts: Vec<Mount>,
     /// Who must own an existing directory for guardian to use it: root.
     owner: u32,
@@ -388,8 +417,11 @@ impl Cgroupfs {
         owner: u32,
     ) -> Result<Self, CgroupError> {
         let (expected, hierarchies) = match &layout {
-            Layout::V2 { mount } => (CGROUP2_SUPER_MAGIC, vec![mount]),
-            Layout::V1 { memory, pids } => (CGROUP_SUPER_MAGIC, vec![memory, pids]),
+            Layout::V2 { mount, .. } => (CGROUP2_SUPER_MAGIC, vec![mount]),
+            Layout::V1 { memory, pids, cpu } => (
+                CGROUP_SUPER_MAGIC,
+                [memory, pids].into_iter().chain(cpu).collect(),
+            ),
         };
         let mut mounts = Vec::new();
         for h in hierarchies {
@@ -425,15 +457,31 @@ impl Cgroupfs {
     }
 }
 
-/// A limit file and the value a budget writes there.
+/// The limit files a budget writes, and the values it writes there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limit {
-    pub path: PathBuf,
-    pub value: u64,
     pub budget: Budget,
-    /// Which of the cgroup's directories it is in.
+    /// The budget's value: tasks, bytes, or CPU µs per [`CPU_PERIOD_US`].
+    pub value: u64,
+    /// Which of the cgroup's directories the files are in, and its path.
     dir: usize,
-    file: &'static str,
+    dir_path: PathBuf,
+    /// The files, in the order they are written, with what each gets.
+    writes: Vec<(&'static str, String)>,
+}
+
+impl Limit {
+    /// `memory.max=209715200 to /sys/fs/cgroup/.../memory.max`, one such part per file.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .writes
+            .iter()
+            .map(|(file, value)| {
+                format!("{file}={value} to {}", self.dir_path.join(file).display())
+            })
+            .collect();
+        parts.join(", then ")
+    }
 }
 
 /// The budgets a service sets, in the order their limits are written.
@@ -442,6 +490,7 @@ pub fn budget_values(b: &Budgets) -> impl Iterator<Item = (Budget, u64)> {
         (Budget::TasksMax, b.tasks_max),
         (Budget::MemoryMax, b.memory_max),
         (Budget::MemoryHigh, b.memory_high),
+        (Budget::CpuMax, b.cpu_max),
     ]
     .into_iter()
     .filter_map(|(budget, value)| value.map(|v| (budget, v)))
@@ -479,25 +528,46 @@ struct PlannedDir {
     names: Vec<String>,
 }
 
+/// The controllers of a service cgroup, numbered as its v1 directories are.
+#[derive(Clone, Copy)]
+enum Controller {
+    Memory = 0,
+    Pids = 1,
+    Cpu = 2,
+}
+
 /// Where a service's cgroup goes, checked to be plain names below each mount point.
 #[derive(Clone, Debug)]
 pub struct Plan {
     v2: bool,
+    /// Whether the cgroup has the cpu controller: only for a service with a `cpu_max` (a cpu
+    /// cgroup of its own would change how the service shares the CPUs even without a quota).
+    cpu: bool,
     service: String,
-    /// v2: one directory; v1: the memory one, then the pids one.
+    /// v2: one directory; v1: the memory one, the pids one, then the cpu one if `cpu`.
     dirs: Vec<PlannedDir>,
 }
 
 impl Plan {
-    /// The cgroup of service `name` under `parent`. A name that is not a plain directory name
-    /// (`..`, `.`, a `/` in the service name) is refused before anything is opened.
-    pub fn new(layout: &Layout, parent: &str, name: &str) -> Result<Self, CgroupError> {
+    /// The cgroup of service `name`, with budgets `b`, under `parent`. A name that is not a
+    /// plain directory name (`..`, `.`, a `/` in the service name) is refused before anything is
+    /// opened, and so is a `cpu_max` where there is no cpu controller.
+    pub fn new(
+        layout: &Layout,
+        parent: &str,
+        name: &str,
+        b: &Budgets,
+    ) -> Result<Self, CgroupError> {
         let bad = |path: String, component: &str| CgroupError::BadName {
             path,
             component: component.to_owned(),
         };
         if !plain_name(name) {
             return Err(bad(format!("{parent}/{name}"), name));
+        }
+        let cpu = b.cpu_max.is_some();
+        if cpu && !layout.has_cpu() {
+            return Err(CgroupError::NoCpu);
         }
         let dir = |mount: usize, h: &Hierarchy| -> Result<PlannedDir, CgroupError> {
             let cgroup = format!("{}/{name}", parent_path(h, parent));
@@ -512,14 +582,34 @@ impl Plan {
             })
         };
         let (v2, dirs) = match layout {
-            Layout::V2 { mount } => (true, vec![dir(0, mount)?]),
-            Layout::V1 { memory, pids } => (false, vec![dir(0, memory)?, dir(1, pids)?]),
+            Layout::V2 { mount, .. } => (true, vec![dir(0, mount)?]),
+            Layout::V1 {
+                memory,
+                pids,
+                cpu: cpu_hierarchy,
+            } => {
+                let mut dirs = vec![dir(0, memory)?, dir(1, pids)?];
+                if let Some(h) = cpu_hierarchy.as_ref().filter(|_| cpu) {
+                    dirs.push(dir(2, h)?);
+                }
+                (false, dirs)
+            }
         };
         Ok(Self {
             v2,
+            cpu,
             service: name.to_owned(),
             dirs,
         })
+    }
+
+    /// Which directory holds a controller's files: the only one on v2.
+    fn dir_of(&self, c: Controller) -> usize {
+        if self.v2 {
+            0
+        } else {
+            c as usize
+        }
     }
 
     /// The directories this cgroup consists of.
@@ -527,8 +617,14 @@ impl Plan {
         self.dirs.iter().map(|d| d.path.as_path()).collect()
     }
 
-    /// The limit files a service's budgets set, in the order they are written.
-    pub fn limits(&self, b: &Budgets) -> Vec<Limit> {
+    /// The limits budgets `b` set, in the order they are written. A `cpu_max` needs a cgroup
+    /// planned with one (the cpu controller is only there for such a service).
+    pub fn limits(&self, b: &Budgets) -> Result<Vec<Limit>, CgroupError> {
+        if b.cpu_max.is_some() && !self.cpu {
+            return Err(CgroupError::NoCpuInCgroup {
+                path: self.dirs[0].path.clone(),
+            });
+        }
         let (max_file, high_file) = if self.v2 {
             ("memory.max", "memory.high")
         } else {
@@ -536,28 +632,43 @@ impl Plan {
             // target under pressure). guardian enforces memory_high itself either way.
             ("memory.limit_in_bytes", "memory.soft_limit_in_bytes")
         };
-        let pids_dir = self.dirs.len() - 1;
-        budget_values(b)
+        Ok(budget_values(b)
             .map(|(budget, value)| {
-                let (dir, file) = match budget {
-                    Budget::TasksMax => (pids_dir, "pids.max"),
-                    Budget::MemoryMax => (0, max_file),
-                    Budget::MemoryHigh => (0, high_file),
+                let (controller, writes) = match budget {
+                    Budget::TasksMax => (Controller::Pids, vec![("pids.max", value.to_string())]),
+                    Budget::MemoryMax => (Controller::Memory, vec![(max_file, value.to_string())]),
+                    Budget::MemoryHigh => {
+                        (Controller::Memory, vec![(high_file, value.to_string())])
+                    }
+                    Budget::CpuMax if self.v2 => (
+                        Controller::Cpu,
+                        vec![("cpu.max", format!("{value} {CPU_PERIOD_US}"))],
+                    ),
+                    // The period first: the quota is checked against it.
+                    Budget::CpuMax => (
+                        Controller::Cpu,
+                        vec![
+                            ("cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+                            ("cpu.cfs_quota_us", value.to_string()),
+                        ],
+                    ),
                 };
+                let dir = self.dir_of(controller);
                 Limit {
-                    path: self.dirs[dir].path.join(file),
-                    value,
                     budget,
+                    value,
                     dir,
-                    file,
+                    dir_path: self.dirs[dir].path.clone(),
+                    writes,
                 }
             })
-            .collect()
+            .collect())
     }
 
     /// Opens each directory from the mount point down, creating (and marking) those missing.
     /// An existing directory not owned by root is refused; a refusal or error removes what this
-    /// call created. On v2, the memory and pids controllers are enabled on the way down.
+    /// call created. On v2, the memory and pids controllers (and cpu, if planned) are enabled on
+    /// the way down.
     pub fn create(self, fs: &Cgroupfs) -> Result<ServiceCgroup, CgroupError> {
         let mut cg = ServiceCgroup {
             plan: self,
@@ -746,11 +857,17 @@ impl ServiceCgroup {
         Ok(())
     }
 
-    /// Makes `memory` and `pids` available to the children of every v2 cgroup on the way down.
+    /// Makes `memory` and `pids` (and `cpu`, if planned) available to the children of every v2
+    /// cgroup on the way down.
     fn enable_controllers(&self) -> Result<(), CgroupError> {
         if !self.plan.v2 {
             return Ok(());
         }
+        let wanted: &[&str] = if self.plan.cpu {
+            &["memory", "pids", "cpu"]
+        } else {
+            &["memory", "pids"]
+        };
         let dir = &self.dirs[0];
         let mut path = self.plan.dirs[0].path.clone();
         for _ in &dir.levels {
@@ -760,9 +877,9 @@ impl ServiceCgroup {
             let fd = dir.parent_of(i);
             let file = "cgroup.subtree_control";
             let current = read_at(fd, dir.dev, file).unwrap_or_default();
-            let missing: Vec<String> = ["memory", "pids"]
-                .into_iter()
-                .filter(|c| !current.split_whitespace().any(|x| x == *c))
+            let missing: Vec<String> = wanted
+                .iter()
+                .filter(|c| !current.split_whitespace().any(|x| x == **c))
                 .map(|c| format!("+{c}"))
                 .collect();
             if !missing.is_empty() {
@@ -788,22 +905,52 @@ impl ServiceCgroup {
         self.dirs[limit.dir].levels.last().map(|l| l.origin)
     }
 
-    pub fn limits(&self, b: &Budgets) -> Vec<Limit> {
-        self.plan.limits(b)
+    /// Writes the limits budgets `b` set, in order, and returns them: when the cgroup is set up,
+    /// and again for a running service whose budgets changed. A budget `b` leaves out is not
+    /// written (a limit the operator set there stays).
+    pub fn apply_limits(&self, b: &Budgets) -> Result<Vec<Limit>, CgroupError> {
+        let limits = self.plan.limits(b)?;
+        for limit in &limits {
+            for (file, value) in &limit.writes {
+                self.dirs[limit.dir]
+                    .write(file, value)
+                    .map_err(|e| CgroupError::Write {
+                        path: limit.dir_path.join(file),
+                        value: value.clone(),
+                        source: e.into(),
+                    })?;
+            }
+        }
+        Ok(limits)
     }
 
-    pub fn write_limits(&self, b: &Budgets) -> Result<(), CgroupError> {
-        for limit in self.limits(b) {
-            let value = limit.value.to_string();
-            self.dirs[limit.dir]
-                .write(limit.file, &value)
-                .map_err(|e| CgroupError::Write {
-                    path: limit.path.clone(),
-                    value,
-                    source: e.into(),
-                })?;
+    /// Lifts the limits budgets `b` set (writes what the kernel reads as no limit): a reload
+    /// removed them, or guardian no longer enforces anything on this cgroup. Every file is
+    /// tried; the first failure is returned.
+    pub fn lift_limits(&self, b: &Budgets) -> Result<(), CgroupError> {
+        let mut result = Ok(());
+        for limit in self.plan.limits(b)? {
+            for (file, _) in &limit.writes {
+                let unlimited = match *file {
+                    "pids.max" | "memory.max" | "memory.high" => "max",
+                    "cpu.max" => "max",
+                    "memory.limit_in_bytes" | "memory.soft_limit_in_bytes" | "cpu.cfs_quota_us" => {
+                        "-1"
+                    }
+                    // The period stays: without a quota it limits nothing.
+                    _ => continue,
+                };
+                let written = self.dirs[limit.dir].write(file, unlimited);
+                if let (Err(e), Ok(())) = (written, &result) {
+                    result = Err(CgroupError::Write {
+                        path: limit.dir_path.join(file),
+                        value: unlimited.to_owned(),
+                        source: e.into(),
+                    });
+                }
+            }
         }
-        Ok(())
+        result
     }
 
     /// Moves a process (all its threads) into the cgroup.
@@ -822,11 +969,11 @@ impl ServiceCgroup {
 
     /// The memory directory and the pids directory.
     fn memory(&self) -> &OpenDir {
-        &self.dirs[0]
+        &self.dirs[self.plan.dir_of(Controller::Memory)]
     }
 
     fn pids(&self) -> &OpenDir {
-        &self.dirs[self.dirs.len() - 1]
+        &self.dirs[self.plan.dir_of(Controller::Pids)]
     }
 
     /// The kernel's counters; a counter that cannot be read keeps its value in `before`, so a
@@ -961,13 +1108,22 @@ mod tests {
 30 25 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 33 25 0:30 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 35 25 0:32 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+32 25 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
 ";
-    const HYBRID_CGROUP: &str = "8:pids:/\n4:memory:/process_api/abc\n0::/\n";
+    const HYBRID_CGROUP: &str =
+        "8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/cpu-own\n0::/\n";
 
     const BUDGETS: Budgets = Budgets {
         tasks_max: Some(8),
         memory_max: Some(200 << 20),
         memory_high: Some(100 << 20),
+        cpu_max: None,
+    };
+
+    /// [`BUDGETS`] and 1.6 CPUs.
+    const CPU_BUDGETS: Budgets = Budgets {
+        cpu_max: Some(160_000),
+        ..BUDGETS
     };
 
     /// A scratch directory removed when the test ends, pass or fail.
@@ -1040,14 +1196,14 @@ mod tests {
             Some("hugetlb\n".into())
         })
         .unwrap();
-        let Layout::V1 { memory, pids } = &l else {
+        let Layout::V1 { memory, pids, cpu } = &l else {
             panic!("{l:?}")
         };
         assert_eq!(memory.mount, Path::new("/sys/fs/cgroup/memory"));
         assert_eq!(memory.own, "/process_api/abc");
         assert_eq!(pids.own, "/");
         // Relative parents go below guardian's own cgroup, absolute ones below the root.
-        let c = Plan::new(&l, "gtest", "svc").unwrap();
+        let c = Plan::new(&l, "gtest", "svc", &BUDGETS).unwrap();
         assert_eq!(
             c.dirs(),
             vec![
@@ -1055,8 +1211,25 @@ mod tests {
                 Path::new("/sys/fs/cgroup/pids/gtest/svc")
             ]
         );
-        let c = Plan::new(&l, "/guardian", "svc").unwrap();
+        let c = Plan::new(&l, "/guardian", "svc", &BUDGETS).unwrap();
         assert_eq!(c.dirs()[0], Path::new("/sys/fs/cgroup/memory/guardian/svc"));
+        // The cpu hierarchy (co-mounted with cpuacct) only for a service with a cpu_max.
+        let cpu = cpu.as_ref().unwrap();
+        assert_eq!(cpu.mount, Path::new("/sys/fs/cgroup/cpu,cpuacct"));
+        assert_eq!(cpu.own, "/cpu-own");
+        let c = Plan::new(&l, "gtest", "svc", &CPU_BUDGETS).unwrap();
+        assert_eq!(
+            c.dirs()[2],
+            Path::new("/sys/fs/cgroup/cpu,cpuacct/cpu-own/gtest/svc")
+        );
+        let cpuacct_only = HYBRID_MOUNTINFO.replace("rw,cpu,cpuacct", "rw,cpuacct");
+        let l = Layout::from_proc(&cpuacct_only, HYBRID_CGROUP, |_| None).unwrap();
+        assert!(!l.has_cpu(), "cpuacct is not cpu: {l:?}");
+        assert!(matches!(
+            Plan::new(&l, "g", "svc", &CPU_BUDGETS),
+            Err(CgroupError::NoCpu)
+        ));
+        assert_eq!(Plan::new(&l, "g", "svc", &BUDGETS).unwrap().dirs().len(), 2);
     }
 
     #[test]
@@ -1066,14 +1239,16 @@ mod tests {
             Some("cpuset cpu io memory pids\n".into())
         })
         .unwrap();
-        let c = Plan::new(&l, "g", "svc").unwrap();
+        assert!(l.has_cpu());
+        let c = Plan::new(&l, "g", "svc", &CPU_BUDGETS).unwrap();
         assert_eq!(c.dirs(), vec![Path::new("/sys/fs/cgroup/app/g/svc")]);
         // A sibling whose name merely starts like the mount's root is not below it.
         let l = Layout::from_proc(mi, "0::/kubepods/pod10/app\n", |_| {
             Some("memory pids\n".into())
         })
         .unwrap();
-        let c = Plan::new(&l, "g", "svc").unwrap();
+        assert!(!l.has_cpu());
+        let c = Plan::new(&l, "g", "svc", &BUDGETS).unwrap();
         assert_eq!(
             c.dirs(),
             vec![Path::new("/sys/fs/cgroup/kubepods/pod10/app/g/svc")]
@@ -1095,7 +1270,7 @@ mod tests {
             ("a/./b", "svc"),
             ("..", "svc"),
         ] {
-            match Plan::new(&l, parent, name) {
+            match Plan::new(&l, parent, name, &BUDGETS) {
                 Err(e @ CgroupError::BadName { .. }) => {
                     assert!(e.to_string().starts_with("refused cgroup path"), "{e}")
                 }
@@ -1105,10 +1280,10 @@ mod tests {
         // guardian's own cgroup, from /proc, gets the same check when a relative parent uses it.
         let l = Layout::from_proc(HYBRID_MOUNTINFO, "8:pids:/..\n4:memory:/\n", |_| None).unwrap();
         assert!(matches!(
-            Plan::new(&l, "g", "svc"),
+            Plan::new(&l, "g", "svc", &BUDGETS),
             Err(CgroupError::BadName { .. })
         ));
-        assert!(Plan::new(&l, "/g", "svc@1.x-y_z").is_ok());
+        assert!(Plan::new(&l, "/g", "svc@1.x-y_z", &BUDGETS).is_ok());
     }
 
     #[test]
@@ -1181,19 +1356,22 @@ mod tests {
         let fs = Cgroupfs::open(layout.clone()).expect("the real hierarchies are cgroupfs");
         assert_eq!(
             fs.mounts.len(),
-            if matches!(layout, Layout::V2 { .. }) {
-                1
-            } else {
-                2
+            match &layout {
+                Layout::V2 { .. } => 1,
+                Layout::V1 { cpu, .. } => 2 + usize::from(cpu.is_some()),
             }
         );
         // The right filesystem for its layout: a v1 hierarchy is not taken for v2, nor the
         // reverse.
         let swapped = match layout {
-            Layout::V1 { memory, .. } => Layout::V2 { mount: memory },
-            Layout::V2 { mount } => Layout::V1 {
+            Layout::V1 { memory, .. } => Layout::V2 {
+                mount: memory,
+                cpu: true,
+            },
+            Layout::V2 { mount, .. } => Layout::V1 {
                 memory: mount.clone(),
-                pids: mount,
+                pids: mount.clone(),
+                cpu: Some(mount),
             },
         };
         assert!(matches!(
@@ -1217,9 +1395,9 @@ mod tests {
         let parent = s.dir("cg/guardian");
         fs::write(parent.join("cgroup.subtree_control"), "").unwrap();
         let mi = format!("30 25 0:27 / {} rw - cgroup2 cgroup2 rw\n", root.display());
-        let l = Layout::from_proc(&mi, "0::/\n", |_| Some("memory pids".into())).unwrap();
+        let l = Layout::from_proc(&mi, "0::/\n", |_| Some("memory pids cpu".into())).unwrap();
         let fs = Cgroupfs::open_scratch(l).unwrap();
-        let plan = Plan::new(fs.layout(), "/guardian", "svc").unwrap();
+        let plan = Plan::new(fs.layout(), "/guardian", "svc", &CPU_BUDGETS).unwrap();
         let mut c = plan.create(&fs).unwrap();
         let origins: Vec<Origin> = c.dirs[0].levels.iter().map(|l| l.origin).collect();
         assert_eq!(origins, vec![Origin::Operator, Origin::Created]);
@@ -1230,14 +1408,30 @@ mod tests {
         );
         assert_eq!(
             fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap(),
-            "+memory +pids"
+            "+memory +pids +cpu"
         );
         let dir = parent.join("svc");
         // What the kernel would have made in a new cgroup.
-        for f in ["pids.max", "memory.max", "memory.high", "cgroup.procs"] {
+        for f in [
+            "pids.max",
+            "memory.max",
+            "memory.high",
+            "cpu.max",
+            "cgroup.procs",
+        ] {
             fs::write(dir.join(f), "").unwrap();
         }
-        c.write_limits(&BUDGETS).unwrap();
+        let written = c.apply_limits(&CPU_BUDGETS).unwrap();
+        let cpu = written.last().unwrap();
+        assert_eq!((cpu.budget, cpu.value), (Budget::CpuMax, 160_000));
+        assert_eq!(
+            cpu.describe(),
+            format!("cpu.max=160000 100000 to {}", dir.join("cpu.max").display())
+        );
+        assert_eq!(
+            fs::read_to_string(dir.join("cpu.max")).unwrap(),
+            "160000 100000"
+        );
         assert_eq!(fs::read_to_string(dir.join("pids.max")).unwrap(), "8");
         assert_eq!(
             fs::read_to_string(dir.join("memory.max")).unwrap(),
@@ -1286,6 +1480,122 @@ mod tests {
         assert!(dir.exists());
     }
 
+    /// A v1 layout with a cpu hierarchy (`c`) too.
+    fn scratch_v1_cpu(s: &Scratch) -> Cgroupfs {
+        let mi = format!(
+            "33 25 0:30 / {} rw - cgroup cgroup rw,memory\n35 25 0:32 / {} rw - cgroup cgroup rw,pids\n32 25 0:29 / {} rw - cgroup cgroup rw,cpu,cpuacct\n",
+            s.dir("m").display(),
+            s.dir("p").display(),
+            s.dir("c").display()
+        );
+        let l =
+            Layout::from_proc(&mi, "8:pids:/\n4:memory:/\n2:cpu,cpuacct:/\n", |_| None).unwrap();
+        Cgroupfs::open_scratch(l).unwrap()
+    }
+
+    /// On v1 a service with a cpu_max gets a directory in the cpu hierarchy: its limits go there
+    /// (the period before the quota), its processes are moved there too, and it goes with the
+    /// others. A service without one gets none.
+    #[test]
+    fn v1_cpu_max_has_a_directory_of_its_own() {
+        let s = Scratch::new("v1cpu");
+        let fs = scratch_v1_cpu(&s);
+        let plain = Plan::new(fs.layout(), "/guardian", "plain", &BUDGETS).unwrap();
+        assert_eq!(plain.dirs().len(), 2, "no cpu cgroup without a cpu_max");
+        let plan = Plan::new(fs.layout(), "/guardian", "svc", &CPU_BUDGETS).unwrap();
+        let mut c = plan.create(&fs).unwrap();
+        let cpu_dir = s.0.join("c/guardian/svc");
+        assert_eq!(c.dirs()[2], cpu_dir);
+        for (d, files) in [
+            (
+                "m",
+                &["memory.limit_in_bytes", "memory.soft_limit_in_bytes"][..],
+            ),
+            ("p", &["pids.max"][..]),
+            ("c", &["cpu.cfs_period_us", "cpu.cfs_quota_us"][..]),
+        ] {
+            for f in files.iter().chain(&["cgroup.procs"]) {
+                fs::write(s.0.join(d).join("guardian/svc").join(f), "").unwrap();
+            }
+        }
+        let written = c.apply_limits(&CPU_BUDGETS).unwrap();
+        assert_eq!(written.len(), 4);
+        let cpu = &written[3];
+        assert_eq!(c.origin(cpu), Some(Origin::Created));
+        assert_eq!(
+            cpu.describe(),
+            format!(
+                "cpu.cfs_period_us=100000 to {}, then cpu.cfs_quota_us=160000 to {}",
+                cpu_dir.join("cpu.cfs_period_us").display(),
+                cpu_dir.join("cpu.cfs_quota_us").display()
+            )
+        );
+        let read = |f: &str| fs::read_to_string(cpu_dir.join(f)).unwrap();
+        assert_eq!(
+            (read("cpu.cfs_period_us"), read("cpu.cfs_quota_us")),
+            ("100000".into(), "160000".into())
+        );
+        assert_eq!(
+            fs::read_to_string(s.0.join("p/guardian/svc/pids.max")).unwrap(),
+            "8"
+        );
+        c.add(4242).unwrap();
+        assert_eq!(
+            read("cgroup.procs"),
+            "4242",
+            "moved into the cpu hierarchy too"
+        );
+        // Emptied (the scratch files stand in for the kernel's), it goes in every hierarchy.
+        for d in ["m", "p", "c"] {
+            let dir = s.0.join(d).join("guardian/svc");
+            for e in fs::read_dir(&dir).unwrap() {
+                fs::remove_file(e.unwrap().path()).unwrap();
+            }
+        }
+        assert!(c.remove());
+        assert!(s.tree("c").is_empty(), "{:?}", s.tree("c"));
+    }
+
+    /// A cpu_max given to a running service whose cgroup was made without one (a reload) is
+    /// refused before anything is written; the same limits without it still apply.
+    #[test]
+    fn a_cgroup_without_cpu_refuses_a_cpu_max() {
+        let s = Scratch::new("nocpu");
+        let fs = scratch_v1_cpu(&s);
+        let mut c = Plan::new(fs.layout(), "/guardian", "svc", &BUDGETS)
+            .unwrap()
+            .create(&fs)
+            .unwrap();
+        fs::write(s.0.join("p/guardian/svc/pids.max"), "").unwrap();
+        match c.apply_limits(&CPU_BUDGETS) {
+            Err(e @ CgroupError::NoCpuInCgroup { .. }) => {
+                assert!(e.to_string().contains("without the cpu controller"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            fs::read_to_string(s.0.join("p/guardian/svc/pids.max")).unwrap(),
+            "",
+            "nothing written"
+        );
+        assert!(
+            s.tree("c").is_empty(),
+            "no cpu cgroup made: {:?}",
+            s.tree("c")
+        );
+        let only_tasks = Budgets {
+            tasks_max: Some(5),
+            ..Budgets::default()
+        };
+        assert_eq!(c.apply_limits(&only_tasks).unwrap().len(), 1);
+        assert_eq!(
+            fs::read_to_string(s.0.join("p/guardian/svc/pids.max")).unwrap(),
+            "5"
+        );
+        fs::remove_file(s.0.join("p/guardian/svc/pids.max")).unwrap();
+        assert!(c.remove());
+    }
+
     /// A symlink planted where the service directory, or one of its parents, belongs: creation
     /// fails, and nothing is created or written where it points.
     #[test]
@@ -1306,7 +1616,7 @@ mod tests {
             fs::create_dir_all(planted.parent().unwrap()).unwrap();
             symlink(&outside, &planted).unwrap();
             let before = (s.tree("m"), s.tree("p"));
-            let plan = Plan::new(fs.layout(), "/guardian", "svc").unwrap();
+            let plan = Plan::new(fs.layout(), "/guardian", "svc", &BUDGETS).unwrap();
             match plan.create(&fs) {
                 Err(e @ CgroupError::NotBeneath { .. }) => {
                     assert!(
@@ -1334,7 +1644,7 @@ mod tests {
     fn ownership_and_marks_decide_reuse_and_removal() {
         let s = Scratch::new("marks");
         let fs = scratch_v1(&s);
-        let plan = || Plan::new(fs.layout(), "/guardian", "svc").unwrap();
+        let plan = || Plan::new(fs.layout(), "/guardian", "svc", &BUDGETS).unwrap();
         let origins = |c: &ServiceCgroup| -> Vec<Vec<Origin>> {
             c.dirs
                 .iter()

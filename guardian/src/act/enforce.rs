@@ -35,6 +35,8 @@ pub enum Reason {
     MemoryHigh,
     /// Its service is over `memory_max`.
     MemoryMax,
+    /// A service's `cpu_max` (only ever a limit written: the kernel throttles, no one is killed).
+    CpuMax,
     /// A budget is being put in place (cgroup created, process moved).
     Budget,
 }
@@ -45,6 +47,7 @@ impl From<crate::policy::Budget> for Reason {
             crate::policy::Budget::TasksMax => Self::TasksMax,
             crate::policy::Budget::MemoryMax => Self::MemoryMax,
             crate::policy::Budget::MemoryHigh => Self::MemoryHigh,
+            crate::policy::Budget::CpuMax => Self::CpuMax,
         }
     }
 }
@@ -58,6 +61,7 @@ impl Reason {
             Self::TasksMax => "tasks_max",
             Self::MemoryHigh => "memory_high",
             Self::MemoryMax => "memory_max",
+            Self::CpuMax => "cpu_max",
             Self::Budget => "budget",
         }
     }

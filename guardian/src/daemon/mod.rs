@@ -1107,6 +1107,14 @@ pub fn check(policy: &Policy) -> String {
                     svc.memory_victim.as_str()
                 ));
             }
+            if let Some(c) = svc.budgets.cpu_max {
+                let cpus = c as f64 / crate::policy::CPU_PERIOD_US as f64;
+                parts.push(format!(
+                    "cpu_max {} ({cpus} CPU{})",
+                    crate::policy::cpu_percent(c),
+                    if cpus == 1.0 { "" } else { "s" }
+                ));
+            }
             s.push_str(&format!(
                 "    budgets        {}; cgroup {}\n",
                 parts.join(", "),

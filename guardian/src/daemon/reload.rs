@@ -126,10 +126,10 @@ impl Daemon {
                  not to report threads; restart guardian to count them"
             );
         }
-        if new.cgroup_parent != self.policy.cgroup_parent {
+        if new.cgroup_parent != self.policy.cgroup_parent && self.budgets.has_cgroups() {
             bail!(
-                "cgroup_parent changed ({} -> {}): the services' cgroups cannot move while they \
-                 run; restart guardian",
+                "cgroup_parent changed ({} -> {}) while services have cgroups of guardian's: \
+                 they cannot move while they run; restart guardian",
                 self.policy.cgroup_parent,
                 new.cgroup_parent
             );

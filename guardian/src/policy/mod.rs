@@ -137,6 +137,7 @@ pub enum Budget {
     TasksMax,
     MemoryMax,
     MemoryHigh,
+    CpuMax,
 }
 
 /// A service's resource budgets.
@@ -148,12 +149,35 @@ pub struct Budgets {
     pub memory_max: Option<u64>,
     /// Above this many bytes guardian kills one victim, then re-checks.
     pub memory_high: Option<u64>,
+    /// CPU time in µs per [`CPU_PERIOD_US`]: percent of one CPU × 1000 (`"160%"` is 160000).
+    /// Only the kernel can hold it (`own` mode).
+    pub cpu_max: Option<u64>,
 }
 
 impl Budgets {
     pub fn any(&self) -> bool {
-        self.tasks_max.is_some() || self.memory_max.is_some() || self.memory_high.is_some()
+        self.tasks_max.is_some()
+            || self.memory_max.is_some()
+            || self.memory_high.is_some()
+            || self.cpu_max.is_some()
     }
+}
+
+/// The period `cpu_max` is counted over (µs), as systemd's CPUQuota uses by default.
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// The smallest `cpu_max` (percent): the kernel refuses a quota under 1 ms per period.
+pub const MIN_CPU_PERCENT: u64 = 1;
+/// The largest `cpu_max` (percent): a thousand CPUs; more is surely a typo.
+pub const MAX_CPU_PERCENT: u64 = 100_000;
+
+/// A `cpu_max` as the policy writes it: `160000` is `"160%"`, `12500` is `"12.5%"`.
+pub fn cpu_percent(quota_us: u64) -> String {
+    let (whole, thousandths) = (quota_us / 1000, quota_us % 1000);
+    if thousandths == 0 {
+        return format!("{whole}%");
+    }
+    let frac = format!("{thousandths:03}");
+    format!("{whole}.{}%", frac.trim_end_matches('0'))
 }
 
 /// The smallest memory budget accepted: below this a Python interpreter cannot even start.
@@ -248,6 +272,7 @@ struct RawService {
     memory_high: Option<Spanned<RawSize>>,
     memory_victim: Option<Victim>,
     cgroup: Option<CgroupMode>,
+    cpu_max: Option<Spanned<String>>,
 }
 
 /// A size: a number of bytes, or text such as "512M", "4G", "3500M" (binary units, as systemd).
@@ -457,6 +482,22 @@ impl Policy {
                 }
                 None => None,
             };
+            let cgroup = s.cgroup.unwrap_or(CgroupMode::Inherit);
+            let cpu_max = match s.cpu_max {
+                Some(c) => {
+                    let span = c.span();
+                    let quota = cpu_quota(&loc, &key("cpu_max"), c)?;
+                    if cgroup != CgroupMode::Own {
+                        return Err(loc.error(
+                            Some(span),
+                            &key("cpu_max"),
+                            "needs `cgroup = \"own\"`: guardian can count a service's tasks and memory itself, but cannot throttle CPU by counting (only the kernel's cpu controller can, on a cgroup of guardian's)",
+                        ));
+                    }
+                    Some(quota)
+                }
+                None => None,
+            };
             services.push(Service {
                 name,
                 selector,
@@ -471,9 +512,10 @@ impl Policy {
                     tasks_max,
                     memory_max,
                     memory_high,
+                    cpu_max,
                 },
                 memory_victim: s.memory_victim.unwrap_or(Victim::OrphansThenLargest),
-                cgroup: s.cgroup.unwrap_or(CgroupMode::Inherit),
+                cgroup,
             });
         }
         if services.is_empty() {
@@ -642,6 +684,45 @@ fn size(loc: &Locator<'_>, key: &str, raw: Spanned<RawSize>) -> Result<u64, Poli
         ));
     }
     Ok(bytes)
+}
+
+/// Parses a `cpu_max` (systemd's CPUQuota words: a percent of one CPU, `"50%"`, `"160%"`,
+/// `"12.5%"`) into µs per [`CPU_PERIOD_US`].
+fn cpu_quota(loc: &Locator<'_>, key: &str, raw: Spanned<String>) -> Result<u64, PolicyError> {
+    let span = raw.span();
+    let text = raw.into_inner();
+    let err = |m: String| loc.error(Some(span.clone()), key, m);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let number = text.strip_suffix('%').unwrap_or("");
+    let (whole, frac) = number.split_once('.').unwrap_or((number, "0"));
+    if !digits(whole) || !digits(frac) {
+        return Err(err(format!(
+            "`{text}` is not a CPU quota: give a percent of one CPU, e.g. \"50%\", \"160%\" (1.6 CPUs), \"12.5%\""
+        )));
+    }
+    // A thousandth of a percent is one µs per period: the finest the kernel takes.
+    if frac.len() > 3 {
+        return Err(err(format!(
+            "`{text}` has more than three decimals (0.001% is 1 µs per 100 ms period)"
+        )));
+    }
+    let too_large = || {
+        err(format!(
+            "`{text}` is above the maximum of {MAX_CPU_PERCENT}%"
+        ))
+    };
+    let whole: u64 = whole.parse().map_err(|_| too_large())?;
+    let frac: u64 = format!("{frac:0<3}").parse().unwrap_or(0);
+    let quota = whole.saturating_mul(1000).saturating_add(frac);
+    if quota > MAX_CPU_PERCENT * 1000 {
+        return Err(too_large());
+    }
+    if quota < MIN_CPU_PERCENT * 1000 {
+        return Err(err(format!(
+            "`{text}` is below the minimum of {MIN_CPU_PERCENT}% (the kernel's smallest quota is 1 ms per 100 ms period)"
+        )));
+    }
+    Ok(quota)
 }
 
 fn selector_from(
@@ -1253,6 +1334,7 @@ kill_timeout = "250ms"
                 tasks_max: Some(10),
                 memory_max: Some(4 << 30),
                 memory_high: Some(3500 << 20),
+                cpu_max: None,
             }
         );
         assert_eq!(s.memory_victim, Victim::Newest);
@@ -1292,6 +1374,116 @@ kill_timeout = "250ms"
         assert!(e.message.contains("unknown variant `oldest`"), "{e}");
         let e = parse(&format!("cgroup_parent = \"../x\"\n{base}")).unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (1, "cgroup_parent"), "{e}");
+    }
+
+    /// `cpu_max` takes systemd's CPUQuota words, and is µs per 100 ms period.
+    #[test]
+    fn cpu_max_parses_percent_of_one_cpu() {
+        let with = |v: &str| {
+            parse(&format!(
+                "[[service]]\nname = \"a\"\nmatch = {{ comm = \"x\" }}\ncgroup = \"own\"\ncpu_max = {v}\n"
+            ))
+        };
+        for (text, quota) in [
+            ("160%", 160_000),
+            ("50%", 50_000),
+            ("250%", 250_000),
+            ("100%", CPU_PERIOD_US),
+            ("1%", 1000),
+            ("12.5%", 12_500),
+            ("1.001%", 1001),
+            ("33.333%", 33_333),
+            ("050%", 50_000),
+            ("100000%", 100_000_000),
+        ] {
+            let p = with(&format!("{text:?}")).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let b = &p.services[0].budgets;
+            assert_eq!(b.cpu_max, Some(quota), "{text}");
+            assert!(b.any(), "{text}");
+            assert_eq!(cpu_percent(quota), text.trim_start_matches('0'), "{text}");
+        }
+        assert_eq!(
+            with("\"50%\"").unwrap().services[0].budgets,
+            Budgets {
+                cpu_max: Some(50_000),
+                ..Budgets::default()
+            },
+            "no other budget implied"
+        );
+        // `guardian check` says it in both words.
+        let shown = crate::daemon::check(&with("\"160%\"").unwrap());
+        assert!(
+            shown.contains("    budgets        cpu_max 160% (1.6 CPUs); cgroup own"),
+            "{shown}"
+        );
+        let shown = crate::daemon::check(&with("\"100%\"").unwrap());
+        assert!(shown.contains("cpu_max 100% (1 CPU);"), "{shown}");
+    }
+
+    #[test]
+    fn bad_cpu_max_is_an_error_naming_the_place() {
+        let base = "[[service]]\nname = \"a\"\nmatch = { comm = \"x\" }\ncgroup = \"own\"\n";
+        for (value, says) in [
+            ("\"50\"", "is not a CPU quota"),
+            ("\"%\"", "is not a CPU quota"),
+            ("\"-5%\"", "is not a CPU quota"),
+            ("\"+5%\"", "is not a CPU quota"),
+            ("\" 50%\"", "is not a CPU quota"),
+            ("\"50 %\"", "is not a CPU quota"),
+            ("\"50%%\"", "is not a CPU quota"),
+            ("\".5%\"", "is not a CPU quota"),
+            ("\"5.%\"", "is not a CPU quota"),
+            ("\"1e2%\"", "is not a CPU quota"),
+            ("\"1.6\"", "is not a CPU quota"),
+            ("\"٥٠%\"", "is not a CPU quota"),
+            ("\"\"", "is not a CPU quota"),
+            ("\"12.3456%\"", "more than three decimals"),
+            ("\"0%\"", "below the minimum of 1%"),
+            ("\"0.999%\"", "below the minimum of 1%"),
+            ("\"100000.001%\"", "above the maximum of 100000%"),
+            ("\"99999999999999999999999%\"", "above the maximum"),
+            ("50", "invalid type: integer"),
+            ("1.6", "invalid type: floating point"),
+        ] {
+            let e = parse(&format!("{base}cpu_max = {value}\n")).unwrap_err();
+            assert_eq!(
+                (e.line, e.column, e.key.as_str()),
+                (5, 11, "service[0].cpu_max"),
+                "{value}: {e}"
+            );
+            assert!(e.message.contains(says), "{value}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with("p.toml:5:11: key `service[0].cpu_max`: "),
+                "{e}"
+            );
+        }
+    }
+
+    /// Counting cannot throttle: `cpu_max` without a cgroup of guardian's is refused, and the
+    /// error says why and what to write instead.
+    #[test]
+    fn cpu_max_needs_its_own_cgroup() {
+        for mode in ["cgroup = \"inherit\"\n", ""] {
+            let text = format!(
+                "[[service]]\nname = \"a\"\nmatch = {{ comm = \"x\" }}\n\n[[service]]\nname = \"b\"\nmatch = {{ comm = \"y\" }}\n{mode}cpu_max = \"160%\"\n"
+            );
+            let e = parse(&text).unwrap_err();
+            let line = if mode.is_empty() { 8 } else { 9 };
+            assert_eq!(
+                (e.line, e.column, e.key.as_str()),
+                (line, 11, "service[1].cpu_max"),
+                "{mode:?}: {e}"
+            );
+            let shown = e.to_string();
+            for part in [
+                &format!("p.toml:{line}:11: key `service[1].cpu_max`: ") as &str,
+                "cgroup = \"own\"",
+                "cannot throttle CPU by counting",
+            ] {
+                assert!(shown.contains(part), "{part}: {shown}");
+            }
+        }
     }
 
     fn is_root() -> bool {
@@ -1521,6 +1713,8 @@ cgroup = "inherit"
 [[service]]
 name = "bot"
 match = { user = 0 }
+cgroup = "own"
+cpu_max = "160%"
 "#;
 
         const KEYS: &[&str] = &[
@@ -1538,6 +1732,7 @@ match = { user = 0 }
             "memory_max",
             "memory_victim",
             "cgroup",
+            "cpu_max",
             "cmdline",
             "exe",
             "comm",
@@ -1566,6 +1761,8 @@ match = { user = 0 }
             r#""-1G""#,
             r#""kill""#,
             r#""own""#,
+            r#""50%""#,
+            r#""12.5%""#,
             "0",
             "-1",
             "9223372036854775807",

@@ -438,6 +438,19 @@ fn main() {
             poke_pipe(go[1]);
             linger();
         }
+        // `spin SECONDS ...`: prints `pid=P`, keeps one CPU busy for SECONDS (at most
+        // MAX_LIFETIME), then exits. (The rest of the command line only marks it for a policy.)
+        "spin" => {
+            let run = Duration::from_secs(num(1, 10)).min(MAX_LIFETIME);
+            say(&format!("pid={}", std::process::id()));
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < run {
+                for _ in 0..100_000 {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+        }
         // The fork+exit loop the fork benchmark runs: `fork-loop ITERATIONS`.
         "fork-loop" => {
             let n = num(1, 10_000);
@@ -653,7 +666,7 @@ fn main() {
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
                  leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
                  hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | \
-                 shared-heap [MB] [WORKERS] [GROW_MB] | fork-loop [N] | linger [N] | \
+                 shared-heap [MB] [WORKERS] [GROW_MB] | spin [SECONDS] | fork-loop [N] | linger [N] | \
                  roots-chain TAG | churn [N] [KEEP] | clone-parent | \
                  as-uid UID PROGRAM [ARGS...] | \
                  in-pidns [--host-proc] PROGRAM ARGS..."
