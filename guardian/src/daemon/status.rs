@@ -77,6 +77,8 @@ impl Daemon {
                     "memory_bytes": g.memory,
                     "memory_high": g.memory_high,
                     "memory_max": g.memory_max,
+                    // Percent of one CPU, as the policy says it.
+                    "cpu_max_percent": s.budgets.cpu_max.map(|us| us as f64 / 1000.0),
                     "decisions": self.stats.decisions.get(&s.name).cloned().unwrap_or_default(),
                 })
             })
