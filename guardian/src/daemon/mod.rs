@@ -179,6 +179,8 @@ fn mode_of(policy: &Policy, dry_run: bool) -> Mode {
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
+    // Before anything is bound or created: in another pid namespace nothing here is right.
+    procs::check_host_pid_namespace()?;
     let dry_run = args.dry_run;
     let mode = mode_of(&policy, dry_run);
     let budgets = BudgetEngine::new(&policy, mode)?;
@@ -188,6 +190,7 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
     let metrics_listener = args.metrics_address.map(metrics::bind).transpose()?;
     let socket = control::socket_path(args.socket.as_deref());
     let control_listener = control::bind(&socket)?;
+    let _socket_file = control::SocketFile(socket.clone());
     let track_threads = BudgetEngine::counts_tasks(&policy);
     let mut monitor = Monitor::start(LoadOptions {
         track_all: false,
@@ -256,7 +259,6 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
     daemon.refresh(&monitor.state);
     daemon.notifier.ready(&daemon.last_status);
     monitor.run(&mut daemon).await;
-    let _ = std::fs::remove_file(&socket);
     daemon.budgets.shutdown(&daemon.policy);
     let c = daemon.enforcer.counts;
     info!(

@@ -68,8 +68,10 @@ pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
         .with_context(|| format!("--socket {}: needs a directory", path.display()))?;
     let euid = rustix::process::geteuid().as_raw();
     if !dir.exists() {
+        // `/run` itself may be missing (a minimal container or VM).
         std::fs::DirBuilder::new()
             .mode(0o700)
+            .recursive(true)
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -100,6 +102,16 @@ pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
         .with_context(|| format!("{}: chmod 0600", path.display()))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+/// Removes the socket file when dropped: at a clean stop, and when start-up fails after it was
+/// bound.
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Accepts connections until the process ends; each query is handed to the event loop.
