@@ -121,6 +121,16 @@ pub trait Handler {
     /// been applied first).
     fn reload(&mut self, _state: &mut State, _why: Reload) {}
 
+    /// Whether `/proc` is to be read in full now (see [`Handler::scanned`]).
+    fn scan_due(&self) -> bool {
+        false
+    }
+
+    /// `/proc` as read just before the events then waiting in the ring were applied. The
+    /// table may be newer than the scan (a process forked, exec'd or died while it was read),
+    /// never older: where the two disagree, `/proc` is to be read again.
+    fn scanned(&mut self, _state: &mut State, _scan: Vec<procs::ProcInfo>) {}
+
     /// A question from the control socket (events waiting have been applied first).
     fn ask(&mut self, _state: &mut State, _query: &Query) -> Answer {
         Err("not served by this command".into())
@@ -259,10 +269,12 @@ impl Monitor {
                         self.reload_due_ns = None;
                         handler.reload(&mut self.state, Reload::FileChanged);
                     }
+                    self.scan_if_due(handler);
                 }
                 _ = self.sighup.recv() => {
                     self.drain(handler);
                     handler.reload(&mut self.state, Reload::Signal);
+                    self.scan_if_due(handler);
                 }
                 changed = next_change(&mut self.watch) => match changed {
                     Ok(true) => self.reload_due_ns = Some(procs::boottime_ns() + RELOAD_SETTLE_NS),
@@ -291,6 +303,16 @@ impl Monitor {
         self.drain(handler);
         self.report_losses(handler);
         debug!(stats = ?self.state.table.stats, "stopping");
+    }
+
+    /// Reads `/proc` for a handler that asked, then applies the events that came meanwhile, so
+    /// that the table it compares the scan with is never older than the scan.
+    fn scan_if_due(&mut self, handler: &mut impl Handler) {
+        if handler.scan_due() {
+            let scan = procs::scan();
+            self.drain(handler);
+            handler.scanned(&mut self.state, scan);
+        }
     }
 
     /// Decodes every record waiting in the ring buffer (in place, no copy of the bytes), then

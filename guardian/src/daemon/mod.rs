@@ -83,6 +83,13 @@ struct Synced {
     roots: u64,
 }
 
+/// What a scan of `/proc` the daemon asked for is for.
+enum ScanFor {
+    Resync(&'static str),
+    /// A policy put in force meets the running processes.
+    Reload(reload::Pending),
+}
+
 /// Why `/proc` is read in full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Sync {
@@ -153,6 +160,8 @@ pub struct Daemon {
     untracked_total: u64,
     /// A full re-read of `/proc` is due, and why.
     resync_due: Option<&'static str>,
+    /// What the next scan of `/proc` is for (see [`Handler::scanned`]).
+    scan_for: Option<ScanFor>,
     checks: Checks,
 }
 
@@ -235,9 +244,10 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         untracked_new: 0,
         untracked_total: 0,
         resync_due: None,
+        scan_for: None,
         checks: Checks::default(),
     };
-    daemon.sync(&mut monitor.state, Sync::Startup);
+    daemon.sync(&mut monitor.state, Sync::Startup, procs::scan());
     daemon.budgets.sweep(&monitor.state, &daemon.policy);
     let ready = Record::Ready {
         ts: monitor.state.clock.now(),
@@ -447,9 +457,14 @@ impl Daemon {
     /// processes already orphaned), and after events were lost or a check found the table
     /// wrong (members that died unseen are retired and their orphans acted on, parents
     /// corrected, unseen execs and children followed, new roots found).
-    fn sync(&mut self, state: &mut State, why: Sync) -> Synced {
+    ///
+    /// `scan` was read before the events then waiting were applied (see
+    /// [`Handler::scanned`]): what it shows of a member that the table does not is read from
+    /// `/proc` once more, and the table, never older than the scan, stands unless `/proc` still
+    /// says otherwise.
+    fn sync(&mut self, state: &mut State, why: Sync, scan: Vec<ProcInfo>) -> Synced {
         let now = procs::boottime_ns();
-        let scan: Vec<ProcInfo> = procs::scan().into_iter().filter(live).collect();
+        let scan: Vec<ProcInfo> = scan.into_iter().filter(live).collect();
         let by_pid: HashMap<u32, &ProcInfo> = scan.iter().map(|p| (p.pid, p)).collect();
         let mut n = Synced::default();
 
@@ -458,10 +473,20 @@ impl Daemon {
         let mut orphans: Vec<(u32, u32)> = Vec::new();
         let mut execs = Vec::new();
         for &(pid, start) in &members {
-            let Some(info) = by_pid
+            let listed = by_pid
                 .get(&pid)
-                .filter(|i| procs::same_process(start, i.start_ns))
-            else {
+                .filter(|i| procs::same_process(start, i.start_ns));
+            // Not listed: dead, or forked after the scan (its fork applied since).
+            let dead = listed.is_none()
+                && match Pinned::open(pid, Some(start)) {
+                    Pin::Ok(p) => p.stat.zombie,
+                    Pin::Gone | Pin::Reused => true,
+                    Pin::Failed(_) => false,
+                };
+            let Some(info) = listed else {
+                if !dead {
+                    continue;
+                }
                 debug!(pid, "a member died unseen");
                 n.retired += 1;
                 for change in state.table.retire_missed(pid, now) {
@@ -488,6 +513,14 @@ impl Daemon {
             if !entry.same_start(start) || info.ppid == entry.parent {
                 continue;
             }
+            // The parent now: the scan's may be older than the table's.
+            let Some(ppid) = procs::stat(pid)
+                .filter(|st| procs::same_process(start, st.start_ns))
+                .map(|st| st.ppid)
+                .filter(|&ppid| ppid != entry.parent)
+            else {
+                continue;
+            };
             let old_parent = entry.parent;
             if !orphans.iter().any(|&(p, _)| p == pid)
                 && state
@@ -497,11 +530,16 @@ impl Daemon {
             {
                 orphans.push((pid, old_parent));
             }
-            state.table.reparented(pid, info.ppid);
+            state.table.reparented(pid, ppid);
             n.reparented += 1;
         }
         for pid in execs {
-            let Some(info) = by_pid.get(&pid) else {
+            // The image now, if it still differs from the table's.
+            let Some(info) = state.table.alive(pid).and_then(|e| {
+                procs::read(pid).filter(|i| {
+                    procs::same_process(e.start_ns, i.start_ns) && i.exe.is_some() && i.exe != e.exe
+                })
+            }) else {
                 continue;
             };
             state
@@ -511,8 +549,13 @@ impl Daemon {
             self.execed(state, pid, "resync");
         }
         for (pid, old_parent) in orphans {
-            if let Some(info) = by_pid.get(&pid) {
-                state.table.reparented(pid, info.ppid);
+            if let Some(st) = procs::stat(pid).filter(|st| {
+                state
+                    .table
+                    .alive(pid)
+                    .is_some_and(|e| e.same_start(st.start_ns))
+            }) {
+                state.table.reparented(pid, st.ppid);
             }
             self.orphaned(state, pid, old_parent, now, false);
         }
@@ -615,9 +658,9 @@ impl Daemon {
     }
 
     /// Re-reads `/proc` and says what that changed.
-    fn resync(&mut self, state: &mut State, trigger: &'static str) {
+    fn resync(&mut self, state: &mut State, trigger: &'static str, scan: Vec<ProcInfo>) {
         let start = procs::boottime_ns();
-        let n = self.sync(state, Sync::Resync);
+        let n = self.sync(state, Sync::Resync, scan);
         let mut members: BTreeMap<String, u64> = BTreeMap::new();
         for (i, s) in self.policy.services.iter().enumerate() {
             members.insert(s.name.clone(), state.table.service_count(i).processes);
@@ -1060,11 +1103,23 @@ impl Handler for Daemon {
         }
         // A storm of losses (an exec flood) must not turn into a storm of /proc scans.
         if let Some(trigger) = self.resync_due {
-            if now >= self.checks.last_resync_ns + RESYNC_EVERY_NS {
+            if self.scan_for.is_none() && now >= self.checks.last_resync_ns + RESYNC_EVERY_NS {
                 self.checks.last_resync_ns = now;
                 self.resync_due = None;
-                self.resync(state, trigger);
+                self.scan_for = Some(ScanFor::Resync(trigger));
             }
+        }
+    }
+
+    fn scan_due(&self) -> bool {
+        self.scan_for.is_some()
+    }
+
+    fn scanned(&mut self, state: &mut State, scan: Vec<ProcInfo>) {
+        match self.scan_for.take() {
+            Some(ScanFor::Resync(trigger)) => self.resync(state, trigger, scan),
+            Some(ScanFor::Reload(pending)) => self.reloaded(state, pending, scan),
+            None => {}
         }
     }
 }

@@ -9,13 +9,13 @@
 use anyhow::bail;
 use tracing::{debug, info, warn};
 
-use super::{mode_of, Daemon, Sync};
+use super::{mode_of, Daemon, ScanFor, Sync};
 use crate::{
     act::budget::BudgetEngine,
     monitor::{Reload, State},
     output::Record,
     policy::{protect::Protections, selector::Candidate, Policy, Service},
-    procs,
+    procs::{self, ProcInfo},
 };
 
 /// What a reload changed.
@@ -23,8 +23,17 @@ struct Changes {
     added: Vec<String>,
     removed: Vec<String>,
     changed: Vec<String>,
-    roots: u64,
     forgotten: u64,
+    /// Services whose members are placed again (their cgroup settings changed).
+    place_again: Vec<usize>,
+}
+
+/// A policy put in force, waiting for the `/proc` scan that meets it with the running
+/// processes (see [`crate::monitor::Handler::scanned`]).
+pub(super) struct Pending {
+    changes: Changes,
+    why: Reload,
+    start_ns: u64,
 }
 
 /// Everything a service says, in a form two policies' services can be compared by.
@@ -61,44 +70,21 @@ impl Daemon {
         self.policy_digest = digest;
         let start = procs::boottime_ns();
         self.notifier.reloading();
-        let path = self.policy.path.display().to_string();
-        let result = self.try_reload(state);
-        let took_us = procs::boottime_ns().saturating_sub(start) / 1_000;
-        let ts = state.clock.now();
-        let record = match result {
-            Ok(c) => {
-                self.stats.reloads_ok += 1;
-                self.stats.loaded = ts.clone();
-                self.metrics.reload(true);
-                info!(
-                    policy = %path,
-                    added = ?c.added,
-                    removed = ?c.removed,
-                    changed = ?c.changed,
-                    roots = c.roots,
-                    forgotten = c.forgotten,
-                    "policy reloaded"
-                );
-                Record::Reload {
-                    ts,
-                    trigger: why.as_str(),
-                    result: "ok",
-                    policy: path,
-                    error: None,
-                    added: c.added,
-                    removed: c.removed,
-                    changed: c.changed,
-                    roots: c.roots,
-                    forgotten: c.forgotten,
-                    took_us,
-                }
+        match self.try_reload(state) {
+            Ok(changes) => {
+                self.scan_for = Some(ScanFor::Reload(Pending {
+                    changes,
+                    why,
+                    start_ns: start,
+                }));
             }
             Err(e) => {
                 self.stats.reloads_failed += 1;
                 self.metrics.reload(false);
+                let path = self.policy.path.display().to_string();
                 warn!(policy = %path, "policy reload refused, the policy in force stays: {e:#}");
-                Record::Reload {
-                    ts,
+                let record = Record::Reload {
+                    ts: state.clock.now(),
                     trigger: why.as_str(),
                     result: "error",
                     policy: path,
@@ -108,16 +94,78 @@ impl Daemon {
                     changed: Vec::new(),
                     roots: 0,
                     forgotten: 0,
-                    took_us,
+                    took_us: procs::boottime_ns().saturating_sub(start) / 1_000,
+                };
+                self.emit_one(&record);
+                self.refresh(state);
+                self.notifier.ready(&self.last_status);
+            }
+        }
+    }
+
+    /// The new policy meets the running processes (`scan`, as at start-up), its services'
+    /// members are placed again where their cgroups changed, and the reload is said done.
+    pub(super) fn reloaded(&mut self, state: &mut State, pending: Pending, scan: Vec<ProcInfo>) {
+        let Pending {
+            changes: c,
+            why,
+            start_ns,
+        } = pending;
+        let roots = self.sync(state, Sync::Reload, scan).roots;
+        for &svc in &c.place_again {
+            let members: Vec<u32> = state
+                .table
+                .members()
+                .filter(|p| p.service == Some(svc))
+                .map(|p| p.pid)
+                .collect();
+            for pid in members {
+                if let Some(member) = state.table.alive(pid) {
+                    let records = self.budgets.place(
+                        &mut self.enforcer,
+                        &state.clock,
+                        &self.policy,
+                        svc,
+                        member,
+                    );
+                    self.emit(records);
                 }
             }
+        }
+        let ts = state.clock.now();
+        let path = self.policy.path.display().to_string();
+        self.stats.reloads_ok += 1;
+        self.stats.loaded = ts.clone();
+        self.metrics.reload(true);
+        info!(
+            policy = %path,
+            added = ?c.added,
+            removed = ?c.removed,
+            changed = ?c.changed,
+            roots,
+            forgotten = c.forgotten,
+            "policy reloaded"
+        );
+        let record = Record::Reload {
+            ts,
+            trigger: why.as_str(),
+            result: "ok",
+            policy: path,
+            error: None,
+            added: c.added,
+            removed: c.removed,
+            changed: c.changed,
+            roots,
+            forgotten: c.forgotten,
+            took_us: procs::boottime_ns().saturating_sub(start_ns) / 1_000,
         };
         self.emit_one(&record);
         self.refresh(state);
         self.notifier.ready(&self.last_status);
     }
 
-    /// Reads and checks the policy, then applies it; nothing changes unless it succeeds.
+    /// Reads and checks the policy, then puts it in force; nothing changes unless it succeeds.
+    /// The scan that finds its roots among running processes follows (see [`Self::reloaded`]).
     fn try_reload(&mut self, state: &mut State) -> anyhow::Result<Changes> {
         let new = crate::trusted_policy(&self.policy.path, self.dry_run)?;
         if BudgetEngine::counts_tasks(&new) && !self.track_threads {
@@ -142,6 +190,7 @@ impl Daemon {
         let place_again = self.budgets.reload(old, &new, mode, &map)?;
 
         let mut c = Changes {
+            place_again,
             added: new
                 .services
                 .iter()
@@ -150,7 +199,6 @@ impl Daemon {
                 .collect(),
             removed: Vec::new(),
             changed: Vec::new(),
-            roots: 0,
             forgotten: 0,
         };
         let mut rematch = Vec::new();
@@ -200,27 +248,6 @@ impl Daemon {
         // Users the new policy names that do not resolve are looked for from now on.
         self.checks.next_users_ns = 0;
 
-        c.roots = self.sync(state, Sync::Reload).roots;
-        for svc in place_again {
-            let members: Vec<u32> = state
-                .table
-                .members()
-                .filter(|p| p.service == Some(svc))
-                .map(|p| p.pid)
-                .collect();
-            for pid in members {
-                if let Some(member) = state.table.alive(pid) {
-                    let records = self.budgets.place(
-                        &mut self.enforcer,
-                        &state.clock,
-                        &self.policy,
-                        svc,
-                        member,
-                    );
-                    self.emit(records);
-                }
-            }
-        }
         Ok(c)
     }
 }
