@@ -331,7 +331,9 @@ fn scrape(port: u16) -> bool {
 fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     let (guardian, workload) = build()?;
     let tag = format!("benchorphans{}", std::process::id());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let policy = std::env::temp_dir().join(format!("{tag}.toml"));
     // Pinned to the workload's executable, as a real service would be (to its account).
     fs::write(
@@ -345,7 +347,12 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     let address = format!("127.0.0.1:{port}");
     let daemon = Daemon::start(
         &guardian,
-        &["--policy", policy.to_str().unwrap(), "--metrics-address", &address],
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--metrics-address",
+            &address,
+        ],
         out.clone(),
     )?;
     let trace = ExitTrace::start()?;
@@ -459,7 +466,10 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
         "\norphan kill latency, parent exit -> worker exit (kernel trace clock), {} workers:",
         latencies_ms.len() + scraped_ms.len()
     );
-    for (what, l) in [("quiet", &latencies_ms), ("/metrics scraped 10/s", &scraped_ms)] {
+    for (what, l) in [
+        ("quiet", &latencies_ms),
+        ("/metrics scraped 10/s", &scraped_ms),
+    ] {
         println!(
             "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} workers; goal: p99 <= 2 ms)",
             percentile(l, 0.5),
