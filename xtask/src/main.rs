@@ -1,6 +1,7 @@
 //! Build, test and benchmark orchestration: `cargo xtask <command>`.
 
 mod bench;
+mod dist;
 mod ebpf;
 mod setup;
 mod util;
@@ -38,6 +39,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package `target/dist/guardian_VERSION_amd64.deb` (release daemon with
+    /// the eBPF object, systemd unit, example policy in audit mode, man pages, completions).
+    Dist,
     /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
     /// the same integration tests on the kernel matrix in VMs.
     Test {
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Setup { check } => setup::setup(check),
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Build => build_release().map(|_| ()),
+        Command::Dist => dist::run_dist(&build_release()?).map(|_| ()),
         Command::Run { args } => {
             let bin = build_release()?;
             let status = std::process::Command::new(&bin)
