@@ -1,5 +1,6 @@
-//! `cargo xtask dist`: the Debian package, `target/dist/guardian_VERSION_ARCH.deb`, built with
-//! `dpkg-deb` from a staged tree (every Debian has dpkg-deb; no cargo-deb needed).
+//! What guardian ships as: `cargo xtask dist`, the Debian package
+//! `target/dist/guardian_VERSION_ARCH.deb`, built with `dpkg-deb` from a staged tree (every
+//! Debian has dpkg-deb; no cargo-deb needed), and `cargo xtask image`, the container image.
 
 use std::{
     fs,
@@ -10,13 +11,14 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::util::{output, run, step, which, workspace_root};
+use crate::util::{is_static_elf, output, run, step, which, workspace_root};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The example policy both the package and the Kubernetes ConfigMap are made from.
 const EXAMPLE: &str = "policies/analyticbot.toml";
 const POLICY: &str = "etc/guardian/policy.toml";
 const UNIT: &str = "deploy/systemd/guardian.service";
+const CONTAINERFILE: &str = "deploy/kubernetes/Containerfile";
 /// Where a Debian package puts what `guardian generate` writes.
 const GENERATED: [(&str, &str); 3] = [
     (
@@ -124,6 +126,51 @@ pub fn run_dist(guardian: &Path) -> anyhow::Result<PathBuf> {
     }
     eprintln!("built {}", deb.display());
     Ok(deb)
+}
+
+/// `cargo xtask image`: the container image's build context, `target/image/` (the statically
+/// linked daemon, as the kernel matrix's guests run it), and the image itself with podman or
+/// buildah when one is installed.
+pub fn image(object: &Path) -> anyhow::Result<()> {
+    step("container image");
+    let guardian = crate::vm::static_guardian(object)?;
+    if !is_static_elf(&guardian)? {
+        bail!(
+            "{} is dynamically linked: a FROM scratch image has no C library",
+            guardian.display()
+        );
+    }
+    let context = workspace_root().join("target/image");
+    if context.exists() {
+        fs::remove_dir_all(&context)?;
+    }
+    mkdir(&context)?;
+    run(Command::new("strip")
+        .args(["--strip-unneeded", "-o"])
+        .arg(context.join("guardian"))
+        .arg(&guardian))?;
+    let containerfile = workspace_root().join(CONTAINERFILE);
+    let tag = format!("localhost/guardian:{VERSION}");
+    let Some(builder) = ["podman", "buildah"]
+        .into_iter()
+        .find(|b| which(b).is_some())
+    else {
+        bail!(
+            "neither podman nor buildah is installed: the build context is ready; build it with\n  \
+             podman build -f {CONTAINERFILE} --build-arg VERSION={VERSION} -t {tag} {}",
+            context.display()
+        );
+    };
+    run(Command::new(builder)
+        .arg("build")
+        .arg("--build-arg")
+        .arg(format!("VERSION={VERSION}"))
+        .arg("-f")
+        .arg(&containerfile)
+        .args(["-t", &tag])
+        .arg(&context))?;
+    eprintln!("built {tag}");
+    Ok(())
 }
 
 /// `policies/analyticbot.toml` without its opening comment and in audit mode: the example the

@@ -42,6 +42,9 @@ enum Command {
     /// Build the Debian package `target/dist/guardian_VERSION_amd64.deb` (release daemon with
     /// the eBPF object, systemd unit, example policy in audit mode, man pages, completions).
     Dist,
+    /// Build the container image (a FROM scratch image of the statically linked daemon) with
+    /// podman or buildah; without them, only its build context `target/image/`.
+    Image,
     /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
     /// the same integration tests on the kernel matrix in VMs.
     Test {
@@ -82,6 +85,10 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Build => build_release().map(|_| ()),
         Command::Dist => dist::run_dist(&build_release()?).map(|_| ()),
+        Command::Image => {
+            setup::ebpf_toolchain(false)?;
+            dist::image(&ebpf::build()?)
+        }
         Command::Run { args } => {
             let bin = build_release()?;
             let status = std::process::Command::new(&bin)
