@@ -1,6 +1,7 @@
 //! Build, test and benchmark orchestration: `cargo xtask <command>`.
 
 mod bench;
+mod deploy;
 mod dist;
 mod ebpf;
 mod setup;
@@ -45,10 +46,11 @@ enum Command {
     /// Build the container image (a FROM scratch image of the statically linked daemon) with
     /// podman or buildah; without them, only its build context `target/image/`.
     Image,
-    /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
-    /// the same integration tests on the kernel matrix in VMs.
+    /// The whole suite: setup, build, fmt, clippy, unit tests, the deployment files' checks,
+    /// the Debian package, privileged integration tests, and the same integration tests on the
+    /// kernel matrix in VMs.
     Test {
-        /// Skip the privileged integration tests (here and in VMs).
+        /// Skip the Debian package and the privileged integration tests (here and in VMs).
         #[arg(long)]
         unit_only: bool,
         /// Skip the kernel matrix (quick local runs).
@@ -156,9 +158,13 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
         ])
         .env("GUARDIAN_EBPF_OBJECT", &object))?;
 
+    deploy::check()?;
+
     if unit_only {
         return Ok(());
     }
+    dist::run_dist(&build_release()?)?;
+
     util::step("privileged integration tests");
     if is_root() {
         setup::test_tools()?;
