@@ -12,11 +12,12 @@ use crate::{
 
 const RULES: &str = "deploy/prometheus/guardian-rules.yml";
 const RULES_TEST: &str = "deploy/prometheus/guardian-rules.test.yml";
+/// In the order `kubectl apply -f deploy/kubernetes/` applies them (by name).
 const MANIFESTS: [&str; 4] = [
-    "deploy/kubernetes/namespace.yaml",
-    "deploy/kubernetes/serviceaccount.yaml",
-    "deploy/kubernetes/configmap.yaml",
-    "deploy/kubernetes/daemonset.yaml",
+    "deploy/kubernetes/00-namespace.yaml",
+    "deploy/kubernetes/10-serviceaccount.yaml",
+    "deploy/kubernetes/20-configmap.yaml",
+    "deploy/kubernetes/30-daemonset.yaml",
 ];
 /// The oldest and the newest Kubernetes schemas the pinned kubernetes-validate ships.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.25.0", "1.37.0"];
@@ -84,8 +85,8 @@ mod tests {
 
     #[test]
     fn the_configmap_holds_the_packaged_example() {
-        let policy = configmap_policy(&read("deploy/kubernetes/configmap.yaml"))
-            .expect("configmap.yaml has a `policy.toml: |` block");
+        let policy = configmap_policy(&read("deploy/kubernetes/20-configmap.yaml"))
+            .expect("20-configmap.yaml has a `policy.toml: |` block");
         let example = crate::dist::audit_example().unwrap();
         let header = policy.strip_suffix(example.as_str()).unwrap_or_else(|| {
             panic!(
@@ -102,7 +103,7 @@ mod tests {
 
     #[test]
     fn the_daemonset_runs_the_configmap_directory_and_this_version() {
-        let ds = read("deploy/kubernetes/daemonset.yaml");
+        let ds = read("deploy/kubernetes/30-daemonset.yaml");
         // subPath mounts never see a ConfigMap's updates.
         assert!(
             !ds.lines().any(|l| l.trim_start().starts_with("subPath:")),
