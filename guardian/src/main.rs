@@ -3,18 +3,20 @@ use std::{
     process::ExitCode,
 };
 
-use clap::Parser as _;
-use guardian::cli::LogFormat;
+use guardian::cli::{LogFormat, Parsed};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let cli = match guardian::cli::parse() {
+        Parsed::Cli(cli) => cli,
+        Parsed::Generate(dir) => return exit(guardian::cli::generate(&dir)),
+    };
     // Diagnostics go through a queue to a thread of their own: a stalled or closed stderr loses
     // lines, never holds a decision.
     let (stderr, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .thread_name("guardian-stderr")
         .finish(std::io::stderr());
-    let cli = guardian::cli::Cli::parse();
     let filter = EnvFilter::try_from_env("GUARDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -26,6 +28,10 @@ fn main() -> ExitCode {
     let result = guardian::run(cli);
     // Diagnostics queued so far go out before the final word.
     drop(flush_on_exit);
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,6 +1,8 @@
 //! Build, test and benchmark orchestration: `cargo xtask <command>`.
 
 mod bench;
+mod deploy;
+mod dist;
 mod ebpf;
 mod setup;
 mod util;
@@ -38,10 +40,17 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
-    /// the same integration tests on the kernel matrix in VMs.
+    /// Build the Debian package `target/dist/guardian_VERSION_amd64.deb` (release daemon with
+    /// the eBPF object, systemd unit, example policy in audit mode, man pages, completions).
+    Dist,
+    /// Build the container image (a FROM scratch image of the statically linked daemon) with
+    /// podman or buildah; without them, only its build context `target/image/`.
+    Image,
+    /// The whole suite: setup, build, fmt, clippy, unit tests, the deployment files' checks,
+    /// the Debian package, privileged integration tests, and the same integration tests on the
+    /// kernel matrix in VMs.
     Test {
-        /// Skip the privileged integration tests (here and in VMs).
+        /// Skip the Debian package and the privileged integration tests (here and in VMs).
         #[arg(long)]
         unit_only: bool,
         /// Skip the kernel matrix (quick local runs).
@@ -77,6 +86,11 @@ fn main() -> anyhow::Result<()> {
         Command::Setup { check } => setup::setup(check),
         Command::BuildEbpf => ebpf::build().map(|_| ()),
         Command::Build => build_release().map(|_| ()),
+        Command::Dist => dist::run_dist(&build_release()?).map(|_| ()),
+        Command::Image => {
+            setup::ebpf_toolchain(false)?;
+            dist::image(&ebpf::build()?)
+        }
         Command::Run { args } => {
             let bin = build_release()?;
             let status = std::process::Command::new(&bin)
@@ -144,9 +158,13 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
         ])
         .env("GUARDIAN_EBPF_OBJECT", &object))?;
 
+    deploy::check()?;
+
     if unit_only {
         return Ok(());
     }
+    dist::run_dist(&build_release()?)?;
+
     util::step("privileged integration tests");
     if is_root() {
         setup::test_tools()?;

@@ -2,13 +2,16 @@
 //! need, on Debian or Ubuntu. Commands call the part they need, so a fresh root shell needs no
 //! separate setup step.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use anyhow::bail;
 
 use crate::{
     ebpf::{bpf_linker, Toolchain},
-    util::{is_root, is_static_elf, output, run, step, tools_dir, which},
+    util::{is_root, is_static_elf, output, run, step, tools_dir, which, workspace_root},
 };
 
 /// Debian's Rust with a prebuilt `core` for BPF targets.
@@ -22,6 +25,8 @@ const RUST_PACKAGES: [&str; 4] = [
 const LLVM_PACKAGE: &str = "llvm-22-dev";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER: &str = "bpf-linker@0.13.0";
+/// Validates the Kubernetes manifests (from the Python package index).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// The kernel matrix's tools, (package, command): qemu emulates the guests, and the static
 /// busybox is their userland.
 const VM_PACKAGES: [(&str, &str); 2] = [
@@ -130,6 +135,118 @@ pub fn test_tools() -> anyhow::Result<()> {
         return Ok(());
     }
     apt_install(&["python3-prometheus-client"])
+}
+
+/// promtool, which checks the Prometheus alert rules: on PATH, or taken out of Debian's
+/// `prometheus` package into `target/deploy-tools/`. Downloading the package instead of
+/// installing it needs no root and starts no Prometheus server (the package's own service).
+/// None when it cannot be had.
+pub fn promtool() -> anyhow::Result<Option<PathBuf>> {
+    if let Some(path) = which("promtool") {
+        return Ok(Some(path));
+    }
+    let dir = deploy_tools_dir();
+    let promtool = dir.join("usr/bin/promtool");
+    if promtool.is_file() {
+        return Ok(Some(promtool));
+    }
+    if which("apt-get").is_none() {
+        return Ok(None);
+    }
+    step("setup (promtool, from Debian's prometheus package)");
+    std::fs::create_dir_all(&dir)?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(&dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !download() {
+        // Stale package lists: only root may refresh them.
+        if !is_root() {
+            return Ok(None);
+        }
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        if !download() {
+            return Ok(None);
+        }
+    }
+    for entry in std::fs::read_dir(&dir)? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            let mut contents = Command::new("dpkg-deb")
+                .arg("--fsys-tarfile")
+                .arg(&deb)
+                .stdout(Stdio::piped())
+                .spawn()?;
+            run(Command::new("tar")
+                .args(["-x", "-C"])
+                .arg(&dir)
+                .arg("./usr/bin/promtool")
+                .stdin(contents.stdout.take().expect("piped")))?;
+            if !contents.wait()?.success() {
+                bail!("dpkg-deb --fsys-tarfile {} failed", deb.display());
+            }
+            std::fs::remove_file(&deb)?;
+        }
+    }
+    if !promtool.is_file() {
+        bail!("the prometheus package held no usr/bin/promtool");
+    }
+    Ok(Some(promtool))
+}
+
+/// The Kubernetes schema validator, pinned, in a virtual environment under
+/// `target/deploy-tools/`. None when Python cannot make one and root is not here to install
+/// python3-venv.
+pub fn kubernetes_validate() -> anyhow::Result<Option<PathBuf>> {
+    let venv = deploy_tools_dir().join("kubernetes-validate");
+    let validate = venv.join("bin/kubernetes-validate");
+    let installed = output(Command::new(&validate).arg("--version"))
+        .is_some_and(|v| v.trim().ends_with(KUBERNETES_VALIDATE_VERSION));
+    if installed {
+        return Ok(Some(validate));
+    }
+    step("setup (kubernetes-validate)");
+    let python = if Path::new("/usr/bin/python3").is_file() {
+        PathBuf::from("/usr/bin/python3")
+    } else {
+        match which("python3") {
+            Some(p) => p,
+            None => return Ok(None),
+        }
+    };
+    let make_venv = || {
+        Command::new(&python)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // Debian's python3 makes virtual environments only with python3-venv.
+    if !make_venv() {
+        if !(is_root() && which("apt-get").is_some()) {
+            return Ok(None);
+        }
+        apt_install(&["python3-venv"])?;
+        if !make_venv() {
+            bail!(
+                "{} -m venv failed with python3-venv installed",
+                python.display()
+            );
+        }
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!(
+            "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+        )))?;
+    Ok(Some(validate))
+}
+
+fn deploy_tools_dir() -> PathBuf {
+    workspace_root().join("target/deploy-tools")
 }
 
 /// The kernel matrix's packages that are missing (a dynamically linked busybox counts as

@@ -9,6 +9,8 @@ mod console;
 mod guest;
 mod kernel;
 
+pub use guest::static_guardian;
+
 use std::{
     path::Path,
     time::{Duration, Instant},

@@ -43,12 +43,7 @@ struct Artifact {
 /// `target/vm-static`, statically linked, with the eBPF object embedded.
 pub fn build(object: &Path) -> anyhow::Result<Binaries> {
     step("static binaries for the guests");
-    let built = artifacts(cargo().args(["build", "-p", "guardian"]), object)?;
-    let guardian = built
-        .into_iter()
-        .find(|a| a.kind == "bin" && a.name == "guardian" && !a.test)
-        .context("cargo built no `guardian` binary")?
-        .executable;
+    let guardian = static_guardian(object)?;
     let built = artifacts(
         cargo().args(["test", "--no-run", "-p", "guardian-tests"]),
         object,
@@ -84,6 +79,16 @@ pub fn build(object: &Path) -> anyhow::Result<Binaries> {
         workload,
         tests,
     })
+}
+
+/// The daemon alone, built as for the guests (the container image holds it too).
+pub fn static_guardian(object: &Path) -> anyhow::Result<PathBuf> {
+    let built = artifacts(cargo().args(["build", "-p", "guardian"]), object)?;
+    Ok(built
+        .into_iter()
+        .find(|a| a.kind == "bin" && a.name == "guardian" && !a.test)
+        .context("cargo built no `guardian` binary")?
+        .executable)
 }
 
 /// Runs a cargo build for the guests and returns the executables it reports.
