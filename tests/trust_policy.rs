@@ -300,3 +300,75 @@ fn a_policy_others_can_write_is_not_enforced() {
         "{stderr}"
     );
 }
+
+/// A Kubernetes ConfigMap volume: the kubelet makes its directory 0777 but mounts it read-only,
+/// and the policy is reached through its `..data` symlink. Enforced there; the same layout on a
+/// writable mount is refused.
+#[test]
+fn a_configmap_volume_is_enforced_and_a_writable_lookalike_is_not() {
+    let test = "configmap_trust";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let dir = guardian_tests::private_dir("configmap-trust");
+    let ts = dir.join("..2026_11_26_02_30_00.1");
+    std::fs::create_dir(&ts).unwrap();
+    std::fs::write(
+        ts.join("policy.toml"),
+        format!("[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\", user = {PINNED_UID} }}\norphans = \"kill\"\n"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(ts.file_name().unwrap(), dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.toml", dir.join("policy.toml")).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let policy = dir.join("policy.toml");
+    let shown = policy.to_str().unwrap().to_owned();
+
+    // Writable: refused, naming the directory.
+    let out = Command::new(guardian_bin())
+        .args(["check", "--policy", &shown])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("writable by group or others"), "{stderr}");
+
+    // Read-only, as the kubelet mounts it: trusted.
+    let c = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: plain mount syscalls on a directory this test made.
+    let mounted = unsafe {
+        libc::mount(
+            c(&dir).as_ptr(),
+            c(&dir).as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c(&dir).as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                std::ptr::null(),
+            ) == 0
+    };
+    if !mounted {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: undoing the bind mount, if it was made.
+        unsafe { libc::umount2(c(&dir).as_ptr(), libc::MNT_DETACH) };
+        guardian_tests::missing(test, &format!("cannot make a read-only bind mount: {e}"));
+        return;
+    }
+    let out = Command::new(guardian_bin())
+        .args(["check", "--policy", &shown])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("writable by group or others"), "{stderr}");
+    let g = Guardian::start(&["--policy", &shown]);
+    assert!(!g.stderr().contains("refusing"), "{}", g.stderr());
+    g.stop();
+    // SAFETY: as above.
+    unsafe { libc::umount2(c(&dir).as_ptr(), libc::MNT_DETACH) };
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -874,15 +874,37 @@ fn exposures(file: &File, meta: &Metadata, path: &Path) -> io::Result<Vec<Exposu
         .ok()
         .filter(|p| p.is_absolute() && !p.to_string_lossy().ends_with(" (deleted)"))
         .map_or_else(|| fs::canonicalize(path), Ok)?;
+    let configmap = configmap_volume(path);
+    let kubelet_only = |p: &Path| configmap.as_ref().is_some_and(|c| p.starts_with(c));
     let mut found = Vec::new();
-    exposure(&mut found, &real, meta, false);
+    exposure(&mut found, &real, meta, false, kubelet_only(&real));
     for dir in real.ancestors().skip(1) {
-        exposure(&mut found, dir, &fs::symlink_metadata(dir)?, true);
+        exposure(
+            &mut found,
+            dir,
+            &fs::symlink_metadata(dir)?,
+            true,
+            kubelet_only(dir),
+        );
     }
     Ok(found)
 }
 
-fn exposure(found: &mut Vec<Exposure>, path: &Path, meta: &Metadata, dir: bool) {
+/// The directory of a Kubernetes ConfigMap (or Secret) volume the policy file is in, if it is
+/// one: a read-only mount where the policy is reached through the kubelet's `..data` symlink.
+/// The kubelet makes that directory 0777, but nobody writes through a read-only mount, and
+/// only the kubelet (root, on the node) writes its source.
+fn configmap_volume(path: &Path) -> Option<PathBuf> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let data = fs::symlink_metadata(dir.join("..data")).ok()?;
+    let read_only = rustix::fs::statvfs(dir)
+        .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+    (data.file_type().is_symlink() && read_only).then(|| fs::canonicalize(dir).ok())?
+}
+
+/// Adds what makes `path` changeable by others than root; `read_only` (in a ConfigMap volume)
+/// leaves its mode out of it.
+fn exposure(found: &mut Vec<Exposure>, path: &Path, meta: &Metadata, dir: bool, read_only: bool) {
     let mode = meta.permissions().mode() & 0o7777;
     let sticky = dir && mode & 0o1000 != 0;
     let mut add = |problem| {
@@ -897,7 +919,7 @@ fn exposure(found: &mut Vec<Exposure>, path: &Path, meta: &Metadata, dir: bool) 
     if meta.uid() != 0 {
         add(Problem::Owner);
     }
-    if mode & 0o022 != 0 && !sticky {
+    if mode & 0o022 != 0 && !sticky && !read_only {
         add(Problem::Writable);
     }
 }
