@@ -493,6 +493,55 @@ fn reloads_while_orphans_are_made() {
     assert_eq!(st.len(), 3);
 }
 
+/// `guardian reload` waits for the outcome: what changed and exit status 0, or why not and 1.
+#[test]
+fn guardian_reload_answers_with_the_outcome() {
+    let test = "reload_request";
+    if !privileged(test) {
+        return;
+    }
+    let tok = token(test);
+    let v1 = kill_policy(&tok, "");
+    let policy = policy_file(test, &v1);
+    let g = Guardian::start(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--watch-policy",
+        "false",
+    ]);
+    std::fs::write(
+        &policy,
+        format!("{v1}\n[[service]]\nname = \"more\"\nmatch = {{ comm = \"nothing-{tok}\" }}\n"),
+    )
+    .unwrap();
+    let out = g.ask(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"], "ok");
+    assert_eq!(v["added"], serde_json::json!(["more"]));
+    // Answered once in force: the status already has it.
+    assert_eq!(g.status()["services"].as_array().unwrap().len(), 2);
+
+    std::fs::write(&policy, "mode = \"sometimes\"\n").unwrap();
+    let out = g.ask(&["reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the policy in force stays") && err.contains("mode"),
+        "{err}"
+    );
+    assert_eq!(g.status()["services"].as_array().unwrap().len(), 2);
+    let r = g.wait_for("the refused reload", |v| {
+        v["event"] == "reload" && v["result"] == "error"
+    });
+    assert_eq!(r["trigger"], "request");
+    g.stop();
+}
+
 /// A Kubernetes ConfigMap mounted as a directory: the kubelet writes the new contents into a
 /// timestamped directory and renames a `..data` symlink over the old one. guardian reloads on
 /// its own; a rewrite that leaves the contents as they were reloads nothing; a bad edit is

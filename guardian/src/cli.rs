@@ -74,6 +74,14 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Auto)]
         output: OutputFormat,
     },
+    /// Ask the running daemon to read its policy again, and wait for the outcome: exits 0 when
+    /// the new policy is in force, 1 (the old one staying) when it is invalid. For systemd's
+    /// `ExecReload=`.
+    Reload {
+        /// The daemon's control socket [default: /run/guardian/control.sock].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
     /// Explain why guardian treats a process as it does: its role (root, member, orphan or
     /// none) and service, its ancestors, the selector keys that matched, what happens if its
     /// parent dies, its rank as a memory victim, and the protections that apply.

@@ -39,6 +39,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(Command::Reload { socket }) = &cli.command {
+        let done = serve::control::ask(
+            &serve::control::socket_path(socket.as_deref()),
+            &serve::control::Query::Reload,
+        )?;
+        println!("{done}");
+        return Ok(());
+    }
     if let Some(Command::Explain {
         pid,
         policy,

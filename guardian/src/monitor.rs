@@ -36,8 +36,10 @@ const REPARENT_GIVE_UP_NS: u64 = 2_000_000_000;
 /// Why the configuration is read again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reload {
-    /// SIGHUP: asked for.
+    /// SIGHUP.
     Signal,
+    /// `guardian reload`, over the control socket.
+    Request,
     /// The policy file (or the ConfigMap it comes from) changed in its directory.
     FileChanged,
 }
@@ -46,6 +48,7 @@ impl Reload {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Signal => "signal",
+            Self::Request => "request",
             Self::FileChanged => "file",
         }
     }
@@ -288,6 +291,8 @@ impl Monitor {
                     Some(ask) => {
                         self.drain(handler);
                         let answer = handler.ask(&mut self.state, &ask.query);
+                        // A reload asked for is complete before it is answered.
+                        self.scan_if_due(handler);
                         // The client may have given up meanwhile.
                         let _ = ask.reply.send(answer);
                     }

@@ -1028,12 +1028,14 @@ impl Handler for Daemon {
     }
 
     fn reload(&mut self, state: &mut State, why: Reload) {
-        self.reload_policy(state, why);
+        // Said in the `reload` record and the log.
+        let _ = self.reload_policy(state, why);
     }
 
     fn ask(&mut self, state: &mut State, query: &Query) -> Answer {
         match query {
             Query::Status => Ok(self.status(state)),
+            Query::Reload => self.reload_policy(state, Reload::Request),
             &Query::Explain { pid, text } => {
                 let ctx = explain::Context {
                     policy: &self.policy,

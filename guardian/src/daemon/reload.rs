@@ -7,6 +7,7 @@
 //! policy changes nothing: the one in force stays, and the `reload` record says why.
 
 use anyhow::bail;
+use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::{mode_of, Daemon, ScanFor, Sync};
@@ -16,6 +17,7 @@ use crate::{
     output::Record,
     policy::{protect::Protections, selector::Candidate, Policy, Service},
     procs::{self, ProcInfo},
+    serve::control::Answer,
 };
 
 /// What a reload changed.
@@ -60,11 +62,13 @@ pub(super) fn digest(path: &std::path::Path) -> u64 {
 }
 
 impl Daemon {
-    pub(super) fn reload_policy(&mut self, state: &mut State, why: Reload) {
+    /// Reads the policy again and puts it in force (the scan that meets it with the running
+    /// processes follows); what changed, or why the policy in force stays.
+    pub(super) fn reload_policy(&mut self, state: &mut State, why: Reload) -> Answer {
         let digest = digest(&self.policy.path);
         if why == Reload::FileChanged && digest == self.policy_digest {
             debug!("the policy's directory changed, its contents did not: nothing to reload");
-            return;
+            return Ok(json!({ "result": "unchanged" }));
         }
         // A file that fails to load is not tried again until it changes once more.
         self.policy_digest = digest;
@@ -72,23 +76,32 @@ impl Daemon {
         self.notifier.reloading();
         match self.try_reload(state) {
             Ok(changes) => {
+                let answer = json!({
+                    "result": "ok",
+                    "policy": self.policy.path,
+                    "added": changes.added,
+                    "removed": changes.removed,
+                    "changed": changes.changed,
+                });
                 self.scan_for = Some(ScanFor::Reload(Pending {
                     changes,
                     why,
                     start_ns: start,
                 }));
+                Ok(answer)
             }
             Err(e) => {
                 self.stats.reloads_failed += 1;
                 self.metrics.reload(false);
                 let path = self.policy.path.display().to_string();
                 warn!(policy = %path, "policy reload refused, the policy in force stays: {e:#}");
+                let error = format!("{e:#}");
                 let record = Record::Reload {
                     ts: state.clock.now(),
                     trigger: why.as_str(),
                     result: "error",
                     policy: path,
-                    error: Some(format!("{e:#}")),
+                    error: Some(error.clone()),
                     added: Vec::new(),
                     removed: Vec::new(),
                     changed: Vec::new(),
@@ -99,6 +112,9 @@ impl Daemon {
                 self.emit_one(&record);
                 self.refresh(state);
                 self.notifier.ready(&self.last_status);
+                Err(format!(
+                    "reload refused, the policy in force stays: {error}"
+                ))
             }
         }
     }

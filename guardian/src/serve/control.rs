@@ -35,6 +35,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(tag = "query", rename_all = "snake_case")]
 pub enum Query {
     Status,
+    /// Read the policy again; answered once it is in force (or refused).
+    Reload,
     /// With `text`, the explanation comes rendered for a terminal (a JSON string); otherwise
     /// as its JSON object.
     Explain {
