@@ -194,6 +194,8 @@ mod tests {
             [
                 "_guardian",
                 "guardian-check.8",
+                "guardian-explain.8",
+                "guardian-reload.8",
                 "guardian-status.8",
                 "guardian-trace.8",
                 "guardian.8",
