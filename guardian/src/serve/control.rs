@@ -199,11 +199,16 @@ pub fn ask(socket: &Path, query: &Query) -> anyhow::Result<serde_json::Value> {
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = serde_json::to_vec(query)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A client the daemon refuses gets its answer without its request being read: the write
+    // may then fail (broken pipe) with the answer waiting to be read.
+    let sent = stream.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .with_context(|| format!("{}: no answer", socket.display()))?;
+    let read = BufReader::new(stream).read_line(&mut answer);
+    if answer.is_empty() {
+        sent.with_context(|| format!("{}: sending the request", socket.display()))?;
+        read.with_context(|| format!("{}: no answer", socket.display()))?;
+        bail!("{}: no answer", socket.display());
+    }
     match serde_json::from_str::<Reply>(&answer)
         .with_context(|| format!("{}: unreadable answer", socket.display()))?
     {
