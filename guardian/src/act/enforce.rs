@@ -518,6 +518,10 @@ mod tests {
             same_process(start + 3_000, proc_ns),
             "fork event a few µs late"
         );
+        assert!(
+            same_process(start + 50_000_000, proc_ns),
+            "fork event 50 ms late (a descheduled vCPU)"
+        );
         assert!(!same_process(proc_ns + tick + FORK_EVENT_SLACK_NS, proc_ns));
         assert!(
             !same_process(start, proc_ns + tick),
