@@ -69,6 +69,9 @@ enum IntegrationTest {
               value_parser = clap::builder::PossibleValuesParser::new(vm::series_names()))]
         kernels: Vec<String>,
     },
+    /// Boot a Debian 12 guest with systemd as pid 1, install guardian's package and run it
+    /// beside the production guide's systemd units and supervisord programs.
+    Systemd,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,6 +95,9 @@ fn main() -> anyhow::Result<()> {
             setup::ebpf_toolchain(false)?;
             vm::run(&ebpf::build()?, &kernels)
         }
+        Command::IntegrationTest {
+            which: IntegrationTest::Systemd,
+        } => vm::systemd::run(),
         Command::Bench { which } => bench::run(which),
     }
 }

@@ -8,6 +8,7 @@
 mod console;
 mod guest;
 mod kernel;
+pub mod systemd;
 
 use std::{
     path::Path,
