@@ -629,9 +629,11 @@ def main():
         except Fail as e:
             verdict, detail = "FAIL", str(e)
         except Exception:
-            verdict, detail = "FAIL", traceback.format_exc().strip().replace("\n", " | ")
+            verdict, detail = "FAIL", traceback.format_exc()
         if name == "install":
             installed = verdict == "PASS"
+        # One line per verdict: the host reads nothing past it.
+        detail = " | ".join(line.strip() for line in detail.splitlines())
         out(f"CASE {name} {verdict} ({time.monotonic() - start:.1f} s) {detail}")
     # For the console log: what guardian and the services said, and what went wrong anywhere.
     logs = [(f"journal of {u}", ["journalctl", f"--unit={u}"]) for u in ["guardian", *UNITS]]
