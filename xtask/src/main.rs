@@ -38,13 +38,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, and
-    /// the same integration tests on the kernel matrix in VMs.
+    /// The whole suite: setup, build, fmt, clippy, unit tests, privileged integration tests, the
+    /// same integration tests on the kernel matrix in VMs, and guardian's package under systemd
+    /// in a Debian guest.
     Test {
         /// Skip the privileged integration tests (here and in VMs).
         #[arg(long)]
         unit_only: bool,
-        /// Skip the kernel matrix (quick local runs).
+        /// Skip the VMs: the kernel matrix and the systemd guest (quick local runs).
         #[arg(long)]
         no_vm: bool,
     },
@@ -164,20 +165,29 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
         );
     }
 
-    util::step("kernel matrix");
     if no_vm {
-        eprintln!("SKIPPED: the kernel matrix (--no-vm)");
+        eprintln!("SKIPPED: the kernel matrix and the systemd guest (--no-vm)");
         return Ok(());
     }
+    util::step("kernel matrix");
     // The guests need no root on the host, only qemu and busybox, which root can install.
     if !is_root() && !setup::vm_tools_missing().is_empty() {
         eprintln!(
             "SKIPPED: the kernel matrix needs {}: run `sudo cargo xtask setup`, or pass --no-vm",
             setup::vm_tools_missing().join(" and ")
         );
+    } else {
+        vm::run(&object, &[])?;
+    }
+    util::step("systemd guest");
+    if !is_root() {
+        eprintln!(
+            "SKIPPED: the systemd guest's root filesystem is built as root (mmdebstrap): run \
+             `sudo cargo xtask test`, or pass --no-vm"
+        );
         return Ok(());
     }
-    vm::run(&object, &[])
+    vm::systemd::run()
 }
 
 /// The privileged integration tests on this machine's kernel.
