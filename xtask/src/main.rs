@@ -47,13 +47,13 @@ enum Command {
     /// podman or buildah; without them, only its build context `target/image/`.
     Image,
     /// The whole suite: setup, build, fmt, clippy, unit tests, the deployment files' checks,
-    /// the Debian package, privileged integration tests, and the same integration tests on the
-    /// kernel matrix in VMs.
+    /// the Debian package, privileged integration tests, the same integration tests on the
+    /// kernel matrix in VMs, and the package under systemd in a Debian guest.
     Test {
         /// Skip the Debian package and the privileged integration tests (here and in VMs).
         #[arg(long)]
         unit_only: bool,
-        /// Skip the kernel matrix (quick local runs).
+        /// Skip the VMs: the kernel matrix and the systemd guest (quick local runs).
         #[arg(long)]
         no_vm: bool,
     },
@@ -78,6 +78,9 @@ enum IntegrationTest {
               value_parser = clap::builder::PossibleValuesParser::new(vm::series_names()))]
         kernels: Vec<String>,
     },
+    /// Boot a Debian 12 guest with systemd as pid 1, install guardian's package and run it
+    /// beside the production guide's systemd units and supervisord programs.
+    Systemd,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +109,9 @@ fn main() -> anyhow::Result<()> {
             setup::ebpf_toolchain(false)?;
             vm::run(&ebpf::build()?, &kernels)
         }
+        Command::IntegrationTest {
+            which: IntegrationTest::Systemd,
+        } => vm::systemd::run(&dist::run_dist(&build_release()?)?),
         Command::Bench { which } => bench::run(which),
     }
 }
@@ -163,7 +169,7 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
     if unit_only {
         return Ok(());
     }
-    dist::run_dist(&build_release()?)?;
+    let deb = dist::run_dist(&build_release()?)?;
 
     util::step("privileged integration tests");
     if is_root() {
@@ -176,20 +182,29 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
         );
     }
 
-    util::step("kernel matrix");
     if no_vm {
-        eprintln!("SKIPPED: the kernel matrix (--no-vm)");
+        eprintln!("SKIPPED: the kernel matrix and the systemd guest (--no-vm)");
         return Ok(());
     }
+    util::step("kernel matrix");
     // The guests need no root on the host, only qemu and busybox, which root can install.
     if !is_root() && !setup::vm_tools_missing().is_empty() {
         eprintln!(
             "SKIPPED: the kernel matrix needs {}: run `sudo cargo xtask setup`, or pass --no-vm",
             setup::vm_tools_missing().join(" and ")
         );
+    } else {
+        vm::run(&object, &[])?;
+    }
+    util::step("systemd guest");
+    if !is_root() {
+        eprintln!(
+            "SKIPPED: the systemd guest's root filesystem is built as root (mmdebstrap): run \
+             `sudo cargo xtask test`, or pass --no-vm"
+        );
         return Ok(());
     }
-    vm::run(&object, &[])
+    vm::systemd::run(&deb)
 }
 
 /// The privileged integration tests on this machine's kernel.

@@ -33,11 +33,19 @@ const VM_PACKAGES: [(&str, &str); 2] = [
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
 ];
+/// The systemd guest's tools: mmdebstrap builds its Debian root filesystem from the mirror,
+/// cpio packs that tree into the initramfs the guest boots from.
+const SYSTEMD_PACKAGES: [(&str, &str); 3] = [
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("cpio", "cpio"),
+];
 
-/// Everything: the eBPF toolchain and the kernel matrix's tools.
+/// Everything: the eBPF toolchain, the kernel matrix's and the systemd guest's tools.
 pub fn setup(check_only: bool) -> anyhow::Result<()> {
     ebpf_toolchain(check_only)?;
-    vm_tools(check_only)
+    vm_tools(check_only)?;
+    systemd_tools(check_only)
 }
 
 /// The toolchain that builds the eBPF program.
@@ -252,7 +260,21 @@ fn deploy_tools_dir() -> PathBuf {
 /// The kernel matrix's packages that are missing (a dynamically linked busybox counts as
 /// missing: the guests have no C library).
 pub fn vm_tools_missing() -> Vec<&'static str> {
-    VM_PACKAGES
+    missing(&VM_PACKAGES)
+}
+
+/// What `cargo xtask integration-test vm` needs.
+pub fn vm_tools(check_only: bool) -> anyhow::Result<()> {
+    tools("kernel matrix", &VM_PACKAGES, check_only)
+}
+
+/// What `cargo xtask integration-test systemd` needs.
+pub fn systemd_tools(check_only: bool) -> anyhow::Result<()> {
+    tools("systemd guest", &SYSTEMD_PACKAGES, check_only)
+}
+
+fn missing(packages: &[(&'static str, &str)]) -> Vec<&'static str> {
+    packages
         .iter()
         .filter(|(package, command)| match which(command) {
             None => true,
@@ -262,29 +284,30 @@ pub fn vm_tools_missing() -> Vec<&'static str> {
         .collect()
 }
 
-/// What `cargo xtask integration-test vm` needs.
-pub fn vm_tools(check_only: bool) -> anyhow::Result<()> {
-    step("setup (kernel matrix)");
-    let missing = vm_tools_missing();
-    if missing.is_empty() {
-        eprintln!("kernel matrix tools ready: qemu-system-x86_64, static busybox");
+/// Installs the (package, command) pairs whose command is missing.
+fn tools(what: &str, packages: &[(&'static str, &str)], check_only: bool) -> anyhow::Result<()> {
+    step(&format!("setup ({what})"));
+    let absent = missing(packages);
+    if absent.is_empty() {
+        let commands: Vec<&str> = packages.iter().map(|(_, c)| *c).collect();
+        eprintln!("{what} tools ready: {}", commands.join(", "));
         return Ok(());
     }
     let can_install = is_root() && which("apt-get").is_some();
     if check_only || !can_install {
         eprintln!(
-            "missing for the kernel matrix; install with:\n  apt-get update && apt-get install -y \
+            "missing for the {what}; install with:\n  apt-get update && apt-get install -y \
              --no-install-recommends {}",
-            missing.join(" ")
+            absent.join(" ")
         );
         if check_only {
             return Ok(());
         }
-        bail!("the kernel matrix's tools are missing and this is not a root shell on Debian/Ubuntu: run the command above");
+        bail!("the {what}'s tools are missing and this is not a root shell on Debian/Ubuntu: run the command above");
     }
-    apt_install(&missing)?;
-    if !vm_tools_missing().is_empty() {
-        bail!("setup finished but the kernel matrix's tools are still missing");
+    apt_install(&absent)?;
+    if !missing(packages).is_empty() {
+        bail!("setup finished but the {what}'s tools are still missing");
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 mod console;
 mod guest;
 mod kernel;
+pub mod systemd;
 
 pub use guest::static_guardian;
 

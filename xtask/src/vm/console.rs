@@ -35,8 +35,8 @@ const QEMU_ARGS: [&str; 14] = [
 ];
 /// Kernel messages on ttyS1, so they never split a test's output line. A panic (a soft lockup
 /// is made one) powers the guest off at once (with -no-reboot) instead of hanging until the
-/// timeout.
-const CMDLINE: &str = "console=ttyS1 panic=-1 softlockup_panic=1";
+/// timeout. Every guest's kernel command line starts with these.
+pub const KERNEL_ARGS: &str = "console=ttyS1 panic=-1 softlockup_panic=1";
 /// How long qemu may take to exit after the guest's completion marker.
 const POWEROFF_WAIT: Duration = Duration::from_secs(30);
 /// Kernel log lines that mean the guest kernel itself broke.
@@ -44,8 +44,18 @@ const KERNEL_TROUBLE: [&str; 3] = ["Kernel panic", "BUG:", "Oops:"];
 /// Kernel log lines shown when a guest fails.
 const KERNEL_TAIL: usize = 40;
 
-/// Boots `kernel` with `initramfs`, saves the console to `console_log` and the kernel's
-/// messages to `kernel_log`, and parses them. The guest is killed when it runs past `timeout`.
+/// What a guest printed on its console, and what its kernel said.
+pub struct Console {
+    pub lines: Vec<String>,
+    /// From qemu's start to the init's first marker (`{MARK} kernel ...`).
+    pub boot_time: Option<Duration>,
+    /// A guest still running at the timeout, and kernel bugs (panic, oops).
+    pub problems: Vec<String>,
+    /// The end of the kernel's log, shown when the guest had a problem.
+    pub kernel_tail: Vec<String>,
+}
+
+/// Boots `kernel` with `initramfs` and the test suite's init, and parses its console.
 pub fn boot(
     kernel: &Path,
     initramfs: &Path,
@@ -53,6 +63,33 @@ pub fn boot(
     kernel_log: &Path,
     timeout: Duration,
 ) -> anyhow::Result<Report> {
+    let console = run(
+        kernel,
+        initramfs,
+        KERNEL_ARGS,
+        console_log,
+        kernel_log,
+        timeout,
+    )?;
+    let mut report = Report::parse(&console.lines);
+    report.boot_time = console.boot_time;
+    report.problems.extend(console.problems);
+    report.kernel_tail = console.kernel_tail;
+    Ok(report)
+}
+
+/// Boots `kernel` with `initramfs` and the kernel command line `cmdline` (which must keep the
+/// kernel's messages on ttyS1), saves the console (ttyS0) to `console_log` and the kernel's
+/// messages to `kernel_log`. The guest is killed when it runs past `timeout`, or when it has
+/// not powered off shortly after printing `{MARK} done`.
+pub fn run(
+    kernel: &Path,
+    initramfs: &Path,
+    cmdline: &str,
+    console_log: &Path,
+    kernel_log: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Console> {
     let logs = console_log.parent().expect("log has a folder");
     fs::create_dir_all(logs)?;
     let mut file = fs::File::create(console_log)?;
@@ -65,7 +102,7 @@ pub fn boot(
         .arg(kernel)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", CMDLINE])
+        .args(["-append", cmdline])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -81,7 +118,7 @@ pub fn boot(
     let deadline = started + timeout;
     let mut lines = Vec::new();
     let mut timed_out = false;
-    let mut booted = None;
+    let mut boot_time = None;
     let mut done_at: Option<Instant> = None;
     loop {
         let limit = done_at.map_or(deadline, |d| d + POWEROFF_WAIT);
@@ -94,7 +131,7 @@ pub fn boot(
             Ok(line) => {
                 writeln!(file, "{line}")?;
                 if line.starts_with(&format!("{MARK} kernel")) {
-                    booted = Some(started.elapsed());
+                    boot_time = Some(started.elapsed());
                 } else if line == format!("{MARK} done") {
                     done_at = Some(Instant::now());
                 }
@@ -107,10 +144,9 @@ pub fn boot(
     }
     let _ = qemu.kill();
     qemu.wait().context("waiting for qemu")?;
-    let mut report = Report::parse(&lines);
-    report.boot_time = booted;
+    let mut problems = Vec::new();
     if timed_out {
-        report.problems.push(format!(
+        problems.push(format!(
             "the guest was still running after {} s and was killed",
             timeout.as_secs()
         ));
@@ -124,10 +160,14 @@ pub fn boot(
         .iter()
         .filter(|l| KERNEL_TROUBLE.iter().any(|t| l.contains(t)))
     {
-        report.problems.push(format!("kernel: {}", line.trim()));
+        problems.push(format!("kernel: {}", line.trim()));
     }
-    report.kernel_tail = klog[klog.len().saturating_sub(KERNEL_TAIL)..].to_vec();
-    Ok(report)
+    Ok(Console {
+        lines,
+        boot_time,
+        problems,
+        kernel_tail: klog[klog.len().saturating_sub(KERNEL_TAIL)..].to_vec(),
+    })
 }
 
 /// Sends each line of a pipe (the last one even without its newline), without carriage returns.

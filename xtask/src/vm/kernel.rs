@@ -55,15 +55,26 @@ pub fn fetch(vm_dir: &Path, series: &[&Series]) -> anyhow::Result<Vec<Kernel>> {
 
 /// Where the host's apt configuration fetches Debian from.
 #[derive(Debug, PartialEq, Eq)]
-struct Mirrors {
+pub struct Mirrors {
     /// Serves the releases themselves (`bookworm`, `bullseye`).
-    archive: String,
+    pub archive: String,
     /// Serves the security suites (`bookworm-security`), where most kernel updates land.
-    security: Option<String>,
+    pub security: Option<String>,
+}
+
+impl Mirrors {
+    /// The `deb` lines of a release's main component and its security updates.
+    pub fn sources(&self, release: &str) -> Vec<String> {
+        let mut lines = vec![format!("deb {} {release} main", self.archive)];
+        if let Some(security) = &self.security {
+            lines.push(format!("deb {security} {release}-security main"));
+        }
+        lines
+    }
 }
 
 /// The host's sources, as apt itself parses them (one-line and deb822 files alike).
-fn host_mirrors() -> anyhow::Result<Mirrors> {
+pub fn host_mirrors() -> anyhow::Result<Mirrors> {
     let text = output(Command::new("apt-get").args([
         "indextargets",
         "--no-release-info",
@@ -74,7 +85,7 @@ fn host_mirrors() -> anyhow::Result<Mirrors> {
     .context("cannot read the host's apt sources (`apt-get indextargets` failed)")?;
     parse_mirrors(&text).context(
         "the host's apt configuration has no `deb` source for a Debian release (a suite like \
-         `bookworm`): the kernel matrix takes its mirror from there",
+         `bookworm`): the guests' packages come from its mirror",
     )
 }
 
@@ -147,10 +158,11 @@ impl Apt {
             fs::create_dir_all(self.dir.join(sub))?;
         }
         let r = self.release;
-        let mut sources = format!("deb {} {r} main\n", mirrors.archive);
-        if let Some(security) = &mirrors.security {
-            sources.push_str(&format!("deb {security} {r}-security main\n"));
-        }
+        let sources: String = mirrors
+            .sources(r)
+            .iter()
+            .map(|l| l.clone() + "\n")
+            .collect();
         fs::write(self.dir.join("sources.list"), &sources)?;
         eprintln!("Debian {r}: refreshing package lists");
         run(self.cmd("apt-get").args(["-qq", "update"])).with_context(|| {
