@@ -199,12 +199,15 @@ fn test(unit_only: bool, no_vm: bool) -> anyhow::Result<()> {
     util::step("systemd guest");
     if !is_root() {
         eprintln!(
-            "SKIPPED: the systemd guest's root filesystem is built as root (mmdebstrap): run \
-             `sudo cargo xtask test`, or pass --no-vm"
+            "SKIPPED: the systemd guest's root filesystem is built as root (mmdebstrap) and the \
+             container image by root's podman: run `sudo cargo xtask test`, or pass --no-vm"
         );
         return Ok(());
     }
-    vm::systemd::run(&deb)
+    vm::systemd::run(&deb)?;
+    // The guests' static binary is built by now: the image reuses it.
+    setup::image_tools(false)?;
+    dist::image(&object)
 }
 
 /// The privileged integration tests on this machine's kernel.

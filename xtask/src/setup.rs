@@ -273,6 +273,11 @@ pub fn systemd_tools(check_only: bool) -> anyhow::Result<()> {
     tools("systemd guest", &SYSTEMD_PACKAGES, check_only)
 }
 
+/// What builds the container image (it builds one here; it cannot run one: see the README).
+pub fn image_tools(check_only: bool) -> anyhow::Result<()> {
+    tools("container image", &[("podman", "podman")], check_only)
+}
+
 fn missing(packages: &[(&'static str, &str)]) -> Vec<&'static str> {
     packages
         .iter()
