@@ -221,8 +221,9 @@ pub const OFFSET_NONE: u32 = u32::MAX;
 pub struct Config {
     /// guardian's own process id: its events are ignored.
     pub self_tgid: u32,
-    /// Non-zero: every process is tracked (used by `guardian trace`). Zero: only thread groups in
-    /// [`TRACKED_MAP`] and their descendants.
+    /// Non-zero: every process is reported (used by `guardian trace`), and [`TRACKED_MAP`] holds
+    /// only processes with children. Zero: only thread groups in [`TRACKED_MAP`] and their
+    /// descendants.
     pub track_all: u32,
     /// Non-zero: report thread starts and ends of tracked processes ([`ThreadEvent`]).
     pub track_threads: u32,

@@ -168,15 +168,25 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         creator
     };
 
-    // The child inherits tracking; the parent is now someone whose exit matters.
-    if TRACKED.insert(child, 0, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
+    // The child inherits tracking; the parent is now someone whose exit matters. `guardian
+    // trace` reports every process anyway: its map only marks parents, which spares the fork
+    // and the exit of every childless process a map update.
+    if cfg.track_all == 0
+        && TRACKED.insert(child, 0, BPF_ANY as u64).is_err()
+        && count(Stat::TrackedFull)
+    {
         warn!(
             ctx,
             "tracked map full: new processes are no longer followed"
         );
     }
     match TRACKED.get_ptr_mut(parent) {
-        Some(flags) => unsafe { *flags |= tracked_flags::HAS_CHILDREN },
+        // Written once: a parent forking again leaves its entry's cache line clean.
+        Some(flags) => unsafe {
+            if *flags & tracked_flags::HAS_CHILDREN == 0 {
+                *flags |= tracked_flags::HAS_CHILDREN
+            }
+        },
         // Only `guardian trace` follows processes it was not told about. Otherwise the parent
         // of a `CLONE_PARENT` child is nobody guardian follows, and tracking it here would
         // follow all its future children and never be undone.
