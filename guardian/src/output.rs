@@ -386,6 +386,9 @@ impl Default for Clock {
 /// Records waiting for the writer thread. Beyond this many, new records are dropped (and
 /// counted) rather than delay a decision.
 pub const QUEUE_RECORDS: usize = 8192;
+/// How long the writer lets records gather once woken: the most a record waits before it is
+/// printed.
+const COALESCE: Duration = Duration::from_millis(1);
 /// At most one warning this often about records that could not be printed (ns).
 const DROP_WARN_NS: u64 = 10_000_000_000;
 
@@ -517,7 +520,13 @@ fn write_records(rx: Receiver<Vec<u8>>, out: impl Write, shared: &Shared) {
                     }
                 }
                 match rx.recv() {
-                    Ok(line) => line,
+                    Ok(line) => {
+                        // Woken by the first record of a burst (a drain of the ring buffer
+                        // brings many): the rest queue up meanwhile, and the burst costs one
+                        // wakeup and one write rather than one of each per record.
+                        std::thread::sleep(COALESCE);
+                        line
+                    }
                     Err(_) => break,
                 }
             }
