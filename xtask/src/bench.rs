@@ -23,11 +23,12 @@ pub enum Bench {
     /// CPU); prints the rates, their ratios with the spread over rounds, guardian's CPU time, and
     /// any loss.
     Fork {
-        /// Forks per loop per round.
-        #[arg(long, default_value_t = 10_000)]
+        /// Forks per loop per round (several seconds' worth: shorter runs measure the
+        /// machine's other tenants more than guardian).
+        #[arg(long, default_value_t = 40_000)]
         forks: u64,
         /// Fork+exec iterations per loop per round.
-        #[arg(long, default_value_t = 2_000)]
+        #[arg(long, default_value_t = 5_000)]
         execs: u64,
         /// Rounds of each kind.
         #[arg(long, default_value_t = 5)]
@@ -291,7 +292,7 @@ fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
     let loops = thread::available_parallelism().map_or(2, |n| n.get());
     step(&format!(
         "bench fork: {rounds} rounds of {loops} loops x {forks} fork+exit+wait and x {execs} \
-         fork+exec /bin/true+wait, each without and then with guardian"
+         fork+exec /bin/true+wait, each without and with guardian (in turn first)"
     ));
     let load_before = loadavg();
     let out = std::env::temp_dir().join("guardian-bench-fork.jsonl");
@@ -336,19 +337,25 @@ fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
             } else {
                 (&exec_args, execs)
             };
-            let b = loop_round(&workload, args, n, loops)?;
+            // Which of the two runs first alternates, so that a drift of the machine's speed
+            // over a round favours neither.
+            let baseline = || loop_round(&workload, args, n, loops);
+            let first = if r % 2 == 0 { Some(baseline()?) } else { None };
+            let d = case.mode.start(&guardian, &out)?;
+            let cpu_before = d.cpu_ms();
+            let t = loop_round(&workload, args, n, loops)?;
+            let cpu_ms = d.cpu_ms() - cpu_before;
+            let records = d.stop()?;
+            let b = match first {
+                Some(b) => b,
+                None => baseline()?,
+            };
             if case.what == "fork" {
                 &mut base_fork
             } else {
                 &mut base_exec
             }
             .push(b.rate);
-
-            let d = case.mode.start(&guardian, &out)?;
-            let cpu_before = d.cpu_ms();
-            let t = loop_round(&workload, args, n, loops)?;
-            let cpu_ms = d.cpu_ms() - cpu_before;
-            let records = d.stop()?;
             let round_lost: u64 = records
                 .iter()
                 .filter(|v| v["event"] == "lost")
