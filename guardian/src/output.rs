@@ -2,6 +2,7 @@
 
 use std::{
     borrow::Cow,
+    cell::RefCell,
     collections::BTreeMap,
     io::{self, IsTerminal, Write},
     sync::{
@@ -366,9 +367,21 @@ impl Clock {
     /// RFC 3339 UTC time with microseconds.
     pub fn ts(&self, boot_ns: u64) -> String {
         let ns = self.boot_epoch_ns + boot_ns as u128;
-        let t = SystemTime::UNIX_EPOCH
-            + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
-        humantime::format_rfc3339_micros(t).to_string()
+        let (secs, micros) = ((ns / 1_000_000_000) as u64, ns % 1_000_000_000 / 1_000);
+        // The date and time of day change once a second, and records come by the thousand
+        // under a fork storm: they are worked out once per second.
+        thread_local! {
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        }
+        SECOND.with_borrow_mut(|(at, text)| {
+            if *at != secs {
+                let t = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+                *text = humantime::format_rfc3339_seconds(t).to_string();
+                text.pop(); // the `Z`, which goes after the fraction
+                *at = secs;
+            }
+            format!("{text}.{micros:06}Z")
+        })
     }
 
     pub fn now(&self) -> String {
@@ -763,5 +776,15 @@ mod tests {
         let ts = c.now();
         assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
         assert_eq!(ts.len(), "2026-11-25T15:16:19.123456Z".len());
+        // What humantime says, whether or not the second was formatted before.
+        let at = Clock { boot_epoch_ns: 0 };
+        for ns in [
+            1_764_170_179_000_001_999u64,
+            1_764_170_179_999_999_000,
+            1_764_170_180_000_000_000,
+        ] {
+            let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
+            assert_eq!(at.ts(ns), humantime::format_rfc3339_micros(t).to_string());
+        }
     }
 }
