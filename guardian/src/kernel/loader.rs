@@ -1,10 +1,8 @@
 //! Loading and attaching the eBPF program.
 
-use std::io;
+use std::{collections::BTreeSet, io};
 
 use anyhow::{bail, Context as _};
-use std::collections::BTreeSet;
-
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
@@ -65,8 +63,8 @@ pub struct Probes {
     tracked: HashMap<MapData, u32, u32>,
     exec_filter: Array<MapData, u32>,
     exec_keys: HashMap<MapData, ExecKey, u32>,
-    /// The keys in force (see [`Probes::set_exec_filter`]); `None`: every exec is reported.
-    exec_keys_set: Option<BTreeSet<ExecKey>>,
+    /// The keys in the kernel's map (see [`Probes::set_exec_filter`]).
+    exec_keys_set: BTreeSet<ExecKey>,
     /// Whether the program can read an exec's effective uid (BTF located `real_cred->euid`).
     reads_euid: bool,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -210,7 +208,7 @@ impl Probes {
             tracked,
             exec_filter,
             exec_keys,
-            exec_keys_set: None,
+            exec_keys_set: BTreeSet::new(),
             reads_euid: config.task_real_cred != OFFSET_NONE && config.cred_euid != OFFSET_NONE,
             logger,
             group_dead,
@@ -271,18 +269,13 @@ impl Probes {
             self.exec_keys
                 .insert(key, 0, 0)
                 .context("adding an exec filter key")?;
+            self.exec_keys_set.insert(*key);
         }
-        let stale: Vec<ExecKey> = self
-            .exec_keys_set
-            .iter()
-            .flatten()
-            .filter(|k| !keys.contains(k))
-            .copied()
-            .collect();
+        let stale: Vec<ExecKey> = self.exec_keys_set.difference(keys).copied().collect();
         for key in stale {
             let _ = self.exec_keys.remove(&key);
+            self.exec_keys_set.remove(&key);
         }
-        self.exec_keys_set = Some(keys.clone());
         self.exec_filter
             .set(0, 1, 0)
             .context("turning the exec filter on")?;
@@ -293,7 +286,7 @@ impl Probes {
         self.exec_filter
             .set(0, 0, 0)
             .context("turning the exec filter off")?;
-        for key in self.exec_keys_set.take().into_iter().flatten() {
+        for key in std::mem::take(&mut self.exec_keys_set) {
             let _ = self.exec_keys.remove(&key);
         }
         Ok(())
