@@ -233,8 +233,8 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    let euid = current_euid(&cfg);
-    if !exec_wanted(&cfg, tgid, &comm, euid) {
+    let (euid, euid_flag) = current_euid(&cfg);
+    if !exec_wanted(&cfg, tgid, &comm, euid, euid_flag) {
         count(Stat::ExecFiltered);
         return Ok(0);
     }
@@ -247,7 +247,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev).header = header(EventKind::Exec, pid_tgid as u32, tgid);
         (*ev).old_pid = ctx.read_at::<i32>(cfg.exec_old_pid as usize).unwrap_or(0) as u32;
         (*ev).ppid = parent_tgid_of_current(&cfg).unwrap_or(0);
-        (*ev).euid = euid.unwrap_or(0);
+        (*ev).euid = euid;
         (*ev).start_ns = process_start(&cfg).unwrap_or(0);
         (*ev).comm = comm;
 
@@ -269,11 +269,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
 
         let (len, flags) = read_args(&cfg, &mut (*ev).args);
         (*ev).args_len = len;
-        (*ev).flags = if euid.is_some() {
-            flags | exec_flags::EUID_VALID
-        } else {
-            flags
-        };
+        (*ev).flags = flags | euid_flag;
     }
     // An exec can make a service root, which may fork at once: wake the reader so that it starts
     // following the root within microseconds. An exec costs far more than the wakeup.
@@ -281,11 +277,17 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// `current->real_cred->euid`: the effective uid `/proc/PID/status` shows.
+/// `current->real_cred->euid`: the effective uid `/proc/PID/status` shows, and
+/// [`exec_flags::EUID_VALID`] when it could be read (else `(0, 0)`). Not an `Option`: rustc
+/// keeps a `None`'s payload uninitialised on the stack, and the 5.10 verifier refuses any read
+/// of an uninitialised stack slot.
 #[inline(always)]
-fn current_euid(cfg: &Config) -> Option<u32> {
-    let cred = read_task::<u64>(cfg.task_real_cred)?;
-    read_at::<u32>(cred, cfg.cred_euid)
+fn current_euid(cfg: &Config) -> (u32, u32) {
+    match read_task::<u64>(cfg.task_real_cred).and_then(|cred| read_at::<u32>(cred, cfg.cred_euid))
+    {
+        Some(uid) => (uid, exec_flags::EUID_VALID),
+        None => (0, 0),
+    }
 }
 
 /// Whether an exec is reported. Always for a tracked process (a member that execs may become a
@@ -294,7 +296,7 @@ fn current_euid(cfg: &Config) -> Option<u32> {
 /// `comm` match a key: the daemon derives each service's key from conditions its selector
 /// requires, so the execs kept here are ones no service can match.
 #[inline(always)]
-fn exec_wanted(cfg: &Config, tgid: u32, comm: &[u8; COMM_LEN], euid: Option<u32>) -> bool {
+fn exec_wanted(cfg: &Config, tgid: u32, comm: &[u8; COMM_LEN], uid: u32, euid_flag: u32) -> bool {
     if cfg.track_all != 0
         || EXEC_FILTER.get(0).is_none_or(|&on| on == 0)
         || TRACKED.get_ptr(tgid).is_some()
@@ -302,9 +304,9 @@ fn exec_wanted(cfg: &Config, tgid: u32, comm: &[u8; COMM_LEN], euid: Option<u32>
         return true;
     }
     // An exec whose uid cannot be read cannot be ruled out.
-    let Some(uid) = euid else {
+    if euid_flag == 0 {
         return true;
-    };
+    }
     let mut key = ExecKey {
         fields: exec_key::UID | exec_key::COMM,
         uid,
