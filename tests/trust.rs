@@ -13,7 +13,8 @@ use std::{
 
 use guardian_tests::{
     alive, all_gone, children_of, collect_stderr, decisions, eventually, kill, kill_policy, pid,
-    pids, policy_file, privileged, terminate, token, Guardian, Workload, WAIT,
+    pids, policy_file, privileged, resolves_users, terminate, token, Guardian, TempUser, Workload,
+    WAIT,
 };
 use serde_json::Value;
 
@@ -611,36 +612,6 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
         assert_eq!(d[0]["old_parent"], middle);
     }
     assert!(decisions(&records, parent).is_empty());
-}
-
-/// Adds a user to /etc/passwd for the test's duration (the line is removed when dropped).
-struct TempUser(String);
-
-impl TempUser {
-    fn add(name: &str, uid: u32) -> Self {
-        let line = format!("{name}:x:{uid}:{uid}:guardian test:/:/bin/false\n");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open("/etc/passwd")
-            .expect("opening /etc/passwd");
-        std::io::Write::write_all(&mut f, line.as_bytes()).expect("adding the test user");
-        Self(line)
-    }
-}
-
-impl Drop for TempUser {
-    fn drop(&mut self) {
-        if let Ok(text) = std::fs::read_to_string("/etc/passwd") {
-            let _ = std::fs::write("/etc/passwd", text.replace(&self.0, ""));
-        }
-    }
-}
-
-/// Whether this build can look user names up (a static build without NSS cannot).
-fn resolves_users() -> bool {
-    // SAFETY: getpwnam with a static C string; the result is only tested for null.
-    !unsafe { libc::getpwnam(c"root".as_ptr()) }.is_null()
 }
 
 /// A policy naming a user that does not exist yet runs (with a warning) and makes nobody a

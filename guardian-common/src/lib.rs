@@ -22,6 +22,14 @@ pub const STATS_MAP: &str = "STATS";
 pub const TRACKED_MAP: &str = "TRACKED";
 /// Name of the [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
+/// Name of the one-slot array that turns the exec filter on (1) or off (0, every exec reported).
+pub const EXEC_FILTER_MAP: &str = "EXEC_FILTER";
+/// Name of the map of [`ExecKey`]s: with the filter on, an exec of a process that is not
+/// tracked is reported only if it matches one of them.
+pub const EXEC_KEYS_MAP: &str = "EXEC_KEYS";
+/// Capacity of [`EXEC_KEYS_MAP`]: one key per service at most. The daemon turns the filter off
+/// rather than leave a service out.
+pub const EXEC_KEYS_CAPACITY: u32 = 1024;
 /// Capacity [`TRACKED_MAP`] is built with; the loader sizes it to the host's `pid_max` (within
 /// bounds) before loading. A full map is counted in [`Stat::TrackedFull`].
 pub const TRACKED_CAPACITY: u32 = 65_536;
@@ -62,10 +70,12 @@ pub enum Stat {
     /// A tracepoint field did not hold what its format promised (for example an empty
     /// `__data_loc`).
     BadField = 2,
+    /// An exec the filter kept in the kernel (not a loss: it matches no service).
+    ExecFiltered = 3,
 }
 
 /// Number of slots in [`STATS_MAP`].
-pub const STAT_COUNT: u32 = 3;
+pub const STAT_COUNT: u32 = 4;
 
 /// Flags in an [`ExitEvent`].
 pub mod exit_flags {
@@ -81,6 +91,27 @@ pub mod exec_flags {
     pub const ARGS_TRUNCATED: u32 = 1 << 0;
     /// The command line could not be read at all.
     pub const ARGS_MISSING: u32 = 1 << 1;
+    /// `euid` holds the effective uid the exec gave the process.
+    pub const EUID_VALID: u32 = 1 << 2;
+}
+
+/// Which fields of an [`ExecKey`] an exec must equal.
+pub mod exec_key {
+    pub const UID: u32 = 1 << 0;
+    pub const COMM: u32 = 1 << 1;
+}
+
+/// A condition the exec filter checks: the exec's effective uid, its new `comm`, or both (the
+/// fields not named in `fields` are zero, so that lookups find the key byte for byte).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExecKey {
+    /// [`exec_key`] bits.
+    pub fields: u32,
+    /// Effective uid after the exec.
+    pub uid: u32,
+    /// `comm` after the exec, NUL-padded.
+    pub comm: [u8; COMM_LEN],
 }
 
 /// Values of [`TRACKED_MAP`]: bit flags about a tracked thread group.
@@ -140,7 +171,8 @@ pub struct ExecEvent {
     pub filename_len: u32,
     /// Bytes of `args` used.
     pub args_len: u32,
-    pub _pad: u32,
+    /// Effective uid after the exec (valid with [`exec_flags::EUID_VALID`]).
+    pub euid: u32,
     pub comm: [u8; COMM_LEN],
     pub filename: [u8; FILENAME_LEN],
     /// argv, each argument NUL-terminated, as the kernel laid it out on the new stack.
@@ -189,8 +221,9 @@ pub const OFFSET_NONE: u32 = u32::MAX;
 pub struct Config {
     /// guardian's own process id: its events are ignored.
     pub self_tgid: u32,
-    /// Non-zero: every process is tracked (used by `guardian trace`). Zero: only thread groups in
-    /// [`TRACKED_MAP`] and their descendants.
+    /// Non-zero: every process is reported (used by `guardian trace`), and [`TRACKED_MAP`] holds
+    /// only processes with children. Zero: only thread groups in [`TRACKED_MAP`] and their
+    /// descendants.
     pub track_all: u32,
     /// Non-zero: report thread starts and ends of tracked processes ([`ThreadEvent`]).
     pub track_threads: u32,
@@ -221,6 +254,9 @@ pub struct Config {
     /// `signal_struct::live` (an `atomic_t`): zero once the whole group is dying. Used to tell a
     /// group's death where the tracepoint has no `group_dead` field.
     pub signal_live: u32,
+    /// `task_struct::real_cred` and `cred::euid`: the effective uid, as `/proc` shows it.
+    pub task_real_cred: u32,
+    pub cred_euid: u32,
 }
 
 impl Config {
@@ -246,6 +282,8 @@ impl Config {
             task_real_parent: OFFSET_NONE,
             task_tgid: OFFSET_NONE,
             task_group_leader: OFFSET_NONE,
+            task_real_cred: OFFSET_NONE,
+            cred_euid: OFFSET_NONE,
         }
     }
 }
@@ -256,7 +294,8 @@ const _: () = {
     assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + COMM_LEN + FILENAME_LEN + ARGS_LEN);
     assert!(core::mem::size_of::<ExitEvent>() == 24 + 24 + COMM_LEN);
     assert!(core::mem::size_of::<ThreadEvent>() == 24 + 8);
-    assert!(core::mem::size_of::<Config>() == 19 * 4);
+    assert!(core::mem::size_of::<Config>() == 21 * 4);
+    assert!(core::mem::size_of::<ExecKey>() == 8 + COMM_LEN);
     assert!(core::mem::align_of::<ExecEvent>() == 8);
 };
 
@@ -264,4 +303,6 @@ const _: () = {
 mod pod {
     // SAFETY: plain-old-data structs with explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExecKey {}
 }

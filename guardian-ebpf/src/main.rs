@@ -14,15 +14,15 @@ use aya_ebpf::{
         generated::bpf_ktime_get_boot_ns,
     },
     macros::{map, tracepoint},
-    maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext as _, Global,
 };
 use aya_log_ebpf::warn;
 use guardian_common::{
-    exec_flags, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT,
-    TRACKED_CAPACITY,
+    exec_flags, exec_key, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent,
+    ExecKey, ExitEvent, ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES,
+    EXEC_KEYS_CAPACITY, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
 };
 
 /// `CLONE_THREAD` from `include/uapi/linux/sched.h`: the new task joins the caller's group.
@@ -42,6 +42,16 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 /// Thread groups whose forks and exits are reported, with [`tracked_flags`].
 #[map]
 static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(TRACKED_CAPACITY, 0);
+
+/// Slot 0 is 1 while the exec filter is on. Zero (the default, and `guardian trace`) reports
+/// every exec.
+#[map]
+static EXEC_FILTER: Array<u32> = Array::with_max_entries(1, 0);
+
+/// What an exec of a process that is not tracked must match to be reported while the filter is
+/// on (see [`exec_wanted`]).
+#[map]
+static EXEC_KEYS: HashMap<ExecKey, u32> = HashMap::with_max_entries(EXEC_KEYS_CAPACITY, 0);
 
 /// Adds one to a counter and returns true the first time it happens on this CPU, so that
 /// diagnostics are logged once per CPU and never per event.
@@ -158,15 +168,25 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         creator
     };
 
-    // The child inherits tracking; the parent is now someone whose exit matters.
-    if TRACKED.insert(child, 0, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
+    // The child inherits tracking; the parent is now someone whose exit matters. `guardian
+    // trace` reports every process anyway: its map only marks parents, which spares the fork
+    // and the exit of every childless process a map update.
+    if cfg.track_all == 0
+        && TRACKED.insert(child, 0, BPF_ANY as u64).is_err()
+        && count(Stat::TrackedFull)
+    {
         warn!(
             ctx,
             "tracked map full: new processes are no longer followed"
         );
     }
     match TRACKED.get_ptr_mut(parent) {
-        Some(flags) => unsafe { *flags |= tracked_flags::HAS_CHILDREN },
+        // Written once: a parent forking again leaves its entry's cache line clean.
+        Some(flags) => unsafe {
+            if *flags & tracked_flags::HAS_CHILDREN == 0 {
+                *flags |= tracked_flags::HAS_CHILDREN
+            }
+        },
         // Only `guardian trace` follows processes it was not told about. Otherwise the parent
         // of a `CLONE_PARENT` child is nobody guardian follows, and tracking it here would
         // follow all its future children and never be undone.
@@ -196,9 +216,10 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// Exec. `sched:sched_process_exec` fires after the new image is in place, so the command line
-/// can be read from the new stack and `comm` is already the new one. Execs are reported for every
-/// process: an exec is how a process becomes a policy's service root.
+/// Exec. `sched:sched_process_exec` fires after the new image and credentials are in place, so
+/// the command line can be read from the new stack, and `comm` and the effective uid are the
+/// new ones. An exec is how a process becomes a policy's service root; the filter (see
+/// [`exec_wanted`]) keeps in the kernel the execs that cannot make one.
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     try_sched_process_exec(&ctx).unwrap_or(0)
@@ -211,6 +232,12 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
     if tgid == cfg.self_tgid {
         return Ok(0);
     }
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let (euid, euid_flag) = current_euid(&cfg);
+    if !exec_wanted(&cfg, tgid, &comm, euid, euid_flag) {
+        count(Stat::ExecFiltered);
+        return Ok(0);
+    }
     let Some(mut entry) = reserve::<ExecEvent>(ctx) else {
         return Ok(0);
     };
@@ -220,9 +247,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev).header = header(EventKind::Exec, pid_tgid as u32, tgid);
         (*ev).old_pid = ctx.read_at::<i32>(cfg.exec_old_pid as usize).unwrap_or(0) as u32;
         (*ev).ppid = parent_tgid_of_current(&cfg).unwrap_or(0);
-        (*ev)._pad = 0;
+        (*ev).euid = euid;
         (*ev).start_ns = process_start(&cfg).unwrap_or(0);
-        (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+        (*ev).comm = comm;
 
         // `__data_loc char[] filename`: the low 16 bits are the offset of the string within the
         // record, the high 16 bits its length.
@@ -242,12 +269,63 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
 
         let (len, flags) = read_args(&cfg, &mut (*ev).args);
         (*ev).args_len = len;
-        (*ev).flags = flags;
+        (*ev).flags = flags | euid_flag;
     }
     // An exec can make a service root, which may fork at once: wake the reader so that it starts
     // following the root within microseconds. An exec costs far more than the wakeup.
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
+}
+
+/// `current->real_cred->euid`: the effective uid `/proc/PID/status` shows, and
+/// [`exec_flags::EUID_VALID`] when it could be read (else `(0, 0)`). Not an `Option`: rustc
+/// keeps a `None`'s payload uninitialised on the stack, and the 5.10 verifier refuses any read
+/// of an uninitialised stack slot.
+#[inline(always)]
+fn current_euid(cfg: &Config) -> (u32, u32) {
+    match read_task::<u64>(cfg.task_real_cred).and_then(|cred| read_at::<u32>(cred, cfg.cred_euid))
+    {
+        Some(uid) => (uid, exec_flags::EUID_VALID),
+        None => (0, 0),
+    }
+}
+
+/// Whether an exec is reported. Always for a tracked process (a member that execs may become a
+/// root of another service) and while the filter is off (`guardian trace`, or a policy with a
+/// service the kernel cannot pre-select). Otherwise only when the exec's effective uid and new
+/// `comm` match a key: the daemon derives each service's key from conditions its selector
+/// requires, so the execs kept here are ones no service can match.
+#[inline(always)]
+fn exec_wanted(cfg: &Config, tgid: u32, comm: &[u8; COMM_LEN], uid: u32, euid_flag: u32) -> bool {
+    if cfg.track_all != 0
+        || EXEC_FILTER.get(0).is_none_or(|&on| on == 0)
+        || TRACKED.get_ptr(tgid).is_some()
+    {
+        return true;
+    }
+    // An exec whose uid cannot be read cannot be ruled out.
+    if euid_flag == 0 {
+        return true;
+    }
+    let mut key = ExecKey {
+        fields: exec_key::UID | exec_key::COMM,
+        uid,
+        comm: *comm,
+    };
+    if EXEC_KEYS.get_ptr(key).is_some() {
+        return true;
+    }
+    key.fields = exec_key::UID;
+    key.comm = [0; COMM_LEN];
+    if EXEC_KEYS.get_ptr(key).is_some() {
+        return true;
+    }
+    key = ExecKey {
+        fields: exec_key::COMM,
+        uid: 0,
+        comm: *comm,
+    };
+    EXEC_KEYS.get_ptr(key).is_some()
 }
 
 /// Copies the new image's argv (`mm->arg_start..arg_end`) into `buf`.

@@ -214,7 +214,7 @@ impl From<&Process> for Node {
             parent: p.parent,
             start_ns: p.start_ns,
             comm: p.comm.clone(),
-            argv: p.argv.clone(),
+            argv: p.argv.to_vec(),
             service: p.service,
             role,
         }

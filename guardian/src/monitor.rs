@@ -189,13 +189,15 @@ impl Monitor {
         let mut table = Table::new(opts.track_all);
         if opts.track_all {
             table.seed(procs::scan());
-            let pids: Vec<(u32, bool)> = table
+            // Only parents: the kernel side reports every process, and marks parents itself.
+            let pids: Vec<u32> = table
                 .iter_alive()
-                .map(|p| (p.pid, !p.children.is_empty()))
+                .filter(|p| !p.children.is_empty())
+                .map(|p| p.pid)
                 .collect();
             let mut untracked = 0;
-            for (pid, has_children) in pids {
-                if probes.track(pid, has_children).is_err() {
+            for pid in pids {
+                if probes.track(pid, true).is_err() {
                     untracked += 1;
                 }
             }

@@ -2,12 +2,12 @@
 
 use std::{
     borrow::Cow,
+    cell::RefCell,
     collections::BTreeMap,
     io::{self, IsTerminal, Write},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{sync_channel, Receiver, SyncSender, TryRecvError},
-        Arc,
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
     },
     time::{Duration, SystemTime},
 };
@@ -367,9 +367,21 @@ impl Clock {
     /// RFC 3339 UTC time with microseconds.
     pub fn ts(&self, boot_ns: u64) -> String {
         let ns = self.boot_epoch_ns + boot_ns as u128;
-        let t = SystemTime::UNIX_EPOCH
-            + Duration::new((ns / 1_000_000_000) as u64, (ns % 1_000_000_000) as u32);
-        humantime::format_rfc3339_micros(t).to_string()
+        let (secs, micros) = ((ns / 1_000_000_000) as u64, ns % 1_000_000_000 / 1_000);
+        // The date and time of day change once a second, and records come by the thousand
+        // under a fork storm: they are worked out once per second.
+        thread_local! {
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        }
+        SECOND.with_borrow_mut(|(at, text)| {
+            if *at != secs {
+                let t = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+                *text = humantime::format_rfc3339_seconds(t).to_string();
+                text.pop(); // the `Z`, which goes after the fraction
+                *at = secs;
+            }
+            format!("{text}.{micros:06}Z")
+        })
     }
 
     pub fn now(&self) -> String {
@@ -386,16 +398,41 @@ impl Default for Clock {
 /// Records waiting for the writer thread. Beyond this many, new records are dropped (and
 /// counted) rather than delay a decision.
 pub const QUEUE_RECORDS: usize = 8192;
+/// How long the writer lets records gather once woken: the most a record waits before it is
+/// printed.
+const COALESCE: Duration = Duration::from_millis(1);
 /// At most one warning this often about records that could not be printed (ns).
 const DROP_WARN_NS: u64 = 10_000_000_000;
+
+/// Lines waiting for the writer: one buffer the daemon appends to and the writer takes whole,
+/// so that a record costs neither an allocation nor a wakeup of its own (an allocation made on
+/// one thread and freed on another is slow in glibc's allocator).
+#[derive(Debug, Default)]
+struct Queue {
+    lines: Vec<u8>,
+    records: usize,
+    /// The writer waits for a record (and must be woken).
+    idle: bool,
+    /// No record will come any more: the writer prints what is left and ends.
+    done: bool,
+}
 
 /// What the writer thread and the daemon share.
 #[derive(Debug, Default)]
 struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
     /// Records not printed: the queue was full (a stalled reader), or stdout failed.
     dropped: AtomicU64,
     /// stdout failed for good: further records are discarded by the writer.
     closed: AtomicBool,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // A panic while the lock was held cannot leave the queue inconsistent.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Prints records on stdout from a thread of its own, through a bounded queue: a closed or
@@ -403,7 +440,9 @@ struct Shared {
 /// delay in one.
 pub struct Output {
     json: bool,
-    tx: Option<SyncSender<Vec<u8>>>,
+    /// The line being built (reused).
+    line: Vec<u8>,
+    capacity: usize,
     writer: Option<std::thread::JoinHandle<()>>,
     shared: Arc<Shared>,
     /// Drops already warned about, and when (boot ns).
@@ -418,33 +457,47 @@ impl Output {
     }
 
     fn to_writer(json: bool, out: impl Write + Send + 'static, capacity: usize) -> Self {
-        let (tx, rx) = sync_channel::<Vec<u8>>(capacity);
         let shared = Arc::new(Shared::default());
         let s = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
             .name("guardian-output".into())
-            .spawn(move || write_records(rx, out, &s))
+            .spawn(move || write_records(out, &s))
             .expect("spawning the output thread");
         Self {
             json,
-            tx: Some(tx),
+            line: Vec::new(),
+            capacity,
             writer: Some(writer),
             shared,
             warned: (0, 0),
         }
     }
 
-    /// Queues a record; never blocks.
+    /// Queues a record; never blocks (but for the moment the writer takes the queue).
     pub fn emit(&mut self, record: &Record) {
-        let Some(tx) = &self.tx else { return };
-        let mut line = if self.json {
-            serde_json::to_vec(record).unwrap_or_default()
+        if self.writer.is_none() {
+            return;
+        }
+        self.line.clear();
+        if self.json {
+            // Writing into a Vec cannot fail, and a Record always serializes.
+            let _ = serde_json::to_writer(&mut self.line, record);
         } else {
-            record.text().into_bytes()
-        };
-        line.push(b'\n');
-        if tx.try_send(line).is_err() {
+            self.line.extend_from_slice(record.text().as_bytes());
+        }
+        self.line.push(b'\n');
+        let mut q = self.shared.queue();
+        if q.records >= self.capacity {
+            drop(q);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            q.lines.extend_from_slice(&self.line);
+            q.records += 1;
+            let wake = std::mem::take(&mut q.idle);
+            drop(q);
+            if wake {
+                self.shared.wake.notify_one();
+            }
         }
         self.warn_drops();
     }
@@ -480,7 +533,8 @@ impl Output {
     /// Lets the writer print what is queued, waiting at most `limit` (a stalled stdout must not
     /// hold guardian's exit), and reports what was lost.
     pub fn close(&mut self, limit: Duration) {
-        self.tx = None;
+        self.shared.queue().done = true;
+        self.shared.wake.notify_one();
         if let Some(writer) = self.writer.take() {
             let deadline = std::time::Instant::now() + limit;
             while !writer.is_finished() && std::time::Instant::now() < deadline {
@@ -494,51 +548,38 @@ impl Output {
     }
 }
 
-/// The writer thread: prints each record, flushing whenever the queue is empty. Once stdout
+/// The writer thread: takes the queued lines whole and prints them with one write. Once stdout
 /// fails, it only counts what it discards.
-fn write_records(rx: Receiver<Vec<u8>>, out: impl Write, shared: &Shared) {
-    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
-    // Records in the buffer not yet flushed: lost with it if stdout fails.
-    let mut buffered = 0u64;
-    let fail = |shared: &Shared, lost: u64, e: io::Error| {
-        shared.dropped.fetch_add(lost, Ordering::Relaxed);
-        if !shared.closed.swap(true, Ordering::Relaxed) {
-            warn!("stdout failed ({e}): records are no longer printed; enforcement goes on");
-        }
-    };
+fn write_records(mut out: impl Write, shared: &Shared) {
+    let mut batch = Vec::new();
     loop {
-        let line = match rx.try_recv() {
-            Ok(line) => line,
-            Err(TryRecvError::Empty) => {
-                if !shared.closed.load(Ordering::Relaxed) {
-                    match out.flush() {
-                        Ok(()) => buffered = 0,
-                        Err(e) => fail(shared, std::mem::take(&mut buffered), e),
-                    }
-                }
-                match rx.recv() {
-                    Ok(line) => line,
-                    Err(_) => break,
-                }
+        let mut q = shared.queue();
+        if q.records == 0 && !q.done {
+            q.idle = true;
+            while q.idle && !q.done {
+                q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
-            Err(TryRecvError::Disconnected) => break,
-        };
+            // Woken by the first record of a burst (a drain of the ring buffer brings many):
+            // the rest queue up meanwhile, and the burst costs one wakeup and one write.
+            drop(q);
+            std::thread::sleep(COALESCE);
+            q = shared.queue();
+        }
+        if q.records == 0 {
+            break; // done, and nothing left
+        }
+        std::mem::swap(&mut q.lines, &mut batch);
+        let records = std::mem::take(&mut q.records) as u64;
+        drop(q);
         if shared.closed.load(Ordering::Relaxed) {
-            shared.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
+            shared.dropped.fetch_add(records, Ordering::Relaxed);
+        } else if let Err(e) = out.write_all(&batch).and_then(|()| out.flush()) {
+            shared.dropped.fetch_add(records, Ordering::Relaxed);
+            if !shared.closed.swap(true, Ordering::Relaxed) {
+                warn!("stdout failed ({e}): records are no longer printed; enforcement goes on");
+            }
         }
-        let flushes = out.buffer().len() + line.len() > out.capacity();
-        match out.write_all(&line) {
-            // A write that went through to stdout took the earlier buffered records with it.
-            Ok(()) if flushes => buffered = 1,
-            Ok(()) => buffered += 1,
-            Err(e) => fail(shared, std::mem::take(&mut buffered) + 1, e),
-        }
-    }
-    if !shared.closed.load(Ordering::Relaxed) {
-        if let Err(e) = out.flush() {
-            fail(shared, buffered, e);
-        }
+        batch.clear();
     }
 }
 
@@ -677,8 +718,8 @@ mod tests {
             "emitting blocked for {:?}",
             start.elapsed()
         );
-        // The writer holds what its buffer takes (64 KiB) and the queue four more: the rest
-        // is dropped and counted.
+        // The writer holds the records it took before it stalled, and the queue four more:
+        // the rest is dropped and counted.
         let dropped = out.dropped();
         assert!(dropped > 3000, "dropped {dropped}");
         drop(go);
@@ -735,5 +776,15 @@ mod tests {
         let ts = c.now();
         assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
         assert_eq!(ts.len(), "2026-11-25T15:16:19.123456Z".len());
+        // What humantime says, whether or not the second was formatted before.
+        let at = Clock { boot_epoch_ns: 0 };
+        for ns in [
+            1_764_170_179_000_001_999u64,
+            1_764_170_179_999_999_000,
+            1_764_170_180_000_000_000,
+        ] {
+            let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
+            assert_eq!(at.ts(ns), humantime::format_rfc3339_micros(t).to_string());
+        }
     }
 }

@@ -5,7 +5,11 @@
 //! references still resolve, and an exit that arrives before its fork is held until the fork
 //! shows up.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+    sync::Arc,
+};
 
 use crate::{
     kernel::events::{Event, Exec, Exit, ExitStatus, Fork, Thread},
@@ -21,6 +25,32 @@ pub const EXITED_GRACE_NS: u64 = 5_000_000_000;
 /// kthreadd: the parent of every kernel thread.
 const KTHREADD: u32 = 2;
 
+/// A map keyed by pid. Pids are numbers the kernel hands out, which no one can aim at a hash
+/// function's weak spots (what std's SipHash guards against): one multiplication spreads them,
+/// at a fraction of SipHash's cost, on the path every event takes.
+type PidMap<V> = HashMap<u32, V, BuildHasherDefault<PidHasher>>;
+
+#[derive(Default)]
+struct PidHasher(u64);
+
+impl Hasher for PidHasher {
+    fn write_u32(&mut self, pid: u32) {
+        // 2^64 divided by the golden ratio: consecutive pids land far apart in the high bits
+        // and stay distinct in the low ones.
+        self.0 = u64::from(pid).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(((self.0 as u32) << 8) | u32::from(b));
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// One process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Process {
@@ -32,7 +62,9 @@ pub struct Process {
     pub start_ns: u64,
     pub comm: String,
     pub exe: Option<String>,
-    pub argv: Vec<String>,
+    /// Shared with the processes forked from it (until one execs): a fork storm copies no
+    /// strings.
+    pub argv: Arc<[String]>,
     /// Live child processes.
     pub children: BTreeSet<u32>,
     pub kernel_thread: bool,
@@ -86,7 +118,7 @@ impl Process {
             start_ns: 0,
             comm: comm.into(),
             exe: None,
-            argv: vec![comm.into()],
+            argv: Arc::from([comm.to_owned()]),
             children: BTreeSet::new(),
             kernel_thread: false,
             state: State::Alive,
@@ -152,12 +184,14 @@ pub struct ServiceCount {
 
 #[derive(Debug, Default)]
 pub struct Table {
-    procs: HashMap<u32, Process>,
+    /// Boxed: under a fork storm the table holds tens of thousands of exited processes for
+    /// their grace period, and a map of pointers stays small enough to probe and grow cheaply.
+    procs: PidMap<Box<Process>>,
     /// Kept as processes come and go, so that budget checks on the fork path cost O(1).
     services: HashMap<usize, ServiceCount>,
     /// Exited entries in the order they expire: (expiry ns, pid, start ns).
     expiry: VecDeque<(u64, u32, u64)>,
-    early_exits: HashMap<u32, EarlyExit>,
+    early_exits: PidMap<EarlyExit>,
     /// Insert processes the table first hears of at exec (every process is being traced).
     /// Otherwise execs of unknown processes are left to the caller.
     adopt_unknown: bool,
@@ -173,12 +207,12 @@ impl Table {
     }
 
     pub fn get(&self, pid: u32) -> Option<&Process> {
-        self.procs.get(&pid)
+        self.procs.get(&pid).map(|p| &**p)
     }
 
     /// The live process with this pid.
     pub fn alive(&self, pid: u32) -> Option<&Process> {
-        self.procs.get(&pid).filter(|p| p.alive())
+        self.get(pid).filter(|p| p.alive())
     }
 
     pub fn len_alive(&self) -> usize {
@@ -186,7 +220,7 @@ impl Table {
     }
 
     pub fn iter_alive(&self) -> impl Iterator<Item = &Process> {
-        self.procs.values().filter(|p| p.alive())
+        self.procs.values().map(|p| &**p).filter(|p| p.alive())
     }
 
     /// Live members of a service.
@@ -238,13 +272,13 @@ impl Table {
             added.push(info.pid);
             self.procs.insert(
                 info.pid,
-                Process {
+                Box::new(Process {
                     pid: info.pid,
                     parent: info.ppid,
                     start_ns: info.start_ns,
                     comm: info.comm,
                     exe: info.exe,
-                    argv: info.argv,
+                    argv: info.argv.into(),
                     children: BTreeSet::new(),
                     kernel_thread: info.kernel_thread,
                     state: State::Alive,
@@ -253,7 +287,7 @@ impl Table {
                     orphan: false,
                     threads: u32::try_from(info.threads).unwrap_or(1).max(1),
                     exec_ns: None,
-                },
+                }),
             );
         }
         for pid in added {
@@ -306,11 +340,11 @@ impl Table {
         // The child is a copy of its creator: same image, same service.
         let (exe, argv, kernel_thread, service) = match self.procs.get(&f.creator) {
             Some(c) => (c.exe.clone(), c.argv.clone(), c.kernel_thread, c.service),
-            None => (None, Vec::new(), false, None),
+            None => (None, Arc::from([]), false, None),
         };
         self.procs.insert(
             f.pid,
-            Process {
+            Box::new(Process {
                 pid: f.pid,
                 parent,
                 start_ns: f.ts_ns,
@@ -325,7 +359,7 @@ impl Table {
                 orphan: false,
                 threads: 1,
                 exec_ns: None,
-            },
+            }),
         );
         if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
             p.children.insert(f.pid);
@@ -379,13 +413,13 @@ impl Table {
             let parent = e.ppid.unwrap_or(0);
             self.procs.insert(
                 e.pid,
-                Process {
+                Box::new(Process {
                     pid: e.pid,
                     parent,
                     start_ns: e.start_ns.unwrap_or(e.ts_ns),
                     comm: String::new(),
                     exe: None,
-                    argv: Vec::new(),
+                    argv: Arc::from([]),
                     children: BTreeSet::new(),
                     kernel_thread: false,
                     state: State::Alive,
@@ -394,7 +428,7 @@ impl Table {
                     orphan: false,
                     threads: 1,
                     exec_ns: None,
-                },
+                }),
             );
             if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
                 p.children.insert(e.pid);
@@ -404,7 +438,7 @@ impl Table {
         let (service, gone_threads) = (p.service, i64::from(p.threads) - 1);
         p.comm = e.comm.clone();
         p.exe = Some(e.filename.clone());
-        p.argv = e.argv.clone();
+        p.argv = e.argv.as_slice().into();
         // A user-space exec is never a kernel thread (kthreads exec only through usermode helpers,
         // which become ordinary processes).
         p.kernel_thread = false;
@@ -509,7 +543,7 @@ impl Table {
         if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
             p.comm = comm.to_owned();
             p.exe = exe;
-            p.argv = argv;
+            p.argv = argv.into();
         }
     }
 
@@ -693,7 +727,7 @@ mod tests {
         );
         t.apply(&fork(300, 200, 1001 * MS));
         assert!(t.alive(100).unwrap().children.contains(&200));
-        assert_eq!(t.get(300).unwrap().argv, vec!["p"], "inherits argv");
+        assert_eq!(*t.get(300).unwrap().argv, ["p"], "inherits argv");
         let changes = t.apply(&exit(200, 1000 * MS + 5_000, 1500 * MS));
         assert_eq!(
             changes,
@@ -799,6 +833,7 @@ mod tests {
             ppid: Some(100),
             start_ns: Some(1990 * MS),
             comm: "python3".into(),
+            euid: None,
             filename: "/usr/bin/python3".into(),
             argv: vec!["python3".into(), "-m".into(), "x".into()],
             argv_incomplete: false,
@@ -878,6 +913,7 @@ mod tests {
             ppid: Some(100),
             start_ns: None,
             comm: "x".into(),
+            euid: None,
             filename: "/bin/x".into(),
             argv: vec![],
             argv_incomplete: false,

@@ -40,7 +40,7 @@ impl Handler for Printer {
                     proc: proc_of(state, pid),
                     exe: p.and_then(|p| p.exe.clone()).unwrap_or_default(),
                     cmdline: p.map(|p| p.cmdline()).unwrap_or_default(),
-                    argv: p.map(|p| p.argv.clone()).unwrap_or_default(),
+                    argv: p.map(|p| p.argv.to_vec()).unwrap_or_default(),
                 }
             }
             Notice::Exit { pid, ts_ns, status } => {

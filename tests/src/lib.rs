@@ -685,3 +685,33 @@ pub fn has_memory_and_pids_controllers() -> bool {
         .iter()
         .all(|d| d.ancestors().nth(2).is_some_and(|p| p.is_dir()))
 }
+
+/// Adds a user to /etc/passwd for the test's duration (the line is removed when dropped).
+pub struct TempUser(String);
+
+impl TempUser {
+    pub fn add(name: &str, uid: u32) -> Self {
+        let line = format!("{name}:x:{uid}:{uid}:guardian test:/:/bin/false\n");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open("/etc/passwd")
+            .expect("opening /etc/passwd");
+        std::io::Write::write_all(&mut f, line.as_bytes()).expect("adding the test user");
+        Self(line)
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string("/etc/passwd") {
+            let _ = std::fs::write("/etc/passwd", text.replace(&self.0, ""));
+        }
+    }
+}
+
+/// Whether this build can look user names up (a static build without NSS cannot).
+pub fn resolves_users() -> bool {
+    // SAFETY: getpwnam with a static C string; the result is only tested for null.
+    !unsafe { libc::getpwnam(c"root".as_ptr()) }.is_null()
+}

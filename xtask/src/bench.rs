@@ -18,12 +18,18 @@ use crate::util::{self, cargo, is_root, step, workspace_root};
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
-    /// Fork+exit rate without and with `guardian trace` attached, alternating, at the machine's
-    /// full fork rate (one forking loop per CPU); prints both rates, their ratio and any loss.
+    /// Fork+exit and fork+exec rates without and with guardian attached (trace, policies that
+    /// match nothing, the shipped policy), alternating, at the machine's full rate (one loop per
+    /// CPU); prints the rates, their ratios with the spread over rounds, guardian's CPU time, and
+    /// any loss.
     Fork {
-        /// Forks per loop per round.
-        #[arg(long, default_value_t = 10_000)]
+        /// Forks per loop per round (several seconds' worth: shorter runs measure the
+        /// machine's other tenants more than guardian).
+        #[arg(long, default_value_t = 40_000)]
         forks: u64,
+        /// Fork+exec iterations per loop per round.
+        #[arg(long, default_value_t = 5_000)]
+        execs: u64,
         /// Rounds of each kind.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
@@ -59,7 +65,11 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
         bail!("benchmarks load eBPF programs: run them as root");
     }
     match which {
-        Bench::Fork { forks, rounds } => fork(forks, rounds),
+        Bench::Fork {
+            forks,
+            execs,
+            rounds,
+        } => fork(forks, execs, rounds),
         Bench::Orphans { trials, workers } => orphans(trials, workers),
         Bench::Budgets {
             trials,
@@ -122,6 +132,26 @@ impl Daemon {
         Ok(d)
     }
 
+    /// CPU time (user + system) it has used so far, in ms.
+    pub fn cpu_ms(&self) -> f64 {
+        let stat =
+            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let ticks: u64 = stat
+            .rsplit(')')
+            .next()
+            .map(|rest| {
+                rest.split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|t| t.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        ticks as f64 * 1e3 / hz
+    }
+
     /// Stops it (SIGTERM) and returns its records.
     pub fn stop(mut self) -> anyhow::Result<Vec<serde_json::Value>> {
         // SAFETY: signalling our own child.
@@ -143,14 +173,14 @@ struct Round {
     parents: Vec<u32>,
 }
 
-/// Runs one fork-loop per CPU at once; returns the combined fork rate.
-/// `tag` marks the loops' command line (for a policy to match), or is empty.
-fn fork_round(workload: &Path, forks: u64, loops: usize, tag: &str) -> anyhow::Result<Round> {
+/// Runs `workload ARGS` once per CPU at once, each doing `n` iterations; returns the combined
+/// rate.
+fn loop_round(workload: &Path, args: &[&str], n: u64, loops: usize) -> anyhow::Result<Round> {
     let start = Instant::now();
     let children: Vec<Child> = (0..loops)
         .map(|_| {
             Command::new(workload)
-                .args(["fork-loop", &forks.to_string(), tag])
+                .args(args)
                 .stdout(Stdio::piped())
                 .spawn()
         })
@@ -160,14 +190,25 @@ fn fork_round(workload: &Path, forks: u64, loops: usize, tag: &str) -> anyhow::R
         parents.push(c.id());
         let out = c.wait_with_output()?;
         if !out.status.success() {
-            bail!("fork loop failed");
+            bail!("{} loop failed", args[0]);
         }
     }
     let secs = start.elapsed().as_secs_f64();
     Ok(Round {
-        rate: (forks * loops as u64) as f64 / secs,
+        rate: (n * loops as u64) as f64 / secs,
         parents,
     })
+}
+
+/// Runs one fork-loop per CPU at once; returns the combined fork rate.
+/// `tag` marks the loops' command line (for a policy to match), or is empty.
+fn fork_round(workload: &Path, forks: u64, loops: usize, tag: &str) -> anyhow::Result<Round> {
+    loop_round(
+        workload,
+        &["fork-loop", &forks.to_string(), tag],
+        forks,
+        loops,
+    )
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -175,51 +216,206 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn fork(forks: u64, rounds: usize) -> anyhow::Result<()> {
+/// The machine's load averages (1, 5, 15 min), as `uptime` prints them.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// What guardian runs while a loop is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// `guardian trace`: every process followed.
+    Trace,
+    /// A policy whose one service is pinned to a uid no process runs as.
+    Nothing,
+    /// A policy whose one service is pinned to an executable nothing runs.
+    ExePinned,
+    /// `policies/analyticbot.toml`, in audit mode (as the package ships it).
+    Shipped,
+}
+
+impl Mode {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Trace => "guardian trace",
+            Self::Nothing => "policy matching nothing, user-pinned",
+            Self::ExePinned => "policy matching nothing, exe-pinned",
+            Self::Shipped => "shipped policy (analyticbot, audit)",
+        }
+    }
+
+    fn start(self, guardian: &Path, out: &Path) -> anyhow::Result<Daemon> {
+        let tag = format!("benchfork{}", std::process::id());
+        let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+        let text = match self {
+            Self::Trace => return Daemon::start(guardian, &["trace"], out.to_path_buf()),
+            Self::Shipped => {
+                let shipped = workspace_root().join("policies/analyticbot.toml");
+                let path = shipped.to_str().context("policy path")?;
+                return Daemon::start(
+                    guardian,
+                    &["--policy", path, "--dry-run"],
+                    out.to_path_buf(),
+                );
+            }
+            Self::Nothing => format!(
+                "[[service]]\nname = \"nothing\"\nmatch = {{ cmdline = \"{tag}\", user = 4242424 }}\n"
+            ),
+            Self::ExePinned => format!(
+                "[[service]]\nname = \"nothing\"\nmatch = {{ cmdline = \"{tag}\", exe = \"/nonexistent/{tag}\" }}\n"
+            ),
+        };
+        fs::write(&policy, text)?;
+        let d = Daemon::start(
+            guardian,
+            &["--policy", policy.to_str().context("policy path")?],
+            out.to_path_buf(),
+        );
+        let _ = fs::remove_file(&policy);
+        d
+    }
+}
+
+/// One loop measured with guardian in one mode, each round right after a baseline.
+struct Case {
+    what: &'static str,
+    mode: Mode,
+    ratios: Vec<f64>,
+    rates: Vec<f64>,
+    cpu_ms: Vec<f64>,
+}
+
+fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
     let (guardian, workload) = build()?;
     let loops = thread::available_parallelism().map_or(2, |n| n.get());
     step(&format!(
-        "bench fork: {rounds} rounds each of {loops} loops x {forks} fork+exit+wait, alternating"
+        "bench fork: {rounds} rounds of {loops} loops x {forks} fork+exit+wait and x {execs} \
+         fork+exec /bin/true+wait, each without and with guardian (in turn first)"
     ));
+    let load_before = loadavg();
     let out = std::env::temp_dir().join("guardian-bench-fork.jsonl");
-    let (mut base, mut traced) = (Vec::new(), Vec::new());
+    let (forks_arg, execs_arg) = (forks.to_string(), execs.to_string());
+    let fork_args = ["fork-loop", forks_arg.as_str()];
+    let exec_args = ["exec-loop", execs_arg.as_str(), "/bin/true"];
+    let mut cases: Vec<Case> = [
+        ("fork", Mode::Trace),
+        ("fork", Mode::Nothing),
+        ("exec", Mode::Nothing),
+        ("exec", Mode::Shipped),
+        ("exec", Mode::ExePinned),
+    ]
+    .into_iter()
+    .map(|(what, mode)| Case {
+        what,
+        mode,
+        ratios: Vec::new(),
+        rates: Vec::new(),
+        cpu_ms: Vec::new(),
+    })
+    .collect();
+    let (mut base_fork, mut base_exec) = (Vec::new(), Vec::new());
     let (mut lost, mut seen, mut expected) = (0u64, 0u64, 0u64);
     // Warm-up (page cache, CPU frequency) not counted.
-    fork_round(&workload, forks / 10, loops, "")?;
+    loop_round(
+        &workload,
+        &["fork-loop", &(forks / 10).to_string()],
+        forks / 10,
+        loops,
+    )?;
+    loop_round(
+        &workload,
+        &["exec-loop", &(execs / 10).to_string()],
+        execs / 10,
+        loops,
+    )?;
     for r in 0..rounds {
-        let b = fork_round(&workload, forks, loops, "")?;
-        println!("round {r}: baseline {:>8.0} forks/s", b.rate);
-        base.push(b.rate);
-
-        let d = Daemon::start(&guardian, &["trace"], out.clone())?;
-        let t = fork_round(&workload, forks, loops, "")?;
-        let records = d.stop()?;
-        let forks_seen = records
-            .iter()
-            .filter(|v| v["event"] == "fork" && t.parents.iter().any(|&p| v["ppid"] == p))
-            .count() as u64;
-        let round_lost: u64 = records
-            .iter()
-            .filter(|v| v["event"] == "lost")
-            .map(|v| v["count"].as_u64().unwrap_or(0))
-            .sum();
-        println!(
-            "round {r}: traced   {:>8.0} forks/s  (fork records {forks_seen}/{}, lost {round_lost})",
-            t.rate,
-            forks * loops as u64
-        );
-        traced.push(t.rate);
-        lost += round_lost;
-        seen += forks_seen;
-        expected += forks * loops as u64;
+        for case in &mut cases {
+            let (args, n): (&[&str], u64) = if case.what == "fork" {
+                (&fork_args, forks)
+            } else {
+                (&exec_args, execs)
+            };
+            // Which of the two runs first alternates, so that a drift of the machine's speed
+            // over a round favours neither.
+            let baseline = || loop_round(&workload, args, n, loops);
+            let first = if r % 2 == 0 { Some(baseline()?) } else { None };
+            let d = case.mode.start(&guardian, &out)?;
+            let cpu_before = d.cpu_ms();
+            let t = loop_round(&workload, args, n, loops)?;
+            let cpu_ms = d.cpu_ms() - cpu_before;
+            let records = d.stop()?;
+            let b = match first {
+                Some(b) => b,
+                None => baseline()?,
+            };
+            if case.what == "fork" {
+                &mut base_fork
+            } else {
+                &mut base_exec
+            }
+            .push(b.rate);
+            let round_lost: u64 = records
+                .iter()
+                .filter(|v| v["event"] == "lost")
+                .map(|v| v["count"].as_u64().unwrap_or(0))
+                .sum();
+            let mut note = format!("lost {round_lost}");
+            if case.mode == Mode::Trace {
+                let forks_seen = records
+                    .iter()
+                    .filter(|v| v["event"] == "fork" && t.parents.iter().any(|&p| v["ppid"] == p))
+                    .count() as u64;
+                note = format!("fork records {forks_seen}/{}, {note}", n * loops as u64);
+                lost += round_lost;
+                seen += forks_seen;
+                expected += n * loops as u64;
+            }
+            println!(
+                "round {r}: {} loop  baseline {:>7.0}/s  {:<38} {:>7.0}/s  ratio {:.3}  guardian CPU {:>5.0} ms  {note}",
+                case.what,
+                b.rate,
+                case.mode.describe(),
+                t.rate,
+                t.rate / b.rate,
+                cpu_ms
+            );
+            case.ratios.push(t.rate / b.rate);
+            case.rates.push(t.rate);
+            case.cpu_ms.push(cpu_ms);
+        }
     }
     let _ = fs::remove_file(&out);
-    let (b, t) = (median(&mut base), median(&mut traced));
-    println!("\nfork+exit rate, median of {rounds} rounds ({loops} loops in parallel):");
-    println!("  baseline            {b:>8.0} forks/s");
-    println!("  with guardian trace {t:>8.0} forks/s");
-    println!("  ratio               {:>8.3}  (goal >= 0.98)", t / b);
-    println!("  fork records        {seen}/{expected}  lost {lost}");
+    println!(
+        "\n{rounds} rounds, {loops} loops in parallel; load average {load_before} before, {} after",
+        loadavg()
+    );
+    println!(
+        "baseline: fork+exit+wait {:.0}/s, fork+exec /bin/true+wait {:.0}/s (medians)",
+        median(&mut base_fork),
+        median(&mut base_exec)
+    );
+    println!(
+        "{:<5} {:<38} {:>9} {:>8} {:>16}  {:>10}",
+        "loop", "with", "rate/s", "ratio", "(min-max)", "guardian CPU"
+    );
+    for case in &mut cases {
+        let (lo, hi) = case
+            .ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        println!(
+            "{:<5} {:<38} {:>9.0} {:>8.3} {:>16}  {:>7.0} ms",
+            case.what,
+            case.mode.describe(),
+            median(&mut case.rates),
+            median(&mut case.ratios),
+            format!("({lo:.3}-{hi:.3})"),
+            median(&mut case.cpu_ms),
+        );
+    }
+    println!("goal: every ratio >= 0.98; trace fork records {seen}/{expected}, lost {lost}");
     Ok(())
 }
 

@@ -30,7 +30,11 @@ use crate::{
     output::{Output, Proc, Record},
     policy::protect::Protections,
     policy::selector::Candidate,
-    policy::{watch::PolicyWatch, AtStart, Mode, OrphanAction, Policy, Service},
+    policy::{
+        exec_filter::{Condition, ExecFilter},
+        watch::PolicyWatch,
+        AtStart, Mode, OrphanAction, Policy, Service,
+    },
     procs::{self, Pin, Pinned, ProcInfo},
     serve::{
         self, control,
@@ -175,6 +179,10 @@ struct Stats {
     lost: u64,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// Exec records the kernel sent (the exec filter keeps the others back).
+    exec_records: u64,
+    /// Whether the kernel's exec filter is on.
+    exec_filter_on: bool,
 }
 
 /// The policy's mode, unless `--dry-run` forces audit.
@@ -233,6 +241,8 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
             lost: 0,
             reloads_ok: 0,
             reloads_failed: 0,
+            exec_records: 0,
+            exec_filter_on: false,
         },
         next_refresh_ns: 0,
         last_status: String::new(),
@@ -247,6 +257,9 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         scan_for: None,
         checks: Checks::default(),
     };
+    // Before the scan: an exec the filter keeps back from now on is of a process the scan
+    // reads, or of one no service matches.
+    daemon.put_exec_filter(&mut monitor.state);
     daemon.sync(&mut monitor.state, Sync::Startup, procs::scan());
     daemon.budgets.sweep(&monitor.state, &daemon.policy);
     let ready = Record::Ready {
@@ -421,6 +434,23 @@ impl Daemon {
     /// The first service (in file order) whose selectors the candidate matches.
     fn match_service(&self, c: &Candidate<'_>) -> Option<usize> {
         match_service(&self.policy, self.self_pid, c)
+    }
+
+    /// Gives the kernel the exec filter of the policy in force (see [`ExecFilter`]); when that
+    /// fails, the kernel reports every exec.
+    fn put_exec_filter(&mut self, state: &mut State) {
+        let filter = ExecFilter::new(&self.policy);
+        let keys = filter.keys();
+        match state.probes.set_exec_filter(keys.as_ref()) {
+            Ok(()) => {
+                self.stats.exec_filter_on = keys.is_some();
+                info!("exec filter {}", filter.describe());
+            }
+            Err(e) => {
+                self.stats.exec_filter_on = false;
+                warn!("exec filter off, every exec on the host is reported: {e:#}");
+            }
+        }
     }
 
     fn emit(&mut self, records: impl IntoIterator<Item = Record>) {
@@ -929,7 +959,9 @@ impl Daemon {
                 for &svc in &changed {
                     info!(service = %self.policy.services[svc].name, "a user the policy names exists now");
                 }
-                // Processes already running as that user do not exec again: look for them.
+                // Their execs from now on pass the kernel's filter; processes already running as
+                // that user do not exec again: look for them.
+                self.put_exec_filter(state);
                 self.resync_due.get_or_insert("users");
             }
         }
@@ -985,6 +1017,7 @@ impl Handler for Daemon {
                 ts_ns,
             } => self.orphaned(state, pid, old_parent, ts_ns, true),
             Notice::Exec { pid, .. } => {
+                self.stats.exec_records += 1;
                 // Kept resolved, as `/proc` shows it: how a later re-read tells an exec it
                 // never saw from a command line rewritten in place.
                 if let Some(start) = state.table.alive(pid).map(|p| p.start_ns) {
@@ -1055,6 +1088,7 @@ impl Handler for Daemon {
     }
 
     fn exec_unknown(&mut self, state: &mut State, exec: &Exec) {
+        self.stats.exec_records += 1;
         if let Some(svc) = self.match_service(&Candidate::from(exec)) {
             let members = self.adopt(state, exec.pid, svc, true, &HashMap::new());
             if members > 0 {
@@ -1137,6 +1171,10 @@ pub fn check(policy: &Policy) -> String {
     for svc in &policy.services {
         s.push_str(&format!("  service {}\n", svc.name));
         s.push_str(&format!("    match          {}\n", svc.selector.describe()));
+        s.push_str(&format!(
+            "    exec filter    {}\n",
+            Condition::of(&svc.selector).describe()
+        ));
         let action = match svc.orphans {
             OrphanAction::Terminate => format!(
                 "terminate (SIGTERM, SIGKILL after {})",
@@ -1206,5 +1244,9 @@ pub fn check(policy: &Policy) -> String {
     for p in &policy.protect.selectors {
         s.push_str(&format!("    and processes matching {}\n", p.describe()));
     }
+    s.push_str(&format!(
+        "  exec filter {}\n",
+        ExecFilter::new(policy).describe()
+    ));
     s
 }

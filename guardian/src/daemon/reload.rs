@@ -261,6 +261,8 @@ impl Daemon {
                 names.iter().any(|n| n == service)
             });
         self.policy = new;
+        // Before the scan that meets the running processes, as at start-up.
+        self.put_exec_filter(state);
         // Users the new policy names that do not resolve are looked for from now on.
         self.checks.next_users_ns = 0;
 

@@ -92,6 +92,9 @@ impl Daemon {
             "policy_loaded": self.stats.loaded,
             "reloads": { "ok": self.stats.reloads_ok, "error": self.stats.reloads_failed },
             "events_lost": self.stats.lost,
+            "exec_filter": if self.stats.exec_filter_on { "on" } else { "off" },
+            "exec_records": self.stats.exec_records,
+            "execs_filtered": state.probes.kernel_stats().exec_filtered,
             "processes_followed": state.table.len_alive(),
             "services": services,
         })
@@ -107,7 +110,8 @@ pub fn render_status(v: &serde_json::Value) -> String {
     };
     let mut s = format!(
         "guardian {} pid {}, {} mode, up {}s; policy {} (loaded {}); reloads {} ok, {} refused; \
-         {} event(s) lost; {} process(es) followed\n",
+         {} event(s) lost; {} process(es) followed; exec filter {} ({} exec(s) reported, {} \
+         kept in the kernel)\n",
         v["version"].as_str().unwrap_or("?"),
         num(&v["pid"]),
         v["mode"].as_str().unwrap_or("?"),
@@ -118,6 +122,9 @@ pub fn render_status(v: &serde_json::Value) -> String {
         num(&v["reloads"]["error"]),
         num(&v["events_lost"]),
         num(&v["processes_followed"]),
+        v["exec_filter"].as_str().unwrap_or("?"),
+        num(&v["exec_records"]),
+        num(&v["execs_filtered"]),
     );
     s.push_str(&format!(
         "{:<24} {:<9} {:>5} {:>7} {:>7} {:>11} {:>17}  {}\n",

@@ -62,6 +62,8 @@ pub struct Exec {
     /// Exact start time, when the kernel could read it.
     pub start_ns: Option<u64>,
     pub comm: String,
+    /// The effective uid the exec gave the process, when the kernel could read it.
+    pub euid: Option<u32>,
     pub filename: String,
     pub argv: Vec<String>,
     /// The argv above is cut short (or missing) and should be completed from `/proc`.
@@ -170,6 +172,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 ppid: known(ev.ppid),
                 start_ns: known(ev.start_ns),
                 comm: c_str(&ev.comm),
+                euid: (ev.flags & exec_flags::EUID_VALID != 0).then_some(ev.euid),
                 filename: String::from_utf8_lossy(&ev.filename[..flen]).into_owned(),
                 argv: split_args(&ev.args[..alen]),
                 argv_incomplete: ev.flags & (exec_flags::ARGS_TRUNCATED | exec_flags::ARGS_MISSING)
@@ -240,7 +243,7 @@ pub(crate) mod tests {
             flags: 0,
             filename_len: filename.len() as u32,
             args_len: 0,
-            _pad: 0,
+            euid: 0,
             comm: comm("python3"),
             filename: [0; FILENAME_LEN],
             args: [0; ARGS_LEN],
@@ -290,6 +293,13 @@ pub(crate) mod tests {
         assert_eq!(e.start_ns, Some(900));
         assert_eq!(e.ppid, Some(1));
         assert!(!e.argv_incomplete);
+        assert_eq!(e.euid, None, "no EUID_VALID flag");
+        let mut ev: ExecEvent = read(&rec, "exec").unwrap();
+        ev.flags = exec_flags::EUID_VALID;
+        let Event::Exec(e) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!("not an exec")
+        };
+        assert_eq!(e.euid, Some(0), "root's uid is 0, not unknown");
     }
 
     #[test]

@@ -1,16 +1,17 @@
 //! Loading and attaching the eBPF program.
 
-use std::io;
+use std::{collections::BTreeSet, io};
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
 use guardian_common::{
-    tracked_flags, Config, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP, OFFSET_NONE, STATS_MAP,
-    TRACKED_CAPACITY, TRACKED_MAP,
+    exec_key, tracked_flags, Config, ExecKey, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP,
+    EXEC_FILTER_MAP, EXEC_KEYS_CAPACITY, EXEC_KEYS_MAP, OFFSET_NONE, STATS_MAP, TRACKED_CAPACITY,
+    TRACKED_MAP,
 };
 use tracing::{debug, info, warn};
 
@@ -60,6 +61,12 @@ pub struct Probes {
     pub events: Option<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
     tracked: HashMap<MapData, u32, u32>,
+    exec_filter: Array<MapData, u32>,
+    exec_keys: HashMap<MapData, ExecKey, u32>,
+    /// The keys in the kernel's map (see [`Probes::set_exec_filter`]).
+    exec_keys_set: BTreeSet<ExecKey>,
+    /// Whether the program can read an exec's effective uid (BTF located `real_cred->euid`).
+    reads_euid: bool,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub group_dead: GroupDeadSource,
     pub sizes: MapSizes,
@@ -134,6 +141,7 @@ pub struct KernelStats {
     pub ringbuf_full: u64,
     pub tracked_full: u64,
     pub bad_field: u64,
+    pub exec_filtered: u64,
 }
 
 impl Probes {
@@ -182,6 +190,12 @@ impl Probes {
         let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("no EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("no STATS map")?)?;
         let tracked = HashMap::try_from(ebpf.take_map(TRACKED_MAP).context("no TRACKED map")?)?;
+        let exec_filter = Array::try_from(
+            ebpf.take_map(EXEC_FILTER_MAP)
+                .context("no EXEC_FILTER map")?,
+        )?;
+        let exec_keys =
+            HashMap::try_from(ebpf.take_map(EXEC_KEYS_MAP).context("no EXEC_KEYS map")?)?;
         info!(
             group_dead = group_dead.as_str(),
             tracked_capacity = sizes.tracked,
@@ -192,6 +206,10 @@ impl Probes {
             events: Some(events),
             stats,
             tracked,
+            exec_filter,
+            exec_keys,
+            exec_keys_set: BTreeSet::new(),
+            reads_euid: config.task_real_cred != OFFSET_NONE && config.cred_euid != OFFSET_NONE,
             logger,
             group_dead,
             sizes,
@@ -221,6 +239,59 @@ impl Probes {
         self.tracked.keys().filter_map(Result::ok).collect()
     }
 
+    /// Puts an exec filter in force. `Some(keys)`: an exec of a process that is not tracked is
+    /// reported only if its effective uid and new `comm` match a key (no key: none is); `None`:
+    /// every exec is reported. New keys go in before stale ones go out, so that what is
+    /// reported meanwhile is a superset of both filters. On failure the filter is off.
+    pub fn set_exec_filter(&mut self, keys: Option<&BTreeSet<ExecKey>>) -> anyhow::Result<()> {
+        let Some(keys) = keys else {
+            self.exec_filter_off()?;
+            return Ok(());
+        };
+        let result = self.put_exec_keys(keys);
+        if result.is_err() {
+            self.exec_filter_off()?;
+        }
+        result
+    }
+
+    fn put_exec_keys(&mut self, keys: &BTreeSet<ExecKey>) -> anyhow::Result<()> {
+        if keys.len() > EXEC_KEYS_CAPACITY as usize {
+            bail!(
+                "{} exec filter keys, more than the kernel's map holds ({EXEC_KEYS_CAPACITY})",
+                keys.len()
+            );
+        }
+        if !self.reads_euid && keys.iter().any(|k| k.fields & exec_key::UID != 0) {
+            bail!("the program cannot read an exec's effective uid without kernel BTF");
+        }
+        for key in keys {
+            self.exec_keys
+                .insert(key, 0, 0)
+                .context("adding an exec filter key")?;
+            self.exec_keys_set.insert(*key);
+        }
+        let stale: Vec<ExecKey> = self.exec_keys_set.difference(keys).copied().collect();
+        for key in stale {
+            let _ = self.exec_keys.remove(&key);
+            self.exec_keys_set.remove(&key);
+        }
+        self.exec_filter
+            .set(0, 1, 0)
+            .context("turning the exec filter on")?;
+        Ok(())
+    }
+
+    fn exec_filter_off(&mut self) -> anyhow::Result<()> {
+        self.exec_filter
+            .set(0, 0, 0)
+            .context("turning the exec filter off")?;
+        for key in std::mem::take(&mut self.exec_keys_set) {
+            let _ = self.exec_keys.remove(&key);
+        }
+        Ok(())
+    }
+
     /// Reads the kernel-side counters.
     pub fn kernel_stats(&self) -> KernelStats {
         let sum = |stat: Stat| -> u64 {
@@ -233,6 +304,7 @@ impl Probes {
             ringbuf_full: sum(Stat::RingbufFull),
             tracked_full: sum(Stat::TrackedFull),
             bad_field: sum(Stat::BadField),
+            exec_filtered: sum(Stat::ExecFiltered),
         }
     }
 }
@@ -281,9 +353,14 @@ fn kernel_config(opts: LoadOptions) -> anyhow::Result<(Config, GroupDeadSource)>
             opt("mm_struct", &["arg_start"], &mut c.mm_arg_start);
             opt("mm_struct", &["arg_end"], &mut c.mm_arg_end);
             opt("signal_struct", &["live"], &mut c.signal_live);
+            opt("task_struct", &["real_cred"], &mut c.task_real_cred);
+            opt("cred", &["euid"], &mut c.cred_euid);
         }
         Err(e) => {
-            warn!("{e}; exit codes, exact start times and exec command lines will be missing")
+            warn!(
+                "{e}; exit codes, exact start times, exec command lines and the exec filter's \
+                 uids will be missing"
+            )
         }
     }
 

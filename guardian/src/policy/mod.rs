@@ -4,6 +4,7 @@
 //! every error names the file, line, column and key. A policy that fails validation changes
 //! nothing: guardian refuses to start with it.
 
+pub mod exec_filter;
 pub mod protect;
 pub mod selector;
 pub mod watch;

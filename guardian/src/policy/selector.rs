@@ -389,10 +389,17 @@ impl<'a> From<&'a ProcInfo> for Candidate<'a> {
 }
 
 /// The path the exec was called with (`Exec::filename`) is not used: `/opt/app/bin/../../x` or a
-/// symlink would pass for anything. The executable is read from `/proc` instead.
+/// symlink would pass for anything. The executable is read from `/proc` instead. The effective
+/// uid is the one the exec gave the process, when the kernel read it: the kernel's exec filter
+/// decided on that uid too, so the two cannot disagree about a process that changes its uid
+/// right after exec.
 impl<'a> From<&'a Exec> for Candidate<'a> {
     fn from(e: &'a Exec) -> Self {
-        Self::new(e.pid, e.start_ns, &e.comm, e.argv.join(" "))
+        let c = Self::new(e.pid, e.start_ns, &e.comm, e.argv.join(" "));
+        if let Some(uid) = e.euid {
+            let _ = c.euid.set(Some(uid));
+        }
+        c
     }
 }
 
@@ -460,6 +467,7 @@ mod tests {
             ppid: None,
             start_ns: Some(start),
             comm: "x".into(),
+            euid: None,
             filename: filename.into(),
             argv: vec!["x".into()],
             argv_incomplete: false,

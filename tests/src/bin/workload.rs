@@ -469,6 +469,38 @@ fn main() {
                 start.elapsed().as_nanos()
             ));
         }
+        // The fork+exec loop the exec benchmark runs: `exec-loop ITERATIONS [PROGRAM]`, each
+        // child exec'ing PROGRAM (default /bin/true) with no arguments. (The rest of the command
+        // line only marks it for a policy.)
+        "exec-loop" => {
+            let n = num(1, 1_000);
+            let program = std::ffi::CString::new(args.get(2).map_or("/bin/true", String::as_str))
+                .expect("a program path without NUL");
+            // Built before forking: the child only calls execv and _exit.
+            let argv = [program.as_ptr(), std::ptr::null()];
+            let start = Instant::now();
+            for _ in 0..n {
+                let c = fork();
+                if c == 0 {
+                    // SAFETY: execv with a NUL-terminated argv of valid C strings; the child
+                    // exits if it returns.
+                    unsafe {
+                        libc::execv(program.as_ptr(), argv.as_ptr());
+                        libc::_exit(127)
+                    }
+                }
+                let status = wait(c);
+                assert!(
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                    "{program:?} failed: status {status:#x}"
+                );
+            }
+            say(&format!(
+                "pid={} execs={n} ns={}",
+                std::process::id(),
+                start.elapsed().as_nanos()
+            ));
+        }
         // `linger N ...`: forks N children that linger, prints `pid=P children=...`, lingers.
         // (The rest of the command line only marks it for a policy.)
         "linger" => {
@@ -666,7 +698,8 @@ fn main() {
                 "usage: workload fork-exit [CODE] | threads [N] | double-fork | subreaper | \
                  leader-exit | tree [N] [MODE] | storm [MAX] [CHILD_MS] | hog [MB] | \
                  hog-tree [MB] | victims [ORPHAN_MB] [MEMBER_MB] | \
-                 shared-heap [MB] [WORKERS] [GROW_MB] | spin [SECONDS] | fork-loop [N] | linger [N] | \
+                 shared-heap [MB] [WORKERS] [GROW_MB] | spin [SECONDS] | fork-loop [N] | \
+                 exec-loop [N] [PROGRAM] | linger [N] | \
                  roots-chain TAG | churn [N] [KEEP] | clone-parent | \
                  as-uid UID PROGRAM [ARGS...] | \
                  in-pidns [--host-proc] PROGRAM ARGS..."
