@@ -62,11 +62,8 @@ enum Command {
         #[command(subcommand)]
         which: IntegrationTest,
     },
-    /// Benchmarks that print figures.
-    Bench {
-        #[command(subcommand)]
-        which: bench::Bench,
-    },
+    /// Benchmarks that print figures (every one, and a summary, without a name).
+    Bench(bench::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             setup::ebpf_toolchain(false)?;
             vm::run(&ebpf::build()?, &kernels)
         }
-        Command::Bench { which } => bench::run(which),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

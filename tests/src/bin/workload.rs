@@ -469,6 +469,34 @@ fn main() {
                 start.elapsed().as_nanos()
             ));
         }
+        // `sleepers N ...`: forks N children that sleep without ever waking (blocked on a pipe),
+        // prints `pid=P children=N`, and holds; then ends them, reaps them and exits. A child
+        // also ends when the parent dies (EOF on the pipe) and after MAX_LIFETIME (SIGALRM).
+        // (The rest of the command line only marks it for a policy.)
+        "sleepers" => {
+            let n = num(1, 100);
+            let gate = pipe();
+            for _ in 0..n {
+                if fork() == 0 {
+                    // SAFETY: closing our copy of the write end (the parent's is then the last)
+                    // and arming this process's alarm.
+                    unsafe {
+                        libc::close(gate[1]);
+                        libc::alarm(MAX_LIFETIME.as_secs() as u32);
+                    }
+                    wait_pipe(gate[0]);
+                    // SAFETY: exiting the child.
+                    unsafe { libc::_exit(0) }
+                }
+            }
+            say(&format!("pid={} children={n}", std::process::id()));
+            hold();
+            // SAFETY: closing the last write end wakes every child with EOF; then reaping them.
+            unsafe {
+                libc::close(gate[1]);
+                while libc::waitpid(-1, std::ptr::null_mut(), 0) > 0 {}
+            }
+        }
         // `linger N ...`: forks N children that linger, prints `pid=P children=...`, lingers.
         // (The rest of the command line only marks it for a policy.)
         "linger" => {
