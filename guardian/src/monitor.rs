@@ -236,6 +236,8 @@ impl Monitor {
 
     /// Runs until SIGINT or SIGTERM: nothing else ends it.
     pub async fn run(&mut self, handler: &mut impl Handler) {
+        // What loading (the kernel's BTF) and the first reading of /proc freed goes back now.
+        release_freed_memory();
         let mut tick = interval(DRAIN_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ticks = 0u32;
@@ -317,6 +319,7 @@ impl Monitor {
             let scan = procs::scan();
             self.drain(handler);
             handler.scanned(&mut self.state, scan);
+            release_freed_memory();
         }
     }
 
@@ -519,6 +522,17 @@ async fn next_ask(asks: &mut Option<mpsc::Receiver<Ask>>) -> Option<Ask> {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Gives the heap's free pages back to the kernel. Parsing the kernel's BTF at start-up (to find
+/// a few offsets) and reading all of `/proc` take tens of MiB for a moment; glibc keeps what
+/// they freed mapped, and resident, unless asked (it only trims the heap's top on its own).
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// Raises the soft limit on open files to the hard one: every signal opens a pidfd and a
