@@ -4,7 +4,11 @@
 //! Routine records are submitted without a wakeup and collected by a short timer; the exit of a
 //! process with children wakes the loop at once. One task owns the table: nothing else mutates it.
 
-use std::time::Duration;
+use std::{
+    future::poll_fn,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -119,6 +123,16 @@ pub trait Handler {
 
     /// Called after each timer drain.
     fn tick(&mut self, _state: &mut State) {}
+
+    /// Waits on the kernel's memory notifications the handler holds, beside the ring buffer;
+    /// returns the service whose notification fired (and consumes that readiness).
+    fn poll_memory_event(&mut self, _cx: &mut Context<'_>) -> Poll<usize> {
+        Poll::Pending
+    }
+
+    /// The kernel said `service`'s memory crossed a threshold: check it now (events waiting
+    /// have been applied first).
+    fn memory_event(&mut self, _state: &mut State, _service: usize) {}
 
     /// SIGHUP, or the policy file changed: re-read the configuration (events waiting have
     /// been applied first).
@@ -274,6 +288,11 @@ impl Monitor {
                         self.reload_due_ns = None;
                         handler.reload(&mut self.state, Reload::FileChanged);
                     }
+                    self.scan_if_due(handler);
+                }
+                service = poll_fn(|cx| handler.poll_memory_event(cx)) => {
+                    self.drain(handler);
+                    handler.memory_event(&mut self.state, service);
                     self.scan_if_due(handler);
                 }
                 _ = self.sighup.recv() => {

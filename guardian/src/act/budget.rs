@@ -16,10 +16,13 @@
 use std::{
     cmp::Reverse,
     collections::{HashMap, HashSet},
+    os::fd::OwnedFd,
     sync::atomic::{AtomicBool, Ordering},
+    task::{Context, Poll},
 };
 
 use anyhow::Context as _;
+use tokio::io::{unix::AsyncFd, Interest};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -38,6 +41,9 @@ use crate::{
 
 /// Fallback memory check interval when no kernel notification applies (ns).
 const MEMORY_POLL_NS: u64 = 250_000_000;
+/// Where the kernel notifies crossings, memory is checked when it does; this poll only backs
+/// the notification up (ns).
+const WATCHED_POLL_NS: u64 = 1_000_000_000;
 /// At most one report a second of threads over `tasks_max` (threads cannot be killed alone).
 const THREAD_REPORT_NS: u64 = 1_000_000_000;
 /// A victim still alive after this long is given up on, and the next one is chosen (ns).
@@ -69,7 +75,9 @@ pub struct NewTask {
 #[derive(Default)]
 struct ServiceState {
     cgroup: Option<ServiceCgroup>,
-    watch: Option<std::os::fd::OwnedFd>,
+    /// The kernel's notification of memory crossings, registered with the runtime: the event
+    /// loop waits on it (see [`BudgetEngine::poll_notifications`]).
+    watch: Option<AsyncFd<OwnedFd>>,
     seen: Counters,
     /// The victim killed last: (pid, start) and when.
     victim: Option<(u32, u64, u64)>,
@@ -337,10 +345,14 @@ impl BudgetEngine {
                         ));
                     }
                     if let Some(high) = service.budgets.memory_high {
-                        match cg.memory_watch(high) {
-                            Ok(fd) => st.watch = Some(fd),
+                        let watch = cg
+                            .memory_watch(high)
+                            .map_err(|e| chain(&e))
+                            .and_then(|fd| registered(fd).map_err(|e| e.to_string()));
+                        match watch {
+                            Ok(watch) => st.watch = Some(watch),
                             Err(e) => {
-                                warn!(service = %service.name, "memory notifications unavailable, polling: {}", chain(&e))
+                                warn!(service = %service.name, "memory notifications unavailable, polling: {e}")
                             }
                         }
                     }
@@ -510,6 +522,56 @@ impl BudgetEngine {
         records
     }
 
+    /// Waits on every service's memory notification; returns the first service whose
+    /// notification is ready (that readiness is consumed: [`BudgetEngine::notified`] reads it).
+    pub fn poll_notifications(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        for (svc, st) in self.services.iter_mut().enumerate() {
+            let Some(watch) = &st.watch else {
+                continue;
+            };
+            let failed = match watch.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut ready)) => {
+                    ready.clear_ready();
+                    return Poll::Ready(svc);
+                }
+                Poll::Ready(Err(e)) => e,
+                Poll::Pending => continue,
+            };
+            warn!(
+                service = svc,
+                "memory notifications failed, polling: {failed}"
+            );
+            st.watch = None;
+        }
+        Poll::Pending
+    }
+
+    /// `svc`'s memory notification is ready: its memory is checked now, and on every tick for
+    /// a moment after (see [`NOTIFIED_FOLLOW_NS`]).
+    pub fn notified(
+        &mut self,
+        state: &State,
+        enforcer: &mut Enforcer,
+        policy: &Policy,
+        svc: usize,
+    ) -> Vec<Record> {
+        let mut records = Vec::new();
+        let (Some(st), Some(service)) = (self.services.get_mut(svc), policy.services.get(svc))
+        else {
+            return records;
+        };
+        // Read to the end: the descriptor is edge-triggered.
+        if !st.watch.as_ref().is_some_and(|w| fired(w.get_ref())) {
+            return records;
+        }
+        let now = procs::boottime_ns();
+        st.follow_until_ns = now + NOTIFIED_FOLLOW_NS;
+        if state.table.service_count(svc).processes > 0 {
+            self.memory(state, enforcer, service, svc, now, &mut records);
+        }
+        records
+    }
+
     /// Reports forks the kernel refused and processes its OOM killer took.
     fn kernel_events(
         &mut self,
@@ -611,15 +673,15 @@ impl BudgetEngine {
                 return;
             }
             st.victim = None;
-        } else {
-            if st.watch.as_ref().is_some_and(fired) {
-                st.follow_until_ns = now + NOTIFIED_FOLLOW_NS;
-            }
-            if now >= st.follow_until_ns && now < st.next_poll_ns {
-                return;
-            }
+        } else if now >= st.follow_until_ns && now < st.next_poll_ns {
+            return;
         }
-        st.next_poll_ns = now + MEMORY_POLL_NS;
+        st.next_poll_ns = now
+            + if st.watch.is_some() {
+                WATCHED_POLL_NS
+            } else {
+                MEMORY_POLL_NS
+            };
         let over = |usage: u64| match (own_max, high) {
             (Some(max), _) if usage > max => Some((max, Reason::MemoryMax)),
             (_, Some(h)) if usage > h => Some((h, Reason::MemoryHigh)),
@@ -833,6 +895,14 @@ fn lift(cg: &ServiceCgroup, b: &Budgets, service: &str) {
             chain(&e)
         ),
     }
+}
+
+/// A notification descriptor registered with the runtime, so that the event loop wakes for it.
+fn registered(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // Outside a runtime (unit tests) there is nothing to register with: the poll stands in.
+    tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    // SAFETY: the AsyncFd owns the descriptor, which stays open for as long as it is wrapped.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
 /// An error with its causes, for a decision's `result`.

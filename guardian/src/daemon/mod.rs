@@ -1113,6 +1113,17 @@ impl Handler for Daemon {
         }
     }
 
+    fn poll_memory_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<usize> {
+        self.budgets.poll_notifications(cx)
+    }
+
+    fn memory_event(&mut self, state: &mut State, service: usize) {
+        let records = self
+            .budgets
+            .notified(state, &mut self.enforcer, &self.policy, service);
+        self.emit(records);
+    }
+
     fn scan_due(&self) -> bool {
         self.scan_for.is_some()
     }
