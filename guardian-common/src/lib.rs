@@ -20,6 +20,9 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const STATS_MAP: &str = "STATS";
 /// Name of the map of tracked thread-group ids.
 pub const TRACKED_MAP: &str = "TRACKED";
+/// Name of the one-slot array the daemon sets to 1 while it does not collect records on its
+/// short timer (nothing came for a while): every record then wakes it.
+pub const READER_MAP: &str = "READER";
 /// Name of the [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Capacity [`TRACKED_MAP`] is built with; the loader sizes it to the host's `pid_max` (within
@@ -87,6 +90,9 @@ pub mod exec_flags {
 pub mod tracked_flags {
     /// The process has (or had) at least one child process.
     pub const HAS_CHILDREN: u32 = 1 << 0;
+    /// Its forks wake the reader at once, and its children inherit the flag: a member of a
+    /// service whose tasks guardian counts, where a fork over `tasks_max` is killed at once.
+    pub const WAKE_ON_FORK: u32 = 1 << 1;
 }
 
 /// Header of every ring-buffer record.

@@ -14,7 +14,7 @@ use aya_ebpf::{
         generated::bpf_ktime_get_boot_ns,
     },
     macros::{map, tracepoint},
-    maps::{ring_buf::RingBufEntry, HashMap, PerCpuArray, RingBuf},
+    maps::{ring_buf::RingBufEntry, Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
     EbpfContext as _, Global,
 };
@@ -43,6 +43,12 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map]
 static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(TRACKED_CAPACITY, 0);
 
+/// Slot 0 is 1 while the daemon does not collect records on its short timer (nothing came for
+/// a while): then every record wakes it. While records keep coming it collects them on the
+/// timer, and routine records are submitted without a wakeup, which costs more than the event.
+#[map]
+static READER: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Adds one to a counter and returns true the first time it happens on this CPU, so that
 /// diagnostics are logged once per CPU and never per event.
 #[inline(always)]
@@ -64,6 +70,25 @@ fn reserve<T: 'static>(ctx: &TracePointContext) -> Option<RingBufEntry<T>> {
         warn!(ctx, "event ring buffer full: events are being lost");
     }
     entry
+}
+
+/// Submits a record: an `urgent` one wakes the reader at once, a routine one only when the
+/// reader is idle (see [`READER`]).
+#[inline(always)]
+fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool) {
+    if urgent {
+        entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+        return;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // Read after the commit (a full barrier), while the daemon sets the flag before its last
+    // look at the ring: either it saw this record, or the flag is seen here.
+    if READER.get(0).is_some_and(|idle| *idle != 0) {
+        // An empty record carries the wakeup (the reader skips discarded records).
+        if let Some(wake) = EVENTS.reserve::<u64>(0) {
+            wake.discard(BPF_RB_FORCE_WAKEUP as u64);
+        }
+    }
 }
 
 #[inline(always)]
@@ -115,11 +140,6 @@ fn parent_tgid_of_current(cfg: &Config) -> Option<u32> {
     read_at::<i32>(parent, cfg.task_tgid).map(|t| t as u32)
 }
 
-#[inline(always)]
-fn is_tracked(cfg: &Config, tgid: u32) -> bool {
-    cfg.track_all != 0 || TRACKED.get_ptr(tgid).is_some()
-}
-
 /// Process creation. `task:task_newtask` fires in the caller's context for every new task and
 /// carries `clone_flags`, which is how threads (dropped here, on the fork hot path) are told apart
 /// from processes.
@@ -145,9 +165,15 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let creator = (pid_tgid >> 32) as u32;
-    if creator == cfg.self_tgid || !is_tracked(&cfg, creator) {
+    if creator == cfg.self_tgid {
         return Ok(0);
     }
+    // SAFETY: a map value pointer, valid while this program runs.
+    let creator_flags = TRACKED.get_ptr(creator).map(|f| unsafe { *f });
+    if cfg.track_all == 0 && creator_flags.is_none() {
+        return Ok(0);
+    }
+    let wake = creator_flags.unwrap_or(0) & tracked_flags::WAKE_ON_FORK;
     // SAFETY: as above.
     let child: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
     let child = child as u32;
@@ -158,8 +184,9 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         creator
     };
 
-    // The child inherits tracking; the parent is now someone whose exit matters.
-    if TRACKED.insert(child, 0, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
+    // The child inherits tracking (and the wakeup of its forks); the parent is now someone
+    // whose exit matters.
+    if TRACKED.insert(child, wake, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
         warn!(
             ctx,
             "tracked map full: new processes are no longer followed"
@@ -192,7 +219,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
             .read_at::<[u8; COMM_LEN]>(cfg.newtask_comm as usize)
             .unwrap_or([0; COMM_LEN]);
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    submit(entry, wake != 0);
     Ok(0)
 }
 
@@ -340,11 +367,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev)._pad = 0;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     }
-    entry.submit(if had_children {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    } as u64);
+    submit(entry, had_children);
     Ok(0)
 }
 
@@ -361,7 +384,7 @@ fn thread_event(ctx: &TracePointContext, tid: u32, tgid: u32, started: u32) {
         (*ev).started = started;
         (*ev)._pad = 0;
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    submit(entry, false);
 }
 
 /// Whether the exiting thread is the last of its group.
