@@ -48,8 +48,9 @@ const WATCHED_POLL_NS: u64 = 1_000_000_000;
 const THREAD_REPORT_NS: u64 = 1_000_000_000;
 /// A victim still alive after this long is given up on, and the next one is chosen (ns).
 const VICTIM_WAIT_NS: u64 = 5_000_000_000;
-/// After a memory notification, usage is re-read on every tick for this long (ns): the kernel's
-/// usage figure lags its threshold event by a few pages, and the next event may never come.
+/// After a memory notification, usage is re-read on every tick (every few ms, however idle the
+/// loop) for this long (ns): the kernel's usage figure lags its threshold event by a few pages,
+/// and the next event may never come.
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
 /// At most one warning this often (ns) per service for a fault that can recur on every tick.
 const WARN_EVERY_NS: u64 = 1_000_000_000;
@@ -247,6 +248,13 @@ impl BudgetEngine {
             .services
             .iter()
             .any(|s| s.budgets.tasks_max.is_some())
+    }
+
+    /// Whether guardian counts this service's tasks itself (it has `tasks_max`, and no cgroup
+    /// of guardian's holds it).
+    pub fn counts_tasks_of(&self, svc: usize, policy: &Policy) -> bool {
+        let s = &policy.services[svc];
+        s.budgets.tasks_max.is_some() && !self.kernel_enforced(svc, s)
     }
 
     /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.
@@ -522,6 +530,33 @@ impl BudgetEngine {
         records
     }
 
+    /// Whether guardian checks this service's memory: it has `memory_high`, or a `memory_max`
+    /// no cgroup of guardian's holds.
+    fn checks_memory(&self, svc: usize, s: &Service) -> bool {
+        s.budgets.memory_high.is_some()
+            || (s.budgets.memory_max.is_some() && !self.kernel_enforced(svc, s))
+    }
+
+    /// When [`BudgetEngine::tick`] has memory to check next (boot ns): `soon` while a victim's
+    /// end or a notification's aftermath is awaited, else the service's next poll.
+    pub fn next_due(&self, state: &State, policy: &Policy, now: u64, soon: u64) -> Option<u64> {
+        self.services
+            .iter()
+            .zip(&policy.services)
+            .enumerate()
+            .filter(|&(svc, (_, s))| {
+                self.checks_memory(svc, s) && state.table.service_count(svc).processes > 0
+            })
+            .map(|(_, (st, _))| {
+                if st.victim.is_some() || now < st.follow_until_ns {
+                    soon
+                } else {
+                    st.next_poll_ns
+                }
+            })
+            .min()
+    }
+
     /// Waits on every service's memory notification; returns the first service whose
     /// notification is ready (that readiness is consumed: [`BudgetEngine::notified`] reads it).
     pub fn poll_notifications(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
@@ -652,6 +687,9 @@ impl BudgetEngine {
         now: u64,
         records: &mut Vec<Record>,
     ) {
+        if !self.checks_memory(svc, service) {
+            return;
+        }
         let kernel = self.kernel_enforced(svc, service);
         let high = service.budgets.memory_high;
         let own_max = if kernel {
@@ -659,9 +697,6 @@ impl BudgetEngine {
         } else {
             service.budgets.memory_max
         };
-        if high.is_none() && own_max.is_none() {
-            return;
-        }
         let st = &mut self.services[svc];
         if let Some((pid, start, since)) = st.victim {
             // Its exit can be reported before its memory is released (recent kernels fire the

@@ -391,6 +391,15 @@ impl Enforcer {
         records
     }
 
+    /// When [`Enforcer::tick`] has work next (boot ns): a termination's deadline, or `retry_ns`
+    /// for decisions put off.
+    pub fn next_due(&self, retry_ns: u64) -> Option<u64> {
+        self.waiting
+            .iter()
+            .map(|w| w.deadline_ns.unwrap_or(retry_ns))
+            .min()
+    }
+
     /// Records a decision that signals nothing.
     pub fn note(&mut self, clock: &Clock, n: Note<'_>) -> Record {
         Decision {

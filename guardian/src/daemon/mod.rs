@@ -17,6 +17,7 @@ use std::{
     sync::Arc,
 };
 
+use guardian_common::tracked_flags;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -117,7 +118,9 @@ impl Sync {
 struct Checks {
     /// Members (pid, start) still to check in this period.
     queue: Vec<(u32, u64)>,
-    per_tick: usize,
+    /// Members the period began with, and when it began (ns).
+    period_members: usize,
+    period_start_ns: u64,
     next_period_ns: u64,
     /// Members `/proc` showed differently, and when first seen so.
     suspects: HashMap<(u32, u64), u64>,
@@ -163,6 +166,8 @@ pub struct Daemon {
     /// What the next scan of `/proc` is for (see [`Handler::scanned`]).
     scan_for: Option<ScanFor>,
     checks: Checks,
+    /// The next tick is wanted at once (a service with a cgroup lost its last process).
+    tick_now: bool,
 }
 
 /// What `guardian status` reports beyond the table.
@@ -246,6 +251,7 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         resync_due: None,
         scan_for: None,
         checks: Checks::default(),
+        tick_now: false,
     };
     daemon.sync(&mut monitor.state, Sync::Startup, procs::scan());
     daemon.budgets.sweep(&monitor.state, &daemon.policy);
@@ -645,14 +651,14 @@ impl Daemon {
         let tracked: HashSet<u32> = state.probes.tracked_pids().into_iter().collect();
         self.untracked
             .retain(|pid| state.table.alive(*pid).is_some() && !tracked.contains(pid));
-        let missing: Vec<(u32, bool)> = state
+        let missing: Vec<(u32, u32)> = state
             .table
             .members()
             .filter(|p| !tracked.contains(&p.pid))
-            .map(|p| (p.pid, !p.children.is_empty()))
+            .filter_map(|p| Some((p.pid, self.track_flags(p.service?, !p.children.is_empty()))))
             .collect();
-        for (pid, has_children) in missing {
-            self.follow(state, pid, has_children);
+        for (pid, flags) in missing {
+            self.follow(state, pid, flags);
         }
         n
     }
@@ -683,10 +689,23 @@ impl Daemon {
         self.checks.suspects.clear();
     }
 
-    /// Tracks a member in the kernel; when its map is full, the member is followed from
-    /// `/proc` instead (see [`UNTRACKED_RESYNC_NS`]).
-    fn follow(&mut self, state: &mut State, pid: u32, has_children: bool) {
-        match state.probes.track(pid, has_children) {
+    /// How the kernel tracks a member of `svc`: where guardian counts the service's tasks, a
+    /// fork over `tasks_max` is killed at once, so the member's forks wake the loop.
+    fn track_flags(&self, svc: usize, has_children: bool) -> u32 {
+        let mut flags = 0;
+        if has_children {
+            flags |= tracked_flags::HAS_CHILDREN;
+        }
+        if self.budgets.counts_tasks_of(svc, &self.policy) {
+            flags |= tracked_flags::WAKE_ON_FORK;
+        }
+        flags
+    }
+
+    /// Tracks a member in the kernel with [`tracked_flags`]; when its map is full, the member
+    /// is followed from `/proc` instead (see [`UNTRACKED_RESYNC_NS`]).
+    fn follow(&mut self, state: &mut State, pid: u32, flags: u32) {
+        match state.probes.track(pid, flags) {
             Ok(()) => {
                 self.untracked.remove(&pid);
             }
@@ -731,7 +750,8 @@ impl Daemon {
             if p != pid && state.table.alive(p).is_some_and(|e| e.root) {
                 continue;
             }
-            self.follow(state, p, false);
+            let first = self.track_flags(svc, false);
+            self.follow(state, p, first);
             if !enter(state, p, known) {
                 state.probes.untrack(p);
                 self.untracked.remove(&p);
@@ -745,9 +765,12 @@ impl Daemon {
                         .place(&mut self.enforcer, &state.clock, &self.policy, svc, member);
                 self.emit(records);
             }
+            // Tracked again if it has children, or if placing it changed who counts its tasks
+            // (its cgroup could not be used).
             let kids = procs::children_of(p);
-            if !kids.is_empty() {
-                self.follow(state, p, true);
+            let flags = self.track_flags(svc, !kids.is_empty());
+            if flags != first {
+                self.follow(state, p, flags);
             }
             stack.extend(kids);
             n += 1;
@@ -876,11 +899,16 @@ impl Daemon {
         let c = &mut self.checks;
         if c.queue.is_empty() && now >= c.next_period_ns {
             c.queue = state.table.members().map(|p| (p.pid, p.start_ns)).collect();
-            let ticks = (CHECK_PERIOD_NS / DRAIN_INTERVAL.as_nanos() as u64).max(1) as usize;
-            c.per_tick = c.queue.len().div_ceil(ticks).max(1);
+            c.period_members = c.queue.len();
+            c.period_start_ns = now;
             c.next_period_ns = now + CHECK_PERIOD_NS;
         }
-        let take = c.per_tick.min(c.queue.len());
+        // Ticks come every few ms or every second: each takes its share of the period by time.
+        let elapsed = now.saturating_sub(c.period_start_ns).min(CHECK_PERIOD_NS);
+        let due =
+            (c.period_members as u128 * u128::from(elapsed)).div_ceil(u128::from(CHECK_PERIOD_NS));
+        let done = c.period_members - c.queue.len();
+        let take = (due as usize).saturating_sub(done).min(c.queue.len());
         let mut batch: Vec<(u32, u64)> = c.queue.split_off(c.queue.len() - take);
         // Suspects due for their second look.
         batch.extend(
@@ -1023,7 +1051,18 @@ impl Handler for Daemon {
                     self.emit(records);
                 }
             }
-            Notice::Exit { .. } | Notice::Reparent { .. } => {}
+            Notice::Exit { pid, .. } => {
+                // A service's last process ended: its cgroup goes at the next tick, now.
+                let ended = state
+                    .table
+                    .get(pid)
+                    .and_then(|p| p.service)
+                    .is_some_and(|svc| state.table.service_count(svc).processes == 0);
+                if ended && self.budgets.has_cgroups() {
+                    self.tick_now = true;
+                }
+            }
+            Notice::Reparent { .. } => {}
         }
     }
 
@@ -1064,6 +1103,7 @@ impl Handler for Daemon {
     }
 
     fn tick(&mut self, state: &mut State) {
+        self.tick_now = false;
         if !self.deferred.is_empty() {
             let now = procs::boottime_ns();
             let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
@@ -1111,6 +1151,32 @@ impl Handler for Daemon {
                 self.scan_for = Some(ScanFor::Resync(trigger));
             }
         }
+    }
+
+    fn next_tick(&self, state: &State, now: u64) -> Option<u64> {
+        let soon = now + DRAIN_INTERVAL.as_nanos() as u64;
+        let c = &self.checks;
+        [
+            (self.tick_now || self.untracked_new > 0).then_some(now),
+            self.deferred
+                .iter()
+                .map(|d| d.start_ns + FRESH_FORK_NS)
+                .min(),
+            self.enforcer.next_due(soon),
+            self.budgets.next_due(state, &self.policy, now, soon),
+            self.resync_due.map(|_| c.last_resync_ns + RESYNC_EVERY_NS),
+            c.suspects
+                .values()
+                .map(|&since| since + SUSPECT_GRACE_NS)
+                .min(),
+            (!self.untracked.is_empty()).then_some(c.next_untracked_ns),
+            self.notifier
+                .watchdog_in()
+                .map(|d| now + d.as_nanos() as u64),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn poll_memory_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<usize> {

@@ -4,12 +4,12 @@ use std::io;
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
 use guardian_common::{
-    tracked_flags, Config, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP, OFFSET_NONE, STATS_MAP,
+    Config, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP, OFFSET_NONE, READER_MAP, STATS_MAP,
     TRACKED_CAPACITY, TRACKED_MAP,
 };
 use tracing::{debug, info, warn};
@@ -60,6 +60,7 @@ pub struct Probes {
     pub events: Option<RingBuf<MapData>>,
     stats: PerCpuArray<MapData, u64>,
     tracked: HashMap<MapData, u32, u32>,
+    reader: Array<MapData, u32>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub group_dead: GroupDeadSource,
     pub sizes: MapSizes,
@@ -182,6 +183,7 @@ impl Probes {
         let events = RingBuf::try_from(ebpf.take_map(EVENTS_MAP).context("no EVENTS map")?)?;
         let stats = PerCpuArray::try_from(ebpf.take_map(STATS_MAP).context("no STATS map")?)?;
         let tracked = HashMap::try_from(ebpf.take_map(TRACKED_MAP).context("no TRACKED map")?)?;
+        let reader = Array::try_from(ebpf.take_map(READER_MAP).context("no READER map")?)?;
         info!(
             group_dead = group_dead.as_str(),
             tracked_capacity = sizes.tracked,
@@ -192,6 +194,7 @@ impl Probes {
             events: Some(events),
             stats,
             tracked,
+            reader,
             logger,
             group_dead,
             sizes,
@@ -200,15 +203,16 @@ impl Probes {
     }
 
     /// Marks a process as tracked in the kernel (its forks and exit are reported, and so are
-    /// its future descendants'). Fails when the map is full: the caller follows the process
-    /// from `/proc` instead.
-    pub fn track(&mut self, pid: u32, has_children: bool) -> Result<(), aya::maps::MapError> {
-        let flags = if has_children {
-            tracked_flags::HAS_CHILDREN
-        } else {
-            0
-        };
+    /// its future descendants'), with [`guardian_common::tracked_flags`]. Fails when the map is
+    /// full: the caller follows the process from `/proc` instead.
+    pub fn track(&mut self, pid: u32, flags: u32) -> Result<(), aya::maps::MapError> {
         self.tracked.insert(pid, flags, 0)
+    }
+
+    /// Tells the kernel side whether the reader is idle, that is whether every record must
+    /// wake it rather than wait for its short timer.
+    pub fn set_reader_idle(&mut self, idle: bool) -> Result<(), aya::maps::MapError> {
+        self.reader.set(0, u32::from(idle), 0)
     }
 
     /// Stops tracking a pid (a process that died before the kernel could see its exit).
