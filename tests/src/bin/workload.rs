@@ -265,12 +265,17 @@ fn main() {
         // `as-uid=UID`: the second child runs as UID.
         // The parent holds until a line or EOF on stdin (then exits without reaping: the
         // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
-        // launched in the background by a shell).
+        // launched in the background by a shell); with MODE `late` it says `parent=P` and holds
+        // first, then forks the children, says them, and exits at once (status 0).
         "tree" => {
             let n = num(1, 3);
             let mode = args.get(2).map(String::as_str).unwrap_or("");
             if mode == "nested" {
                 block_signal(libc::SIGUSR1);
+            }
+            if mode == "late" {
+                say(&format!("parent={}", std::process::id()));
+                hold();
             }
             let kids: Vec<String> = (0..n)
                 .map(|i| {
@@ -303,10 +308,11 @@ fn main() {
                 std::process::id(),
                 kids.join(",")
             ));
-            if mode == "keep" {
-                linger();
+            match mode {
+                "keep" => linger(),
+                "late" => {}
+                _ => hold(),
             }
-            hold();
         }
         // `storm MAX_FORKS CHILD_MS`: after a line on stdin, forks as fast as it can, each child
         // lingering CHILD_MS; counts refused forks and children killed by a signal, and the most
