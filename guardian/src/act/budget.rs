@@ -631,7 +631,7 @@ impl BudgetEngine {
             .find(|p| p.service == Some(svc) && p.root)
             .or_else(|| state.table.iter_alive().find(|p| p.service == Some(svc)));
         let (pid, comm, cmdline, parent) = root.map_or((0, String::new(), String::new(), 0), |p| {
-            (p.pid, p.comm.clone(), p.cmdline(), p.parent)
+            (p.pid, p.comm.to_string(), p.cmdline(), p.parent)
         });
         let mut report =
             |reason: Reason, result: String, usage: Option<u64>, limit: Option<u64>| {

@@ -206,7 +206,7 @@ impl Enforcer {
         let mut decision = Decision {
             service: req.service.to_owned(),
             pid: p.pid,
-            comm: p.comm.clone(),
+            comm: p.comm.to_string(),
             cmdline: p.cmdline(),
             action: req.action.as_str(),
             reason: req.reason.as_str(),

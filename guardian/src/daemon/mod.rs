@@ -508,7 +508,7 @@ impl Daemon {
             };
             // Compared on the resolved executable: a process may rewrite its own command line
             // (setproctitle) without exec'ing.
-            if info.exe.is_some() && entry.exe != info.exe {
+            if info.exe.is_some() && entry.exe.as_deref() != info.exe.as_deref() {
                 execs.push(pid);
             }
         }
@@ -543,7 +543,9 @@ impl Daemon {
             // The image now, if it still differs from the table's.
             let Some(info) = state.table.alive(pid).and_then(|e| {
                 procs::read(pid).filter(|i| {
-                    procs::same_process(e.start_ns, i.start_ns) && i.exe.is_some() && i.exe != e.exe
+                    procs::same_process(e.start_ns, i.start_ns)
+                        && i.exe.is_some()
+                        && i.exe.as_deref() != e.exe.as_deref()
                 })
             }) else {
                 continue;
@@ -797,7 +799,7 @@ impl Daemon {
             proc: Proc {
                 pid,
                 ppid: p.parent,
-                comm: p.comm.clone(),
+                comm: p.comm.to_string(),
             },
             cmdline: p.cmdline(),
             found,
