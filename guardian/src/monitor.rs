@@ -43,6 +43,9 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const IDLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Kernel counters are read at most this often (ns).
 const STATS_EVERY_NS: u64 = 100_000_000;
+/// When the loop goes idle, what a burst freed goes back to the kernel, at most this often (ns):
+/// a trim that finds nothing costs tens of microseconds.
+const TRIM_EVERY_NS: u64 = 1_000_000_000;
 /// A reparent not visible in `/proc` after this long is given up (ns).
 const REPARENT_GIVE_UP_NS: u64 = 2_000_000_000;
 
@@ -198,6 +201,8 @@ pub struct Monitor {
     kstats: KernelStats,
     /// When the kernel counters are read next (boot ns).
     next_stats_ns: u64,
+    /// When freed memory may be given back next (boot ns).
+    next_trim_ns: u64,
     decode_errors: u64,
     /// Reused between drains.
     decoded: Vec<Result<Event, events::DecodeError>>,
@@ -266,6 +271,7 @@ impl Monitor {
             pending: Vec::new(),
             kstats: KernelStats::default(),
             next_stats_ns: 0,
+            next_trim_ns: 0,
             decode_errors: 0,
             decoded: Vec::new(),
             last_tick_ns: procs::boottime_ns(),
@@ -392,6 +398,11 @@ impl Monitor {
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             self.drain(handler);
             self.drained = false;
+            // A burst (a service adopted, a fork storm) leaves freed memory behind.
+            if self.idle && now >= self.next_trim_ns {
+                self.next_trim_ns = now + TRIM_EVERY_NS;
+                release_freed_memory();
+            }
         }
     }
 
@@ -648,8 +659,9 @@ async fn next_ask(asks: &mut Option<mpsc::Receiver<Ask>>) -> Option<Ask> {
 }
 
 /// Gives the heap's free pages back to the kernel. Parsing the kernel's BTF at start-up (to find
-/// a few offsets) and reading all of `/proc` take tens of MiB for a moment; glibc keeps what
-/// they freed mapped, and resident, unless asked (it only trims the heap's top on its own).
+/// a few offsets), reading all of `/proc` and bursts of events take MiBs for a moment; glibc
+/// keeps what they freed mapped, and resident, unless asked (it only trims the heap's top on its
+/// own).
 fn release_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     #[cfg(target_env = "gnu")]
