@@ -74,6 +74,13 @@ pub const TRACKED_MAX: u32 = 131_072;
 /// Environment variable that sets the ring buffer's size in bytes (a power of two, at least a
 /// page): larger for hosts with bursts of execs, tiny to provoke loss in tests.
 pub const RING_BYTES_ENV: &str = "GUARDIAN_RING_BYTES";
+/// The ring buffer's default size when only the services' members are followed (bytes). Its
+/// records are their forks and exits and the host's execs (each of which wakes the reader at
+/// once): 1 MiB holds about 1,200 execs or 14,000 forks and exits between two drains. The ring
+/// is mapped twice over into guardian (records wrap around), so its size counts twice in
+/// guardian's resident memory. `guardian trace`, which follows every process, keeps
+/// [`EVENTS_BYTES`].
+pub const MEMBERS_RING_BYTES: u32 = 1 << 20;
 /// Environment variable that sets how many processes the kernel side can follow (from 64 to
 /// 4194304): beyond [`TRACKED_MAX`] on hosts with more members than that, or tiny to provoke a
 /// full map in tests.
@@ -89,14 +96,15 @@ pub struct MapSizes {
 }
 
 impl MapSizes {
-    fn for_this_host() -> anyhow::Result<Self> {
+    fn for_this_host(opts: LoadOptions) -> anyhow::Result<Self> {
         let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(TRACKED_CAPACITY);
         let ring_bytes = match std::env::var(RING_BYTES_ENV) {
             Ok(v) => parse_ring_bytes(&v).with_context(|| format!("{RING_BYTES_ENV}={v:?}"))?,
-            Err(_) => EVENTS_BYTES,
+            Err(_) if opts.track_all => EVENTS_BYTES,
+            Err(_) => MEMBERS_RING_BYTES,
         };
         let tracked = match std::env::var(TRACKED_ENTRIES_ENV) {
             Ok(v) => v
@@ -149,7 +157,7 @@ impl Probes {
         let (config, group_dead) = kernel_config(opts)?;
         debug!(?config, "kernel configuration");
 
-        let sizes = MapSizes::for_this_host()?;
+        let sizes = MapSizes::for_this_host(opts)?;
         debug!(?sizes, "map sizes");
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
