@@ -366,8 +366,9 @@ impl Monitor {
         debug!(stats = ?self.state.table.stats, "stopping");
     }
 
-    /// A timer tick: drains, retries reparents, reads the kernel's counters, lets the handler
-    /// do its periodic work, then decides when to come back and whether to idle.
+    /// A timer tick: drains, retries reparents, reads the kernel's counters and lets the handler
+    /// do its periodic work; then, if no record came since the last tick, the loop idles (see
+    /// [`Monitor::next_tick_ns`] for when it comes back).
     fn tick(&mut self, handler: &mut impl Handler) {
         self.last_tick_ns = procs::boottime_ns();
         self.drain(handler);
