@@ -4,9 +4,10 @@
 //! While records keep coming, routine ones are submitted without a wakeup (a wakeup costs more
 //! than the event) and collected by a short timer. When a tick finds none, the loop tells the
 //! kernel side it is idle and sleeps until the next record, the handler's next deadline, or its
-//! housekeeping: then every record wakes it. Records that matter at once (an exec, the exit of a
-//! process with children, a fork of a member whose tasks are counted) always wake it. One task
-//! owns the table: nothing else mutates it.
+//! housekeeping: then every record wakes it, and a routine one makes it collect on the timer
+//! again. Records that matter at once (an exec, the exit of a process with children, a fork of a
+//! member whose tasks are counted) always wake it. One task owns the table: nothing else
+//! mutates it.
 
 use std::{
     future::poll_fn,
@@ -457,8 +458,21 @@ impl Monitor {
         while let Some(item) = ring.next() {
             decoded.push(events::decode(&item));
         }
-        if !decoded.is_empty() {
-            // Records come: collect them on the short timer rather than be woken for each.
+        // Routine records come: collect them on the short timer rather than be woken for each.
+        // Records that always wake the loop (execs, exits of processes with children) leave it
+        // as it is: idling costs them nothing. (A fork that woke it cannot be told from one
+        // that did not.)
+        let routine = |ev: &Result<Event, events::DecodeError>| {
+            !matches!(
+                ev,
+                Ok(Event::Exec(_))
+                    | Ok(Event::Exit(events::Exit {
+                        had_children: true,
+                        ..
+                    }))
+            )
+        };
+        if decoded.iter().any(routine) {
             self.drained = true;
             self.set_idle(false);
         }
