@@ -722,7 +722,6 @@ impl BudgetEngine {
             (_, Some(h)) if usage > h => Some((h, Reason::MemoryHigh)),
             _ => None,
         };
-        let members = pinned_members(&state.table, svc, &st.skip);
         // The cheap figure first: what the kernel charges the cgroup, or the members' resident
         // sets summed (an upper bound of their proportional sets).
         let charged = match (&st.cgroup, kernel) {
@@ -735,6 +734,14 @@ impl BudgetEngine {
             }
             _ => None,
         };
+        // Under the budget by the cgroup's charge: no member needs opening (thousands of them
+        // would cost milliseconds on every check).
+        if charged.is_some_and(|usage| over(usage).is_none()) {
+            st.memory = charged;
+            st.pss = None;
+            return;
+        }
+        let members = pinned_members(&state.table, svc, &st.skip);
         let cheap = charged.unwrap_or_else(|| members.iter().map(|m| m.rss).sum());
         st.memory = Some(cheap);
         if over(cheap).is_none() {
