@@ -44,8 +44,8 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const IDLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Kernel counters are read at most this often (ns).
 const STATS_EVERY_NS: u64 = 100_000_000;
-/// When the loop goes idle, what a burst freed goes back to the kernel, at most this often (ns):
-/// a trim that finds nothing costs tens of microseconds.
+/// Once the loop is idle after records came, what they freed goes back to the kernel, at most
+/// this often (ns): a trim that finds nothing costs tens of microseconds.
 const TRIM_EVERY_NS: u64 = 1_000_000_000;
 /// A reparent not visible in `/proc` after this long is given up (ns).
 const REPARENT_GIVE_UP_NS: u64 = 2_000_000_000;
@@ -202,7 +202,8 @@ pub struct Monitor {
     kstats: KernelStats,
     /// When the kernel counters are read next (boot ns).
     next_stats_ns: u64,
-    /// When freed memory may be given back next (boot ns).
+    /// Records came since freed memory was last given back, and when it may be next (boot ns).
+    trim_due: bool,
     next_trim_ns: u64,
     decode_errors: u64,
     /// Reused between drains.
@@ -272,6 +273,7 @@ impl Monitor {
             pending: Vec::new(),
             kstats: KernelStats::default(),
             next_stats_ns: 0,
+            trim_due: false,
             next_trim_ns: 0,
             decode_errors: 0,
             decoded: Vec::new(),
@@ -400,11 +402,13 @@ impl Monitor {
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             self.drain(handler);
             self.drained = false;
-            // A burst (a service adopted, a fork storm) leaves freed memory behind.
-            if self.idle && now >= self.next_trim_ns {
-                self.next_trim_ns = now + TRIM_EVERY_NS;
-                release_freed_memory();
-            }
+        }
+        // A burst (a service adopted, a fork storm) leaves freed memory behind; the next idle
+        // tick after it gives it back (the housekeeping comes within a second).
+        if self.idle && self.trim_due && now >= self.next_trim_ns {
+            self.trim_due = false;
+            self.next_trim_ns = now + TRIM_EVERY_NS;
+            release_freed_memory();
         }
     }
 
@@ -474,6 +478,7 @@ impl Monitor {
         };
         if decoded.iter().any(routine) {
             self.drained = true;
+            self.trim_due = true;
             self.set_idle(false);
         }
         for ev in decoded.drain(..) {
