@@ -728,11 +728,14 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
             }
             thread::sleep(Duration::from_millis(2));
         }
-        // The kernel tells this process when usage crosses memory_high, as it tells guardian.
+        // The kernel tells this process when usage goes over memory_high, as it tells guardian:
+        // at the first page above it (thresholds are whole pages, signalled once reached).
         let crossed = if v2 {
             None
         } else {
-            Some(usage_threshold(&memcg, high_mb << 20)?)
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+            Some(usage_threshold(&memcg, (high_mb << 20) + page)?)
         };
         {
             use std::io::Write as _;
