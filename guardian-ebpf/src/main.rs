@@ -20,9 +20,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use guardian_common::{
-    exec_flags, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent, ExitEvent,
-    ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE, STAT_COUNT,
-    TRACKED_CAPACITY,
+    exec_flags, exit_flags, reader, tracked_flags, Config, EventHeader, EventKind, ExecEvent,
+    ExitEvent, ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES, OFFSET_NONE,
+    STAT_COUNT, TRACKED_CAPACITY,
 };
 
 /// `CLONE_THREAD` from `include/uapi/linux/sched.h`: the new task joins the caller's group.
@@ -43,11 +43,16 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map]
 static TRACKED: HashMap<u32, u32> = HashMap::with_max_entries(TRACKED_CAPACITY, 0);
 
-/// Slot 0 is 1 while the daemon does not collect records on its short timer (nothing came for
-/// a while): then every record wakes it. While records keep coming it collects them on the
-/// timer, and routine records are submitted without a wakeup, which costs more than the event.
+/// Flags the daemon sets, one per [`reader`] slot. While records keep coming it collects them on
+/// its short timer and routine records are submitted without a wakeup, which costs more than the
+/// event; when it idles ([`reader::IDLE`]) every record wakes it.
 #[map]
-static READER: Array<u32> = Array::with_max_entries(1, 0);
+static READER: Array<u32> = Array::with_max_entries(reader::SLOTS, 0);
+
+#[inline(always)]
+fn reader_flag(slot: u32) -> bool {
+    READER.get(slot).is_some_and(|v| *v != 0)
+}
 
 /// Adds one to a counter and returns true the first time it happens on this CPU, so that
 /// diagnostics are logged once per CPU and never per event.
@@ -73,7 +78,7 @@ fn reserve<T: 'static>(ctx: &TracePointContext) -> Option<RingBufEntry<T>> {
 }
 
 /// Submits a record: an `urgent` one wakes the reader at once, a routine one only when the
-/// reader is idle (see [`READER`]).
+/// reader is idle (see [`reader::IDLE`]).
 #[inline(always)]
 fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool) {
     if urgent {
@@ -83,7 +88,7 @@ fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool) {
     entry.submit(BPF_RB_NO_WAKEUP as u64);
     // Read after the commit (a full barrier), while the daemon sets the flag before its last
     // look at the ring: either it saw this record, or the flag is seen here.
-    if READER.get(0).is_some_and(|idle| *idle != 0) {
+    if reader_flag(reader::IDLE) {
         // An empty record carries the wakeup (the reader skips discarded records).
         if let Some(wake) = EVENTS.reserve::<u64>(0) {
             wake.discard(BPF_RB_FORCE_WAKEUP as u64);
@@ -173,7 +178,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     if cfg.track_all == 0 && creator_flags.is_none() {
         return Ok(0);
     }
-    let wake = creator_flags.unwrap_or(0) & tracked_flags::WAKE_ON_FORK;
+    let counted = creator_flags.unwrap_or(0) & tracked_flags::TASKS_COUNTED;
     // SAFETY: as above.
     let child: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
     let child = child as u32;
@@ -184,9 +189,9 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         creator
     };
 
-    // The child inherits tracking (and the wakeup of its forks); the parent is now someone
+    // The child inherits tracking (and the counting of its tasks); the parent is now someone
     // whose exit matters.
-    if TRACKED.insert(child, wake, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
+    if TRACKED.insert(child, counted, BPF_ANY as u64).is_err() && count(Stat::TrackedFull) {
         warn!(
             ctx,
             "tracked map full: new processes are no longer followed"
@@ -219,7 +224,8 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
             .read_at::<[u8; COMM_LEN]>(cfg.newtask_comm as usize)
             .unwrap_or([0; COMM_LEN]);
     }
-    submit(entry, wake != 0);
+    // Close to `tasks_max`, this fork may be the one over it: the daemon kills it at once.
+    submit(entry, counted != 0 && reader_flag(reader::NEAR_TASKS_MAX));
     Ok(0)
 }
 

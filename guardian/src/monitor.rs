@@ -25,7 +25,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use guardian_common::tracked_flags;
+use guardian_common::{reader, tracked_flags};
 
 use crate::{
     kernel::events::{self, Event, Exec, ExitStatus},
@@ -434,7 +434,7 @@ impl Monitor {
         if idle == self.idle {
             return;
         }
-        match self.state.probes.set_reader_idle(idle) {
+        match self.state.probes.set_reader(reader::IDLE, idle) {
             Ok(()) => self.idle = idle,
             Err(e) => {
                 warn!("cannot tell the kernel side when the loop idles ({e}); collecting every {DRAIN_INTERVAL:?}");

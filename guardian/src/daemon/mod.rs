@@ -699,7 +699,7 @@ impl Daemon {
             flags |= tracked_flags::HAS_CHILDREN;
         }
         if self.budgets.counts_tasks_of(svc, &self.policy) {
-            flags |= tracked_flags::WAKE_ON_FORK;
+            flags |= tracked_flags::TASKS_COUNTED;
         }
         flags
     }

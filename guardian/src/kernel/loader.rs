@@ -217,10 +217,9 @@ impl Probes {
         self.tracked.insert(pid, flags, 0)
     }
 
-    /// Tells the kernel side whether the reader is idle, that is whether every record must
-    /// wake it rather than wait for its short timer.
-    pub fn set_reader_idle(&mut self, idle: bool) -> Result<(), aya::maps::MapError> {
-        self.reader.set(0, u32::from(idle), 0)
+    /// Sets one of the flags the kernel side reads ([`guardian_common::reader`]).
+    pub fn set_reader(&mut self, slot: u32, on: bool) -> Result<(), aya::maps::MapError> {
+        self.reader.set(slot, u32::from(on), 0)
     }
 
     /// Stops tracking a pid (a process that died before the kernel could see its exit).
