@@ -44,6 +44,11 @@ const MEMORY_POLL_NS: u64 = 250_000_000;
 /// Where the kernel notifies crossings, memory is checked when it does; this poll only backs
 /// the notification up (ns).
 const WATCHED_POLL_NS: u64 = 1_000_000_000;
+/// A service whose tasks guardian counts is near its `tasks_max` within a quarter of it, and at
+/// least this many tasks: then its members' forks wake the event loop. Farther from it, more
+/// forks than that between two of the loop's drains (10 ms apart) are needed to go over the
+/// budget before the loop looks.
+const NEAR_TASKS_MIN: u64 = 8;
 /// At most one report a second of threads over `tasks_max` (threads cannot be killed alone).
 const THREAD_REPORT_NS: u64 = 1_000_000_000;
 /// A victim still alive after this long is given up on, and the next one is chosen (ns).
@@ -255,6 +260,17 @@ impl BudgetEngine {
     pub fn counts_tasks_of(&self, svc: usize, policy: &Policy) -> bool {
         let s = &policy.services[svc];
         s.budgets.tasks_max.is_some() && !self.kernel_enforced(svc, s)
+    }
+
+    /// Whether a service whose tasks guardian counts is near its `tasks_max` (see
+    /// [`NEAR_TASKS_MIN`]).
+    pub fn near_tasks_max(&self, state: &State, policy: &Policy) -> bool {
+        policy.services.iter().enumerate().any(|(svc, s)| {
+            s.budgets.tasks_max.is_some_and(|max| {
+                self.counts_tasks_of(svc, policy)
+                    && self.tasks(state, svc) + (max / 4).max(NEAR_TASKS_MIN) >= max
+            })
+        })
     }
 
     /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.

@@ -17,7 +17,7 @@ use std::{
     sync::Arc,
 };
 
-use guardian_common::tracked_flags;
+use guardian_common::{reader, tracked_flags};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -168,6 +168,9 @@ pub struct Daemon {
     checks: Checks,
     /// The next tick is wanted at once (a service with a cgroup lost its last process).
     tick_now: bool,
+    /// What the kernel side was last told: a service whose tasks guardian counts is near its
+    /// `tasks_max`.
+    near_tasks_max: bool,
 }
 
 /// What `guardian status` reports beyond the table.
@@ -252,6 +255,7 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         scan_for: None,
         checks: Checks::default(),
         tick_now: false,
+        near_tasks_max: false,
     };
     daemon.sync(&mut monitor.state, Sync::Startup, procs::scan());
     daemon.budgets.sweep(&monitor.state, &daemon.policy);
@@ -691,8 +695,9 @@ impl Daemon {
         self.checks.suspects.clear();
     }
 
-    /// How the kernel tracks a member of `svc`: where guardian counts the service's tasks, a
-    /// fork over `tasks_max` is killed at once, so the member's forks wake the loop.
+    /// How the kernel tracks a member of `svc`: where guardian counts the service's tasks, its
+    /// forks wake the loop while a counted service is near its `tasks_max` (see
+    /// [`Daemon::watch_task_budgets`]).
     fn track_flags(&self, svc: usize, has_children: bool) -> u32 {
         let mut flags = 0;
         if has_children {
@@ -702,6 +707,23 @@ impl Daemon {
             flags |= tracked_flags::TASKS_COUNTED;
         }
         flags
+    }
+
+    /// Tells the kernel side whether a service whose tasks guardian counts is near its
+    /// `tasks_max`: then its members' forks wake the loop, and a fork over the budget is killed
+    /// at once. Farther from it, a fork collected on the loop's timer cannot be over. (While the
+    /// loop idles, every record wakes it anyway; while it is busy it ticks every 10 ms, and this
+    /// is brought up to date on each tick.)
+    fn watch_task_budgets(&mut self, state: &mut State) {
+        let near = self.budgets.near_tasks_max(state, &self.policy);
+        if near == self.near_tasks_max {
+            return;
+        }
+        // Should the kernel side not be told, forks over a budget wait for the next tick.
+        match state.probes.set_reader(reader::NEAR_TASKS_MAX, near) {
+            Ok(()) => self.near_tasks_max = near,
+            Err(e) => debug!("cannot tell the kernel side a task budget is near: {e}"),
+        }
     }
 
     /// Tracks a member in the kernel with [`tracked_flags`]; when its map is full, the member
@@ -1128,6 +1150,7 @@ impl Handler for Daemon {
         self.notifier.watchdog();
         let records = self.budgets.tick(state, &mut self.enforcer, &self.policy);
         self.emit(records);
+        self.watch_task_budgets(state);
         if self.untracked_new > 0 {
             // Their events will not come: as good as lost, and said so.
             self.untracked_total += self.untracked_new;
