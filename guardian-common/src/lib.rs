@@ -20,6 +20,21 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const STATS_MAP: &str = "STATS";
 /// Name of the map of tracked thread-group ids.
 pub const TRACKED_MAP: &str = "TRACKED";
+/// Name of the array of flags the daemon sets for the kernel side (see [`reader`]).
+pub const READER_MAP: &str = "READER";
+
+/// Slots of [`READER_MAP`], each 0 or 1.
+pub mod reader {
+    /// The daemon does not collect records on its short timer (nothing came for a while):
+    /// every record wakes it.
+    pub const IDLE: u32 = 0;
+    /// A service whose tasks the daemon counts is close to its `tasks_max`: the forks of its
+    /// members (flagged [`super::tracked_flags::TASKS_COUNTED`]) wake the daemon, which kills
+    /// a fork over the budget at once.
+    pub const NEAR_TASKS_MAX: u32 = 1;
+    /// Number of slots.
+    pub const SLOTS: u32 = 2;
+}
 /// Name of the [`Config`] global.
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the one-slot array that turns the exec filter on (1) or off (0, every exec reported).
@@ -118,6 +133,9 @@ pub struct ExecKey {
 pub mod tracked_flags {
     /// The process has (or had) at least one child process.
     pub const HAS_CHILDREN: u32 = 1 << 0;
+    /// A member of a service whose tasks the daemon counts (its children inherit the flag):
+    /// its forks wake the daemon while [`super::reader::NEAR_TASKS_MAX`] is set.
+    pub const TASKS_COUNTED: u32 = 1 << 1;
 }
 
 /// Header of every ring-buffer record.

@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use guardian_common::{
-    exec_flags, exec_key, exit_flags, tracked_flags, Config, EventHeader, EventKind, ExecEvent,
-    ExecKey, ExitEvent, ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES,
+    exec_flags, exec_key, exit_flags, reader, tracked_flags, Config, EventHeader, EventKind,
+    ExecEvent, ExecKey, ExitEvent, ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES,
     EXEC_KEYS_CAPACITY, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
 };
 
@@ -53,6 +53,17 @@ static EXEC_FILTER: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static EXEC_KEYS: HashMap<ExecKey, u32> = HashMap::with_max_entries(EXEC_KEYS_CAPACITY, 0);
 
+/// Flags the daemon sets, one per [`reader`] slot. While records keep coming it collects them on
+/// its short timer and routine records are submitted without a wakeup, which costs more than the
+/// event; when it idles ([`reader::IDLE`]) every record wakes it.
+#[map]
+static READER: Array<u32> = Array::with_max_entries(reader::SLOTS, 0);
+
+#[inline(always)]
+fn reader_flag(slot: u32) -> bool {
+    READER.get(slot).is_some_and(|v| *v != 0)
+}
+
 /// Adds one to a counter and returns true the first time it happens on this CPU, so that
 /// diagnostics are logged once per CPU and never per event.
 #[inline(always)]
@@ -74,6 +85,25 @@ fn reserve<T: 'static>(ctx: &TracePointContext) -> Option<RingBufEntry<T>> {
         warn!(ctx, "event ring buffer full: events are being lost");
     }
     entry
+}
+
+/// Submits a record: an `urgent` one wakes the reader at once, a routine one only when the
+/// reader is idle (see [`reader::IDLE`]).
+#[inline(always)]
+fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool) {
+    if urgent {
+        entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+        return;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // Read after the commit (a full barrier), while the daemon sets the flag before its last
+    // look at the ring: either it saw this record, or the flag is seen here.
+    if reader_flag(reader::IDLE) {
+        // An empty record carries the wakeup (the reader skips discarded records).
+        if let Some(wake) = EVENTS.reserve::<u64>(0) {
+            wake.discard(BPF_RB_FORCE_WAKEUP as u64);
+        }
+    }
 }
 
 #[inline(always)]
@@ -125,11 +155,6 @@ fn parent_tgid_of_current(cfg: &Config) -> Option<u32> {
     read_at::<i32>(parent, cfg.task_tgid).map(|t| t as u32)
 }
 
-#[inline(always)]
-fn is_tracked(cfg: &Config, tgid: u32) -> bool {
-    cfg.track_all != 0 || TRACKED.get_ptr(tgid).is_some()
-}
-
 /// Process creation. `task:task_newtask` fires in the caller's context for every new task and
 /// carries `clone_flags`, which is how threads (dropped here, on the fork hot path) are told apart
 /// from processes.
@@ -155,9 +180,15 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     let creator = (pid_tgid >> 32) as u32;
-    if creator == cfg.self_tgid || !is_tracked(&cfg, creator) {
+    if creator == cfg.self_tgid {
         return Ok(0);
     }
+    // SAFETY: a map value pointer, valid while this program runs.
+    let creator_flags = TRACKED.get_ptr(creator).map(|f| unsafe { *f });
+    if cfg.track_all == 0 && creator_flags.is_none() {
+        return Ok(0);
+    }
+    let counted = creator_flags.unwrap_or(0) & tracked_flags::TASKS_COUNTED;
     // SAFETY: as above.
     let child: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
     let child = child as u32;
@@ -168,11 +199,11 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
         creator
     };
 
-    // The child inherits tracking; the parent is now someone whose exit matters. `guardian
-    // trace` reports every process anyway: its map only marks parents, which spares the fork
-    // and the exit of every childless process a map update.
+    // The child inherits tracking (and the counting of its tasks); the parent is now someone
+    // whose exit matters. `guardian trace` reports every process anyway: its map only marks
+    // parents, which spares the fork and the exit of every childless process a map update.
     if cfg.track_all == 0
-        && TRACKED.insert(child, 0, BPF_ANY as u64).is_err()
+        && TRACKED.insert(child, counted, BPF_ANY as u64).is_err()
         && count(Stat::TrackedFull)
     {
         warn!(
@@ -212,7 +243,8 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
             .read_at::<[u8; COMM_LEN]>(cfg.newtask_comm as usize)
             .unwrap_or([0; COMM_LEN]);
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    // Close to `tasks_max`, this fork may be the one over it: the daemon kills it at once.
+    submit(entry, counted != 0 && reader_flag(reader::NEAR_TASKS_MAX));
     Ok(0)
 }
 
@@ -418,11 +450,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev)._pad = 0;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     }
-    entry.submit(if had_children {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    } as u64);
+    submit(entry, had_children);
     Ok(0)
 }
 
@@ -439,7 +467,7 @@ fn thread_event(ctx: &TracePointContext, tid: u32, tgid: u32, started: u32) {
         (*ev).started = started;
         (*ev)._pad = 0;
     }
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    submit(entry, false);
 }
 
 /// Whether the exiting thread is the last of its group.

@@ -213,7 +213,7 @@ impl From<&Process> for Node {
             pid: p.pid,
             parent: p.parent,
             start_ns: p.start_ns,
-            comm: p.comm.clone(),
+            comm: p.comm.to_string(),
             argv: p.argv.to_vec(),
             service: p.service,
             role,

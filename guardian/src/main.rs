@@ -6,6 +6,10 @@ use std::{
 use guardian::cli::{LogFormat, Parsed};
 use tracing_subscriber::EnvFilter;
 
+/// Diagnostic lines queued for stderr at most. The queue's slots are allocated (and touched) up
+/// front: tracing-appender's default of 128,000 lines holds 4 MiB for nothing.
+const STDERR_LINES: usize = 1024;
+
 fn main() -> ExitCode {
     let cli = match guardian::cli::parse() {
         Parsed::Cli(cli) => cli,
@@ -15,6 +19,7 @@ fn main() -> ExitCode {
     // lines, never holds a decision.
     let (stderr, flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
+        .buffered_lines_limit(STDERR_LINES)
         .thread_name("guardian-stderr")
         .finish(std::io::stderr());
     let filter = EnvFilter::try_from_env("GUARDIAN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));

@@ -1,10 +1,19 @@
 //! The event loop: drains the ring buffer, keeps the process table, confirms reparents, reports
 //! losses, and hands every change to a [`Handler`] (the trace printer, or the policy engine).
 //!
-//! Routine records are submitted without a wakeup and collected by a short timer; the exit of a
-//! process with children wakes the loop at once. One task owns the table: nothing else mutates it.
+//! While records keep coming, routine ones are submitted without a wakeup (a wakeup costs more
+//! than the event) and collected by a short timer. When a tick finds none, the loop tells the
+//! kernel side it is idle and sleeps until the next record, the handler's next deadline, or its
+//! housekeeping: then every record wakes it, and a routine one makes it collect on the timer
+//! again. Records that matter at once (an exec, the exit of a process with children, a fork of a
+//! member whose tasks are counted) always wake it. One task owns the table: nothing else
+//! mutates it.
 
-use std::time::Duration;
+use std::{
+    future::poll_fn,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
@@ -12,9 +21,11 @@ use tokio::{
     io::{unix::AsyncFd, Interest},
     signal::unix::{signal, SignalKind},
     sync::mpsc,
-    time::{interval, MissedTickBehavior},
+    time::Instant,
 };
 use tracing::{debug, warn};
+
+use guardian_common::{reader, tracked_flags};
 
 use crate::{
     kernel::events::{self, Event, Exec, ExitStatus},
@@ -26,10 +37,16 @@ use crate::{
     table::{Change, Table},
 };
 
-/// How often routine records are collected.
+/// How often routine records are collected while they keep coming.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
-/// Kernel counters are read every this many drains (100 ms).
-const STATS_EVERY_TICKS: u32 = 10;
+/// The longest the loop sleeps: housekeeping (the watchdog, the metrics, the periodic checks)
+/// runs at least this often, and so does a drain, whatever the kernel side did.
+pub const IDLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Kernel counters are read at most this often (ns).
+const STATS_EVERY_NS: u64 = 100_000_000;
+/// Once the loop is idle after records came, what they freed goes back to the kernel, at most
+/// this often (ns): a trim that finds nothing costs tens of microseconds.
+const TRIM_EVERY_NS: u64 = 1_000_000_000;
 /// A reparent not visible in `/proc` after this long is given up (ns).
 const REPARENT_GIVE_UP_NS: u64 = 2_000_000_000;
 
@@ -117,8 +134,26 @@ pub trait Handler {
     /// tracked): the policy engine matches it against service selectors.
     fn exec_unknown(&mut self, _state: &mut State, _exec: &Exec) {}
 
-    /// Called after each timer drain.
+    /// Called after each timer drain: every [`DRAIN_INTERVAL`] while records come, otherwise
+    /// at [`Handler::next_tick`] or after [`IDLE_INTERVAL`].
     fn tick(&mut self, _state: &mut State) {}
+
+    /// When the handler needs its next tick (boot ns), if that is sooner than [`IDLE_INTERVAL`]
+    /// from `now_ns`. A deadline already past means at once: work to retry on every tick asks
+    /// for `now_ns` plus [`DRAIN_INTERVAL`].
+    fn next_tick(&self, _state: &State, _now_ns: u64) -> Option<u64> {
+        None
+    }
+
+    /// Waits on the kernel's memory notifications the handler holds, beside the ring buffer;
+    /// returns the service whose notification fired (and consumes that readiness).
+    fn poll_memory_event(&mut self, _cx: &mut Context<'_>) -> Poll<usize> {
+        Poll::Pending
+    }
+
+    /// The kernel said `service`'s memory crossed a threshold: check it now (events waiting
+    /// have been applied first).
+    fn memory_event(&mut self, _state: &mut State, _service: usize) {}
 
     /// SIGHUP, or the policy file changed: re-read the configuration (events waiting have
     /// been applied first).
@@ -165,9 +200,22 @@ pub struct Monitor {
     reload_due_ns: Option<u64>,
     pending: Vec<PendingReparent>,
     kstats: KernelStats,
+    /// When the kernel counters are read next (boot ns).
+    next_stats_ns: u64,
+    /// Records came since freed memory was last given back, and when it may be next (boot ns).
+    trim_due: bool,
+    next_trim_ns: u64,
     decode_errors: u64,
     /// Reused between drains.
     decoded: Vec<Result<Event, events::DecodeError>>,
+    /// When the last tick ran (boot ns).
+    last_tick_ns: u64,
+    /// Records were drained since the last tick.
+    drained: bool,
+    /// The kernel side wakes the loop for every record (see the module's documentation).
+    idle: bool,
+    /// Whether the kernel side can be told so: if it cannot, the loop never idles.
+    can_idle: bool,
 }
 
 impl Monitor {
@@ -197,7 +245,7 @@ impl Monitor {
                 .collect();
             let mut untracked = 0;
             for pid in pids {
-                if probes.track(pid, true).is_err() {
+                if probes.track(pid, tracked_flags::HAS_CHILDREN).is_err() {
                     untracked += 1;
                 }
             }
@@ -221,8 +269,15 @@ impl Monitor {
             reload_due_ns: None,
             pending: Vec::new(),
             kstats: KernelStats::default(),
+            next_stats_ns: 0,
+            trim_due: false,
+            next_trim_ns: 0,
             decode_errors: 0,
             decoded: Vec::new(),
+            last_tick_ns: procs::boottime_ns(),
+            drained: false,
+            idle: false,
+            can_idle: true,
         })
     }
 
@@ -238,13 +293,22 @@ impl Monitor {
 
     /// Runs until SIGINT or SIGTERM: nothing else ends it.
     pub async fn run(&mut self, handler: &mut impl Handler) {
-        let mut tick = interval(DRAIN_INTERVAL);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut ticks = 0u32;
+        // What loading (the kernel's BTF) and the first reading of /proc freed goes back now.
+        release_freed_memory();
+        let timer = tokio::time::sleep(DRAIN_INTERVAL);
+        tokio::pin!(timer);
         // The ring's readiness can only fail if the runtime is going away; should it ever, the
         // timer drain alone keeps guardian working.
         let mut ring_wakeups = true;
         loop {
+            // Whatever the last turn did (records drained, a decision that waits, a deadline
+            // the handler set) is reflected in when the next tick comes.
+            let now = procs::boottime_ns();
+            let wait = self.next_tick_ns(handler, now).saturating_sub(now);
+            let due = Instant::now() + Duration::from_nanos(wait);
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
             tokio::select! {
                 guard = self.ring.readable_mut(), if ring_wakeups => {
                     match guard {
@@ -254,26 +318,16 @@ impl Monitor {
                         Err(e) => {
                             warn!("ring buffer wakeups failed ({e}); draining on the timer only");
                             ring_wakeups = false;
+                            self.set_idle(false);
+                            self.can_idle = false;
                         }
                     }
                     self.drain(handler);
                 }
-                _ = tick.tick() => {
+                () = &mut timer => self.tick(handler),
+                service = poll_fn(|cx| handler.poll_memory_event(cx)) => {
                     self.drain(handler);
-                    self.confirm_reparents(handler);
-                    ticks = ticks.wrapping_add(1);
-                    if ticks.is_multiple_of(STATS_EVERY_TICKS) {
-                        self.report_losses(handler);
-                    }
-                    self.state.table.expire(procs::boottime_ns());
-                    if let Some(logger) = self.state.probes.logger.as_mut() {
-                        logger.flush();
-                    }
-                    handler.tick(&mut self.state);
-                    if self.reload_due_ns.is_some_and(|due| procs::boottime_ns() >= due) {
-                        self.reload_due_ns = None;
-                        handler.reload(&mut self.state, Reload::FileChanged);
-                    }
+                    handler.memory_event(&mut self.state, service);
                     self.scan_if_due(handler);
                 }
                 _ = self.sighup.recv() => {
@@ -312,6 +366,80 @@ impl Monitor {
         debug!(stats = ?self.state.table.stats, "stopping");
     }
 
+    /// A timer tick: drains, retries reparents, reads the kernel's counters and lets the handler
+    /// do its periodic work; then, if no record came since the last tick, the loop idles (see
+    /// [`Monitor::next_tick_ns`] for when it comes back).
+    fn tick(&mut self, handler: &mut impl Handler) {
+        self.last_tick_ns = procs::boottime_ns();
+        self.drain(handler);
+        self.confirm_reparents(handler);
+        let now = procs::boottime_ns();
+        if now >= self.next_stats_ns {
+            self.next_stats_ns = now + STATS_EVERY_NS;
+            self.report_losses(handler);
+        }
+        self.state.table.expire(now);
+        if let Some(logger) = self.state.probes.logger.as_mut() {
+            logger.flush();
+        }
+        handler.tick(&mut self.state);
+        if self
+            .reload_due_ns
+            .is_some_and(|due| procs::boottime_ns() >= due)
+        {
+            self.reload_due_ns = None;
+            handler.reload(&mut self.state, Reload::FileChanged);
+        }
+        self.scan_if_due(handler);
+
+        if !std::mem::take(&mut self.drained) && self.can_idle && !self.idle {
+            self.set_idle(true);
+            // The kernel side sees the flag from its next commit on; what was committed before
+            // is drained here (which makes the loop busy again).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            self.drain(handler);
+            self.drained = false;
+        }
+        // A burst (a service adopted, a fork storm) leaves freed memory behind; the next idle
+        // tick after it gives it back (the housekeeping comes within a second).
+        if self.idle && self.trim_due && now >= self.next_trim_ns {
+            self.trim_due = false;
+            self.next_trim_ns = now + TRIM_EVERY_NS;
+            release_freed_memory();
+        }
+    }
+
+    /// When the next tick is due (boot ns): [`DRAIN_INTERVAL`] after the last one while records
+    /// come or reparents wait for `/proc`; otherwise at the handler's or a reload's deadline, and
+    /// at most [`IDLE_INTERVAL`] after it. Ticks are never closer than [`DRAIN_INTERVAL`].
+    fn next_tick_ns(&self, handler: &impl Handler, now: u64) -> u64 {
+        let last = self.last_tick_ns;
+        let busy = !self.idle || !self.pending.is_empty();
+        let mut next = last + nanos(if busy { DRAIN_INTERVAL } else { IDLE_INTERVAL });
+        if let Some(due) = self.reload_due_ns {
+            next = next.min(due);
+        }
+        if let Some(due) = handler.next_tick(&self.state, now) {
+            next = next.min(due);
+        }
+        next.max(last + nanos(DRAIN_INTERVAL))
+    }
+
+    /// Tells the kernel side whether to wake the loop for every record. Should that fail, the
+    /// loop stays busy: it never sleeps on records that would not wake it.
+    fn set_idle(&mut self, idle: bool) {
+        if idle == self.idle {
+            return;
+        }
+        match self.state.probes.set_reader(reader::IDLE, idle) {
+            Ok(()) => self.idle = idle,
+            Err(e) => {
+                warn!("cannot tell the kernel side when the loop idles ({e}); collecting every {DRAIN_INTERVAL:?}");
+                self.can_idle = false;
+            }
+        }
+    }
+
     /// Reads `/proc` for a handler that asked, then applies the events that came meanwhile, so
     /// that the table it compares the scan with is never older than the scan.
     fn scan_if_due(&mut self, handler: &mut impl Handler) {
@@ -319,6 +447,7 @@ impl Monitor {
             let scan = procs::scan();
             self.drain(handler);
             handler.scanned(&mut self.state, scan);
+            release_freed_memory();
         }
     }
 
@@ -329,6 +458,25 @@ impl Monitor {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             decoded.push(events::decode(&item));
+        }
+        // Routine records come: collect them on the short timer rather than be woken for each.
+        // Records that always wake the loop (execs, exits of processes with children) leave it
+        // as it is: idling costs them nothing. (A fork that woke it cannot be told from one
+        // that did not.)
+        let routine = |ev: &Result<Event, events::DecodeError>| {
+            !matches!(
+                ev,
+                Ok(Event::Exec(_))
+                    | Ok(Event::Exit(events::Exit {
+                        had_children: true,
+                        ..
+                    }))
+            )
+        };
+        if decoded.iter().any(routine) {
+            self.drained = true;
+            self.trim_due = true;
+            self.set_idle(false);
         }
         for ev in decoded.drain(..) {
             match ev {
@@ -507,6 +655,10 @@ impl Monitor {
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Whether the policy's directory changed, or never when it is not watched.
 async fn next_change(watch: &mut Option<PolicyWatch>) -> std::io::Result<bool> {
     match watch {
@@ -521,6 +673,18 @@ async fn next_ask(asks: &mut Option<mpsc::Receiver<Ask>>) -> Option<Ask> {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// Gives the heap's free pages back to the kernel. Parsing the kernel's BTF at start-up (to find
+/// a few offsets), reading all of `/proc` and bursts of events take MiBs for a moment; glibc
+/// keeps what they freed mapped, and resident, unless asked (it only trims the heap's top on its
+/// own).
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// Raises the soft limit on open files to the hard one: every signal opens a pidfd and a

@@ -60,10 +60,10 @@ pub struct Process {
     pub parent: u32,
     /// Start time, `CLOCK_BOOTTIME` ns (see [`SAME_START_NS`] for its precision).
     pub start_ns: u64,
-    pub comm: String,
-    pub exe: Option<String>,
-    /// Shared with the processes forked from it (until one execs): a fork storm copies no
-    /// strings.
+    // The image is shared (`Arc`) with the parent a process was forked from until it execs: a
+    // service's thousands of forked workers hold one copy of their name and command line.
+    pub comm: Arc<str>,
+    pub exe: Option<Arc<str>>,
     pub argv: Arc<[String]>,
     /// Live child processes.
     pub children: BTreeSet<u32>,
@@ -118,7 +118,7 @@ impl Process {
             start_ns: 0,
             comm: comm.into(),
             exe: None,
-            argv: Arc::from([comm.to_owned()]),
+            argv: vec![comm.to_owned()].into(),
             children: BTreeSet::new(),
             kernel_thread: false,
             state: State::Alive,
@@ -276,8 +276,8 @@ impl Table {
                     pid: info.pid,
                     parent: info.ppid,
                     start_ns: info.start_ns,
-                    comm: info.comm,
-                    exe: info.exe,
+                    comm: info.comm.into(),
+                    exe: info.exe.map(Into::into),
                     argv: info.argv.into(),
                     children: BTreeSet::new(),
                     kernel_thread: info.kernel_thread,
@@ -337,10 +337,20 @@ impl Table {
             self.procs.remove(&f.pid);
         }
         let parent = f.parent.unwrap_or(f.creator);
-        // The child is a copy of its creator: same image, same service.
-        let (exe, argv, kernel_thread, service) = match self.procs.get(&f.creator) {
-            Some(c) => (c.exe.clone(), c.argv.clone(), c.kernel_thread, c.service),
-            None => (None, Arc::from([]), false, None),
+        // The child is a copy of its creator: same image (shared), same service.
+        let (comm, exe, argv, kernel_thread, service) = match self.procs.get(&f.creator) {
+            Some(c) => (
+                if *c.comm == *f.comm {
+                    c.comm.clone()
+                } else {
+                    f.comm.as_str().into()
+                },
+                c.exe.clone(),
+                c.argv.clone(),
+                c.kernel_thread,
+                c.service,
+            ),
+            None => (f.comm.as_str().into(), None, Vec::new().into(), false, None),
         };
         self.procs.insert(
             f.pid,
@@ -348,7 +358,7 @@ impl Table {
                 pid: f.pid,
                 parent,
                 start_ns: f.ts_ns,
-                comm: f.comm.clone(),
+                comm,
                 exe,
                 argv,
                 children: BTreeSet::new(),
@@ -417,9 +427,9 @@ impl Table {
                     pid: e.pid,
                     parent,
                     start_ns: e.start_ns.unwrap_or(e.ts_ns),
-                    comm: String::new(),
+                    comm: "".into(),
                     exe: None,
-                    argv: Arc::from([]),
+                    argv: Vec::new().into(),
                     children: BTreeSet::new(),
                     kernel_thread: false,
                     state: State::Alive,
@@ -436,8 +446,8 @@ impl Table {
         }
         let p = self.procs.get_mut(&e.pid)?;
         let (service, gone_threads) = (p.service, i64::from(p.threads) - 1);
-        p.comm = e.comm.clone();
-        p.exe = Some(e.filename.clone());
+        p.comm = e.comm.as_str().into();
+        p.exe = Some(e.filename.as_str().into());
         p.argv = e.argv.as_slice().into();
         // A user-space exec is never a kernel thread (kthreads exec only through usermode helpers,
         // which become ordinary processes).
@@ -480,7 +490,7 @@ impl Table {
         }
         if let Some(p) = self.procs.get_mut(&x.pid) {
             if p.comm.is_empty() {
-                p.comm = x.comm.clone();
+                p.comm = x.comm.as_str().into();
             }
         }
         let mut changes = vec![Change::Exited { pid: x.pid }];
@@ -541,8 +551,8 @@ impl Table {
     /// that was never seen.
     pub fn update_image(&mut self, pid: u32, comm: &str, exe: Option<String>, argv: Vec<String>) {
         if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
-            p.comm = comm.to_owned();
-            p.exe = exe;
+            p.comm = comm.into();
+            p.exe = exe.map(Into::into);
             p.argv = argv.into();
         }
     }
@@ -551,7 +561,7 @@ impl Table {
     /// the path as passed to execve).
     pub fn set_exe(&mut self, pid: u32, exe: String) {
         if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
-            p.exe = Some(exe);
+            p.exe = Some(exe.into());
         }
     }
 
@@ -728,6 +738,15 @@ mod tests {
         t.apply(&fork(300, 200, 1001 * MS));
         assert!(t.alive(100).unwrap().children.contains(&200));
         assert_eq!(*t.get(300).unwrap().argv, ["p"], "inherits argv");
+        // One copy of the image between a forked child and its creator (the comm too, when the
+        // kernel reports the same).
+        let (child, creator) = (t.get(300).unwrap(), t.get(200).unwrap());
+        assert!(Arc::ptr_eq(&child.argv, &creator.argv));
+        assert!(Arc::ptr_eq(
+            child.exe.as_ref().unwrap(),
+            creator.exe.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(&child.comm, &creator.comm));
         let changes = t.apply(&exit(200, 1000 * MS + 5_000, 1500 * MS));
         assert_eq!(
             changes,
@@ -821,7 +840,7 @@ mod tests {
         let mut t = seeded();
         t.apply(&fork(200, 100, 1000 * MS));
         t.seed([info(200, 100, 1000 * MS + 4 * MS)]);
-        assert_eq!(t.alive(200).unwrap().comm, "w", "kept the event's entry");
+        assert_eq!(&*t.alive(200).unwrap().comm, "w", "kept the event's entry");
     }
 
     #[test]

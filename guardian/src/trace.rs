@@ -15,7 +15,7 @@ fn proc_of(state: &State, pid: u32) -> Proc {
         Some(p) => Proc {
             pid,
             ppid: p.parent,
-            comm: p.comm.clone(),
+            comm: p.comm.to_string(),
         },
         None => Proc {
             pid,
@@ -38,7 +38,10 @@ impl Handler for Printer {
                 Record::Exec {
                     ts: clock.ts(ts_ns),
                     proc: proc_of(state, pid),
-                    exe: p.and_then(|p| p.exe.clone()).unwrap_or_default(),
+                    exe: p
+                        .and_then(|p| p.exe.as_deref())
+                        .unwrap_or_default()
+                        .to_owned(),
                     cmdline: p.map(|p| p.cmdline()).unwrap_or_default(),
                     argv: p.map(|p| p.argv.to_vec()).unwrap_or_default(),
                 }

@@ -16,6 +16,19 @@ use guardian_tests::{alive, service_cgroup_dirs};
 
 use crate::util::{self, cargo, is_root, step, workspace_root};
 
+/// `cargo xtask bench [--guardian PATH] [BENCH]`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Measure this guardian binary rather than the one built from the tree (to compare two
+    /// builds side by side).
+    #[arg(long, global = true, value_name = "PATH")]
+    guardian: Option<PathBuf>,
+    /// One benchmark; without one, every benchmark runs with short trial counts and one
+    /// summary table is printed at the end.
+    #[command(subcommand)]
+    which: Option<Bench>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Bench {
     /// Fork+exit and fork+exec rates without and with guardian attached (trace, policies that
@@ -58,30 +71,105 @@ pub enum Bench {
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
+    /// Footprint: guardian's resident memory (by kind, and the ring buffer's share) and its CPU
+    /// while idle, with the shipped policy in audit mode and no member running, then with one
+    /// service of MEMBERS sleeping members.
+    Footprint {
+        /// Members of the large service.
+        #[arg(long, default_value_t = 10_000)]
+        members: usize,
+        /// Seconds each idle CPU measurement lasts.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Idle CPU measurements in a row, for their spread.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
-pub fn run(which: Bench) -> anyhow::Result<()> {
+/// One line of the summary `cargo xtask bench` prints after running every benchmark.
+struct Figure {
+    what: String,
+    value: String,
+    goal: &'static str,
+}
+
+impl Figure {
+    fn new(what: impl Into<String>, value: impl Into<String>, goal: &'static str) -> Self {
+        Self {
+            what: what.into(),
+            value: value.into(),
+            goal,
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
         bail!("benchmarks load eBPF programs: run them as root");
     }
+    let bins = build(args.guardian)?;
+    let Some(which) = args.which else {
+        return all(&bins);
+    };
     match which {
         Bench::Fork {
             forks,
             execs,
             rounds,
-        } => fork(forks, execs, rounds),
-        Bench::Orphans { trials, workers } => orphans(trials, workers),
+        } => fork(&bins, forks, execs, rounds),
+        Bench::Orphans { trials, workers } => orphans(&bins, trials, workers),
         Bench::Budgets {
             trials,
             forks,
             rounds,
-        } => budgets(trials, forks, rounds),
+        } => budgets(&bins, trials, forks, rounds),
+        Bench::Footprint {
+            members,
+            secs,
+            rounds,
+        } => footprint(&bins, members, secs, rounds),
     }
+    .map(|_| ())
 }
 
-/// Builds the release daemon and workload helper; returns (guardian, workload).
-fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let guardian = crate::build_release()?;
+/// Every benchmark with short trial counts (a few minutes in all), then one summary table.
+fn all(bins: &Bins) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut figures = fork(bins, 10_000, 1_500, 3)?;
+    figures.extend(orphans(bins, 60, 4)?);
+    figures.extend(budgets(bins, 20, 5_000, 3)?);
+    figures.extend(footprint(bins, 10_000, 10, 1)?);
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "\nsummary ({:.0} s; load average at the end: {})",
+        started.elapsed().as_secs_f64(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let w = figures.iter().map(|f| f.what.len()).max().unwrap_or(0);
+    let v = figures.iter().map(|f| f.value.len()).max().unwrap_or(0);
+    println!("  {:<w$}  {:<v$}  goal", "figure", "value");
+    for f in &figures {
+        println!("  {:<w$}  {:<v$}  {}", f.what, f.value, f.goal);
+    }
+    Ok(())
+}
+
+/// The binaries a benchmark runs.
+struct Bins {
+    guardian: PathBuf,
+    workload: PathBuf,
+}
+
+/// Builds the release daemon (unless another one is given) and the workload helper.
+fn build(guardian: Option<PathBuf>) -> anyhow::Result<Bins> {
+    let guardian = match guardian {
+        Some(g) => fs::canonicalize(&g).with_context(|| format!("{}", g.display()))?,
+        None => crate::build_release()?,
+    };
     util::run(cargo().args([
         "build",
         "--release",
@@ -90,16 +178,18 @@ fn build() -> anyhow::Result<(PathBuf, PathBuf)> {
         "--bin",
         "guardian-workload",
     ]))?;
-    Ok((
+    Ok(Bins {
         guardian,
-        workspace_root().join("target/release/guardian-workload"),
-    ))
+        workload: workspace_root().join("target/release/guardian-workload"),
+    })
 }
 
 /// A guardian process writing JSON records to a file.
 pub struct Daemon {
     child: Child,
     pub out: PathBuf,
+    /// Its control socket, when it runs a policy.
+    socket: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -107,6 +197,7 @@ impl Daemon {
         let file = fs::File::create(&out)?;
         let mut cmd = Command::new(bin);
         cmd.args(args).args(["--output", "json"]);
+        let mut socket = None;
         if args.contains(&"--policy") {
             // A control socket of its own, beside nobody else's.
             use std::os::unix::fs::DirBuilderExt as _;
@@ -114,6 +205,7 @@ impl Daemon {
             let _ = fs::remove_dir_all(&dir);
             fs::DirBuilder::new().mode(0o700).create(&dir)?;
             cmd.arg("--socket").arg(dir.join("control.sock"));
+            socket = Some(dir.join("control.sock"));
         }
         let child = cmd
             .env("GUARDIAN_LOG", "warn")
@@ -121,7 +213,7 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting guardian")?;
-        let d = Self { child, out };
+        let d = Self { child, out, socket };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !fs::read_to_string(&d.out)?.contains("\"event\":\"ready\"") {
             if Instant::now() > deadline {
@@ -150,6 +242,26 @@ impl Daemon {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         ticks as f64 * 1e3 / hz
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `guardian status --output json`, asked of this daemon.
+    fn status(&self, bin: &Path) -> anyhow::Result<serde_json::Value> {
+        let socket = self
+            .socket
+            .as_ref()
+            .context("this guardian has no control socket")?;
+        let out = Command::new(bin)
+            .args(["status", "--output", "json", "--socket"])
+            .arg(socket)
+            .output()?;
+        if !out.status.success() {
+            bail!("guardian status: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// Stops it (SIGTERM) and returns its records.
@@ -287,8 +399,8 @@ struct Case {
     cpu_ms: Vec<f64>,
 }
 
-fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
-    let (guardian, workload) = build()?;
+fn fork(bins: &Bins, forks: u64, execs: u64, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    let (guardian, workload) = (&bins.guardian, &bins.workload);
     let loops = thread::available_parallelism().map_or(2, |n| n.get());
     step(&format!(
         "bench fork: {rounds} rounds of {loops} loops x {forks} fork+exit+wait and x {execs} \
@@ -319,13 +431,13 @@ fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
     let (mut lost, mut seen, mut expected) = (0u64, 0u64, 0u64);
     // Warm-up (page cache, CPU frequency) not counted.
     loop_round(
-        &workload,
+        workload,
         &["fork-loop", &(forks / 10).to_string()],
         forks / 10,
         loops,
     )?;
     loop_round(
-        &workload,
+        workload,
         &["exec-loop", &(execs / 10).to_string()],
         execs / 10,
         loops,
@@ -339,11 +451,11 @@ fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
             };
             // Which of the two runs first alternates, so that a drift of the machine's speed
             // over a round favours neither.
-            let baseline = || loop_round(&workload, args, n, loops);
+            let baseline = || loop_round(workload, args, n, loops);
             let first = if r % 2 == 0 { Some(baseline()?) } else { None };
-            let d = case.mode.start(&guardian, &out)?;
+            let d = case.mode.start(guardian, &out)?;
             let cpu_before = d.cpu_ms();
-            let t = loop_round(&workload, args, n, loops)?;
+            let t = loop_round(workload, args, n, loops)?;
             let cpu_ms = d.cpu_ms() - cpu_before;
             let records = d.stop()?;
             let b = match first {
@@ -400,27 +512,45 @@ fn fork(forks: u64, execs: u64, rounds: usize) -> anyhow::Result<()> {
         "{:<5} {:<38} {:>9} {:>8} {:>16}  {:>10}",
         "loop", "with", "rate/s", "ratio", "(min-max)", "guardian CPU"
     );
+    let mut figures = Vec::new();
     for case in &mut cases {
         let (lo, hi) = case
             .ratios
             .iter()
             .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        let ratio = median(&mut case.ratios);
         println!(
             "{:<5} {:<38} {:>9.0} {:>8.3} {:>16}  {:>7.0} ms",
             case.what,
             case.mode.describe(),
             median(&mut case.rates),
-            median(&mut case.ratios),
+            ratio,
             format!("({lo:.3}-{hi:.3})"),
             median(&mut case.cpu_ms),
         );
+        let what = if case.what == "fork" {
+            "fork+exit rate"
+        } else {
+            "fork+exec rate"
+        };
+        figures.push(Figure::new(
+            format!("{what}, {} / none", case.mode.describe()),
+            format!("{ratio:.3}"),
+            ">= 0.98",
+        ));
     }
     println!("goal: every ratio >= 0.98; trace fork records {seen}/{expected}, lost {lost}");
-    Ok(())
+    figures.push(Figure::new(
+        "fork records lost by guardian trace",
+        format!("{lost} of {expected}"),
+        "0",
+    ));
+    Ok(figures)
 }
 
-/// An ftrace instance recording `sched_process_exit` with boot-clock timestamps: the kernel's
-/// own account of when processes died, independent of guardian.
+/// An ftrace instance recording `sched_process_exit` and the SIGKILLs sent
+/// (`signal_generate`) with boot-clock timestamps: the kernel's own account of when processes
+/// were killed and died, independent of guardian.
 struct ExitTrace {
     dir: PathBuf,
 }
@@ -438,6 +568,8 @@ impl ExitTrace {
         }
         fs::write(dir.join("trace_clock"), "boot")?;
         fs::write(dir.join("events/sched/sched_process_exit/enable"), "1")?;
+        fs::write(dir.join("events/signal/signal_generate/filter"), "sig == 9")?;
+        fs::write(dir.join("events/signal/signal_generate/enable"), "1")?;
         fs::write(dir.join("tracing_on"), "1")?;
         Ok(Self { dir })
     }
@@ -448,10 +580,21 @@ impl ExitTrace {
 
     /// Exit times (boot seconds) of whole processes, by pid.
     fn exits(&self) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
+        self.events("sched_process_exit")
+    }
+
+    /// When each pid was first sent SIGKILL (boot seconds).
+    fn kills(&self) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
+        self.events("signal_generate")
+    }
+
+    /// The first time (boot seconds) of the event `name` for each pid.
+    fn events(&self, name: &str) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
         let text = fs::read_to_string(self.dir.join("trace"))?;
         let mut out = std::collections::HashMap::new();
+        let marker = format!(": {name}: ");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((head, rest)) = line.split_once(": sched_process_exit: ") else {
+            let Some((head, rest)) = line.split_once(&marker) else {
                 continue;
             };
             let Some(ts) = head
@@ -472,7 +615,7 @@ impl ExitTrace {
                 continue;
             }
             if let Some(pid) = field("pid=").and_then(|p| p.parse().ok()) {
-                out.insert(pid, ts);
+                out.entry(pid).or_insert(ts);
             }
         }
         Ok(out)
@@ -483,6 +626,7 @@ impl Drop for ExitTrace {
     fn drop(&mut self) {
         let _ = fs::write(self.dir.join("tracing_on"), "0");
         let _ = fs::write(self.dir.join("events/sched/sched_process_exit/enable"), "0");
+        let _ = fs::write(self.dir.join("events/signal/signal_generate/enable"), "0");
         let _ = fs::remove_dir(&self.dir);
     }
 }
@@ -524,8 +668,8 @@ fn scrape(port: u16) -> bool {
         && reply.starts_with(b"HTTP/1.1 200")
 }
 
-fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
-    let (guardian, workload) = build()?;
+fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Figure>> {
+    let (guardian, workload) = (&bins.guardian, &bins.workload);
     let tag = format!("benchorphans{}", std::process::id());
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -542,7 +686,7 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
     let address = format!("127.0.0.1:{port}");
     let daemon = Daemon::start(
-        &guardian,
+        guardian,
         &[
             "--policy",
             policy.to_str().unwrap(),
@@ -583,7 +727,7 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
         let scraped = t % 2 == 1;
         scraping.store(scraped, std::sync::atomic::Ordering::Relaxed);
         trace.clear()?;
-        let mut child = Command::new(&workload)
+        let mut child = Command::new(workload)
             .args(["tree", &workers.to_string(), "", &tag])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -689,7 +833,15 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     if missing > 0 {
         println!("  {missing} worker exits missing from the kernel trace");
     }
-    Ok(())
+    Ok(vec![Figure::new(
+        "orphan kill, parent exit -> worker exit",
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&latencies_ms, 0.5),
+            percentile(&latencies_ms, 0.99)
+        ),
+        "p99 <= 2 ms",
+    )])
 }
 
 /// Blocks (bounded) until `fd` is readable.
@@ -732,12 +884,12 @@ fn usage_threshold(dir: &Path, bytes: u64) -> anyhow::Result<std::os::fd::OwnedF
     Ok(efd)
 }
 
-fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
-    let (guardian, workload) = build()?;
+fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    let (guardian, workload) = (&bins.guardian, &bins.workload);
     let tag = format!("benchbudgets{}", std::process::id());
     let high_mb = 100u64;
     let (daemon, policy, out) = start_with_policy(
-        &guardian,
+        guardian,
         &tag,
         &format!(
             "cgroup_parent = \"{tag}\"\n[[service]]\nname = \"mem\"\nmatch = {{ cmdline = \"{tag}mem\", exe = \"{exe}\" }}\norphans = \"report\"\nmemory_high = \"{high_mb}M\"\nmemory_max = \"400M\"\ncgroup = \"own\"\n\n[[service]]\nname = \"forks\"\nmatch = {{ cmdline = \"{tag}forks\", exe = \"{exe}\" }}\norphans = \"report\"\ntasks_max = 100000\ncgroup = \"inherit\"\n",
@@ -751,11 +903,11 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
     step(&format!(
         "bench budgets: {trials} trials of a member crossing memory_high ({high_mb}M)"
     ));
-    let mut latencies_ms = Vec::new();
+    let (mut latencies_ms, mut signalled_ms) = (Vec::new(), Vec::new());
     let mem_tag = format!("{tag}mem");
     for _ in 0..trials {
         trace.clear()?;
-        let mut child = Command::new(&workload)
+        let mut child = Command::new(workload)
             .args(["hog-tree", "150", &mem_tag])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -778,11 +930,14 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
             }
             thread::sleep(Duration::from_millis(2));
         }
-        // The kernel tells this process when usage crosses memory_high, as it tells guardian.
+        // The kernel tells this process when usage goes over memory_high, as it tells guardian:
+        // at the first page above it (thresholds are whole pages, signalled once reached).
         let crossed = if v2 {
             None
         } else {
-            Some(usage_threshold(&memcg, high_mb << 20)?)
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+            Some(usage_threshold(&memcg, (high_mb << 20) + page)?)
         };
         {
             use std::io::Write as _;
@@ -799,6 +954,9 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
         }
         if let Some(&exit) = trace.exits()?.get(&hog) {
             latencies_ms.push(exit * 1e3 - t_cross as f64 / 1e6);
+        }
+        if let Some(&kill) = trace.kills()?.get(&hog) {
+            signalled_ms.push(kill * 1e3 - t_cross as f64 / 1e6);
         }
         // SAFETY: ending our own workload.
         unsafe { libc::kill(parent as i32, libc::SIGKILL) };
@@ -818,10 +976,10 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
     let loops = thread::available_parallelism().map_or(2, |n| n.get());
     let fork_tag = format!("{tag}forks");
     let (mut base, mut counted) = (Vec::new(), Vec::new());
-    fork_round(&workload, forks / 10, loops, "")?;
+    fork_round(workload, forks / 10, loops, "")?;
     for r in 0..rounds {
-        let b = fork_round(&workload, forks, loops, "")?;
-        let c = fork_round(&workload, forks, loops, &fork_tag)?;
+        let b = fork_round(workload, forks, loops, "")?;
+        let c = fork_round(workload, forks, loops, &fork_tag)?;
         println!(
             "round {r}: not counted {:>8.0} forks/s   counted {:>8.0} forks/s",
             b.rate, c.rate
@@ -861,6 +1019,15 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
         percentile(&latencies_ms, 0.99),
         latencies_ms[latencies_ms.len() - 1]
     );
+    if !signalled_ms.is_empty() {
+        signalled_ms.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "  of which crossing -> SIGKILL sent: p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+            percentile(&signalled_ms, 0.5),
+            percentile(&signalled_ms, 0.99),
+            signalled_ms[signalled_ms.len() - 1]
+        );
+    }
     let (b, c) = (median(&mut base), median(&mut counted));
     println!("fork+exit rate, median of {rounds} rounds ({loops} loops in parallel):");
     println!("  not in any service          {b:>8.0} forks/s");
@@ -869,5 +1036,255 @@ fn budgets(trials: usize, forks: u64, rounds: usize) -> anyhow::Result<()> {
         "  ratio                       {:>8.3}   lost events {lost}",
         c / b
     );
-    Ok(())
+    Ok(vec![
+        Figure::new(
+            "memory_high crossing -> victim exit",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&latencies_ms, 0.5),
+                percentile(&latencies_ms, 0.99)
+            ),
+            "p99 <= 2 ms",
+        ),
+        Figure::new(
+            "fork+exit rate, counted (inherit) / not",
+            format!("{:.3}", c / b),
+            ">= 0.98",
+        ),
+    ])
+}
+
+/// A process's resident memory (kB), from `/proc/PID/status` and `smaps`.
+struct Resident {
+    total: u64,
+    anon: u64,
+    file: u64,
+    shmem: u64,
+    /// Of `file`: BPF maps mapped into the process (the ring buffer, mapped twice over so that
+    /// records can wrap).
+    bpf_maps: u64,
+}
+
+impl Resident {
+    fn of(pid: u32) -> anyhow::Result<Self> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb = |key: &str| -> anyhow::Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("no {key} in /proc/{pid}/status"))
+        };
+        let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+        let (mut bpf_maps, mut in_map) = (0, false);
+        for line in smaps.lines() {
+            match line.split_once(':') {
+                Some(("Rss", v)) if in_map => {
+                    bpf_maps += v.trim().trim_end_matches("kB").trim().parse::<u64>()?
+                }
+                // A mapping's header line: an address range first.
+                _ if line.split(' ').next().is_some_and(|r| r.contains('-')) => {
+                    in_map = line.ends_with("anon_inode:bpf-map");
+                }
+                _ => {}
+            }
+        }
+        Ok(Self {
+            total: kb("VmRSS:")?,
+            anon: kb("RssAnon:")?,
+            file: kb("RssFile:")?,
+            shmem: kb("RssShmem:")?,
+            bpf_maps,
+        })
+    }
+
+    fn mib(kb: u64) -> f64 {
+        kb as f64 / 1024.0
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:.1} MiB (anon {:.1}, file {:.1} of which BPF maps {:.1}, shmem {:.1})",
+            Self::mib(self.total),
+            Self::mib(self.anon),
+            Self::mib(self.file),
+            Self::mib(self.bpf_maps),
+            Self::mib(self.shmem)
+        )
+    }
+}
+
+/// CPU time (ns, from each thread's `schedstat`), CPU ticks (utime + stime from `stat`) and
+/// sleeps (voluntary context switches) of a process so far.
+fn cpu_use(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
+    let (mut ns, mut sleeps) = (0, 0);
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread that ended meanwhile counts no more.
+        let Ok(schedstat) = fs::read_to_string(dir.join("schedstat")) else {
+            continue;
+        };
+        ns += schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        sleeps += fs::read_to_string(dir.join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which may hold spaces: utime and stime are the 14th
+    // and 15th of the line, the 12th and 13th after `)`.
+    let after = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    Ok((ns, f[11] + f[12], sleeps))
+}
+
+/// Processes the host created since it booted (`/proc/stat`): what else ran meanwhile (every
+/// exec on the host comes to guardian, and some wake it).
+fn host_forks() -> u64 {
+    fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("processes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Idle CPU of `pid` in `rounds` windows of `secs` each: percent of one core per window
+/// (schedstat), with ticks and wakeups per second; returns the percents.
+fn idle_cpu(pid: u32, secs: u64, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    let mut percents = Vec::new();
+    for r in 0..rounds {
+        let ((ns0, ticks0, sleeps0), forks0) = (cpu_use(pid)?, host_forks());
+        let t0 = Instant::now();
+        thread::sleep(Duration::from_secs(secs));
+        let ((ns1, ticks1, sleeps1), forks1) = (cpu_use(pid)?, host_forks());
+        let wall = t0.elapsed().as_secs_f64();
+        let percent = (ns1 - ns0) as f64 / 1e9 / wall * 100.0;
+        println!(
+            "  idle round {r}: {percent:.4} % of a core over {wall:.1} s ({} CPU ticks), {:.1} wakeups/s; the host created {:.1} processes/s meanwhile",
+            ticks1 - ticks0,
+            (sleeps1 - sleeps0) as f64 / wall,
+            (forks1 - forks0) as f64 / wall
+        );
+        percents.push(percent);
+    }
+    Ok(percents)
+}
+
+/// Resident memory and idle CPU with the shipped policy in audit mode and no member running,
+/// then resident memory with one service of `members` sleeping members.
+fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::Result<Vec<Figure>> {
+    // Whatever start-up left to settle (the first checks, the first metrics) has run by then.
+    const SETTLE: Duration = Duration::from_secs(3);
+    let shipped = workspace_root().join("policies/analyticbot.toml");
+    step(&format!(
+        "bench footprint: {}, audit mode, no member running; {rounds} x {secs} s idle",
+        shipped.display()
+    ));
+    let out = std::env::temp_dir().join(format!(
+        "guardian-bench-footprint-{}.jsonl",
+        std::process::id()
+    ));
+    let daemon = Daemon::start(
+        &bins.guardian,
+        &[
+            "--policy",
+            shipped.to_str().context("policy path")?,
+            "--dry-run",
+        ],
+        out.clone(),
+    )?;
+    thread::sleep(SETTLE);
+    let idle = Resident::of(daemon.pid())?;
+    println!("  resident {}", idle.describe());
+    let mut percents = idle_cpu(daemon.pid(), secs, rounds)?;
+    daemon.stop()?;
+    let _ = fs::remove_file(&out);
+    let (lo, hi) = (
+        percents.iter().copied().fold(f64::INFINITY, f64::min),
+        percents.iter().copied().fold(0.0, f64::max),
+    );
+    let cpu = median(&mut percents);
+
+    step(&format!(
+        "bench footprint: one service of {members} sleeping members"
+    ));
+    let tag = format!("benchfootprint{}", std::process::id());
+    let (daemon, policy, out) = start_with_policy(
+        &bins.guardian,
+        &tag,
+        &format!(
+            "[[service]]\nname = \"many\"\nmatch = {{ cmdline = \"{tag}\", exe = \"{}\" }}\norphans = \"report\"\n",
+            bins.workload.display()
+        ),
+    )?;
+    let mut sleepers = Command::new(&bins.workload)
+        .args(["sleepers", &members.to_string(), &tag])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let measured = (|| -> anyhow::Result<(Resident, Duration)> {
+        let mut line = String::new();
+        BufReader::new(sleepers.stdout.take().context("stdout")?).read_line(&mut line)?;
+        if !line.contains("children=") {
+            bail!("the sleepers did not start: {line:?}");
+        }
+        // Every member in guardian's table (the root and its children).
+        let t0 = Instant::now();
+        let want = members as u64 + 1;
+        loop {
+            let status = daemon.status(&bins.guardian)?;
+            let have = status["services"][0]["members"].as_u64().unwrap_or(0);
+            if have >= want {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("guardian follows {have} of {want} members after 60 s");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        let followed = t0.elapsed();
+        thread::sleep(SETTLE);
+        Ok((Resident::of(daemon.pid())?, followed))
+    })();
+    // The sleepers end when told (or when their stdin closes).
+    drop(sleepers.stdin.take());
+    let _ = sleepers.wait();
+    daemon.stop()?;
+    let _ = fs::remove_file(&policy);
+    let _ = fs::remove_file(&out);
+    let (many, followed) = measured?;
+    println!(
+        "  resident {} ({members} members followed {:.1} s after their parent said it forked them)",
+        many.describe(),
+        followed.as_secs_f64()
+    );
+    println!(
+        "\nfootprint: idle {:.1} MiB, {members} members {:.1} MiB; idle CPU {cpu:.4} % of a core (median of {rounds}, {lo:.4} to {hi:.4})",
+        Resident::mib(idle.total),
+        Resident::mib(many.total)
+    );
+    Ok(vec![
+        Figure::new(
+            "resident memory, shipped policy, idle",
+            format!("{:.1} MiB", Resident::mib(idle.total)),
+            "",
+        ),
+        Figure::new(
+            format!("resident memory, {members} members"),
+            format!("{:.1} MiB", Resident::mib(many.total)),
+            "<= 16 MiB",
+        ),
+        Figure::new("CPU while idle", format!("{cpu:.3} % of a core"), "< 0.1 %"),
+    ])
 }

@@ -62,11 +62,8 @@ enum Command {
         #[command(subcommand)]
         which: IntegrationTest,
     },
-    /// Benchmarks that print figures.
-    Bench {
-        #[command(subcommand)]
-        which: bench::Bench,
-    },
+    /// Benchmarks that print figures (every one, and a summary, without a name).
+    Bench(bench::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         Command::IntegrationTest {
             which: IntegrationTest::Systemd,
         } => vm::systemd::run(&dist::run_dist(&build_release()?)?),
-        Command::Bench { which } => bench::run(which),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -16,10 +16,13 @@
 use std::{
     cmp::Reverse,
     collections::{HashMap, HashSet},
+    os::fd::OwnedFd,
     sync::atomic::{AtomicBool, Ordering},
+    task::{Context, Poll},
 };
 
 use anyhow::Context as _;
+use tokio::io::{unix::AsyncFd, Interest};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -38,12 +41,21 @@ use crate::{
 
 /// Fallback memory check interval when no kernel notification applies (ns).
 const MEMORY_POLL_NS: u64 = 250_000_000;
+/// Where the kernel notifies crossings, memory is checked when it does; this poll only backs
+/// the notification up (ns).
+const WATCHED_POLL_NS: u64 = 1_000_000_000;
+/// A service whose tasks guardian counts is near its `tasks_max` within a quarter of it, and at
+/// least this many tasks: then its members' forks wake the event loop. Farther from it, more
+/// forks than that between two of the loop's drains (10 ms apart) are needed to go over the
+/// budget before the loop looks.
+const NEAR_TASKS_MIN: u64 = 8;
 /// At most one report a second of threads over `tasks_max` (threads cannot be killed alone).
 const THREAD_REPORT_NS: u64 = 1_000_000_000;
 /// A victim still alive after this long is given up on, and the next one is chosen (ns).
 const VICTIM_WAIT_NS: u64 = 5_000_000_000;
-/// After a memory notification, usage is re-read on every tick for this long (ns): the kernel's
-/// usage figure lags its threshold event by a few pages, and the next event may never come.
+/// After a memory notification, usage is re-read on every tick (every few ms, however idle the
+/// loop) for this long (ns): the kernel's usage figure lags its threshold event by a few pages,
+/// and the next event may never come.
 const NOTIFIED_FOLLOW_NS: u64 = 200_000_000;
 /// At most one warning this often (ns) per service for a fault that can recur on every tick.
 const WARN_EVERY_NS: u64 = 1_000_000_000;
@@ -69,7 +81,9 @@ pub struct NewTask {
 #[derive(Default)]
 struct ServiceState {
     cgroup: Option<ServiceCgroup>,
-    watch: Option<std::os::fd::OwnedFd>,
+    /// The kernel's notification of memory crossings, registered with the runtime: the event
+    /// loop waits on it (see [`BudgetEngine::poll_notifications`]).
+    watch: Option<AsyncFd<OwnedFd>>,
     seen: Counters,
     /// The victim killed last: (pid, start) and when.
     victim: Option<(u32, u64, u64)>,
@@ -241,6 +255,24 @@ impl BudgetEngine {
             .any(|s| s.budgets.tasks_max.is_some())
     }
 
+    /// Whether guardian counts this service's tasks itself (it has `tasks_max`, and no cgroup
+    /// of guardian's holds it).
+    pub fn counts_tasks_of(&self, svc: usize, policy: &Policy) -> bool {
+        let s = &policy.services[svc];
+        s.budgets.tasks_max.is_some() && !self.kernel_enforced(svc, s)
+    }
+
+    /// Whether a service whose tasks guardian counts is near its `tasks_max` (see
+    /// [`NEAR_TASKS_MIN`]).
+    pub fn near_tasks_max(&self, state: &State, policy: &Policy) -> bool {
+        policy.services.iter().enumerate().any(|(svc, s)| {
+            s.budgets.tasks_max.is_some_and(|max| {
+                self.counts_tasks_of(svc, policy)
+                    && self.tasks(state, svc) + (max / 4).max(NEAR_TASKS_MIN) >= max
+            })
+        })
+    }
+
     /// Whether the kernel enforces this service's budgets on a cgroup of guardian's.
     fn kernel_enforced(&self, svc: usize, s: &Service) -> bool {
         kernel_charged(s, self.mode) && self.cgroupfs.is_some() && !self.services[svc].fallback
@@ -337,10 +369,14 @@ impl BudgetEngine {
                         ));
                     }
                     if let Some(high) = service.budgets.memory_high {
-                        match cg.memory_watch(high) {
-                            Ok(fd) => st.watch = Some(fd),
+                        let watch = cg
+                            .memory_watch(high)
+                            .map_err(|e| chain(&e))
+                            .and_then(|fd| registered(fd).map_err(|e| e.to_string()));
+                        match watch {
+                            Ok(watch) => st.watch = Some(watch),
                             Err(e) => {
-                                warn!(service = %service.name, "memory notifications unavailable, polling: {}", chain(&e))
+                                warn!(service = %service.name, "memory notifications unavailable, polling: {e}")
                             }
                         }
                     }
@@ -510,6 +546,83 @@ impl BudgetEngine {
         records
     }
 
+    /// Whether guardian checks this service's memory: it has `memory_high`, or a `memory_max`
+    /// no cgroup of guardian's holds.
+    fn checks_memory(&self, svc: usize, s: &Service) -> bool {
+        s.budgets.memory_high.is_some()
+            || (s.budgets.memory_max.is_some() && !self.kernel_enforced(svc, s))
+    }
+
+    /// When [`BudgetEngine::tick`] has memory to check next (boot ns): `soon` while a victim's
+    /// end or a notification's aftermath is awaited, else the service's next poll.
+    pub fn next_due(&self, state: &State, policy: &Policy, now: u64, soon: u64) -> Option<u64> {
+        self.services
+            .iter()
+            .zip(&policy.services)
+            .enumerate()
+            .filter(|&(svc, (_, s))| {
+                self.checks_memory(svc, s) && state.table.service_count(svc).processes > 0
+            })
+            .map(|(_, (st, _))| {
+                if st.victim.is_some() || now < st.follow_until_ns {
+                    soon
+                } else {
+                    st.next_poll_ns
+                }
+            })
+            .min()
+    }
+
+    /// Waits on every service's memory notification; returns the first service whose
+    /// notification is ready (that readiness is consumed: [`BudgetEngine::notified`] reads it).
+    pub fn poll_notifications(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
+        for (svc, st) in self.services.iter_mut().enumerate() {
+            let Some(watch) = &st.watch else {
+                continue;
+            };
+            let failed = match watch.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut ready)) => {
+                    ready.clear_ready();
+                    return Poll::Ready(svc);
+                }
+                Poll::Ready(Err(e)) => e,
+                Poll::Pending => continue,
+            };
+            warn!(
+                service = svc,
+                "memory notifications failed, polling: {failed}"
+            );
+            st.watch = None;
+        }
+        Poll::Pending
+    }
+
+    /// `svc`'s memory notification is ready: its memory is checked now, and on every tick for
+    /// a moment after (see [`NOTIFIED_FOLLOW_NS`]).
+    pub fn notified(
+        &mut self,
+        state: &State,
+        enforcer: &mut Enforcer,
+        policy: &Policy,
+        svc: usize,
+    ) -> Vec<Record> {
+        let mut records = Vec::new();
+        let (Some(st), Some(service)) = (self.services.get_mut(svc), policy.services.get(svc))
+        else {
+            return records;
+        };
+        // Read to the end: the descriptor is edge-triggered.
+        if !st.watch.as_ref().is_some_and(|w| fired(w.get_ref())) {
+            return records;
+        }
+        let now = procs::boottime_ns();
+        st.follow_until_ns = now + NOTIFIED_FOLLOW_NS;
+        if state.table.service_count(svc).processes > 0 {
+            self.memory(state, enforcer, service, svc, now, &mut records);
+        }
+        records
+    }
+
     /// Reports forks the kernel refused and processes its OOM killer took.
     fn kernel_events(
         &mut self,
@@ -534,7 +647,7 @@ impl BudgetEngine {
             .find(|p| p.service == Some(svc) && p.root)
             .or_else(|| state.table.iter_alive().find(|p| p.service == Some(svc)));
         let (pid, comm, cmdline, parent) = root.map_or((0, String::new(), String::new(), 0), |p| {
-            (p.pid, p.comm.clone(), p.cmdline(), p.parent)
+            (p.pid, p.comm.to_string(), p.cmdline(), p.parent)
         });
         let mut report =
             |reason: Reason, result: String, usage: Option<u64>, limit: Option<u64>| {
@@ -590,6 +703,9 @@ impl BudgetEngine {
         now: u64,
         records: &mut Vec<Record>,
     ) {
+        if !self.checks_memory(svc, service) {
+            return;
+        }
         let kernel = self.kernel_enforced(svc, service);
         let high = service.budgets.memory_high;
         let own_max = if kernel {
@@ -597,9 +713,6 @@ impl BudgetEngine {
         } else {
             service.budgets.memory_max
         };
-        if high.is_none() && own_max.is_none() {
-            return;
-        }
         let st = &mut self.services[svc];
         if let Some((pid, start, since)) = st.victim {
             // Its exit can be reported before its memory is released (recent kernels fire the
@@ -611,21 +724,20 @@ impl BudgetEngine {
                 return;
             }
             st.victim = None;
-        } else {
-            if st.watch.as_ref().is_some_and(fired) {
-                st.follow_until_ns = now + NOTIFIED_FOLLOW_NS;
-            }
-            if now >= st.follow_until_ns && now < st.next_poll_ns {
-                return;
-            }
+        } else if now >= st.follow_until_ns && now < st.next_poll_ns {
+            return;
         }
-        st.next_poll_ns = now + MEMORY_POLL_NS;
+        st.next_poll_ns = now
+            + if st.watch.is_some() {
+                WATCHED_POLL_NS
+            } else {
+                MEMORY_POLL_NS
+            };
         let over = |usage: u64| match (own_max, high) {
             (Some(max), _) if usage > max => Some((max, Reason::MemoryMax)),
             (_, Some(h)) if usage > h => Some((h, Reason::MemoryHigh)),
             _ => None,
         };
-        let members = pinned_members(&state.table, svc, &st.skip);
         // The cheap figure first: what the kernel charges the cgroup, or the members' resident
         // sets summed (an upper bound of their proportional sets).
         let charged = match (&st.cgroup, kernel) {
@@ -638,6 +750,14 @@ impl BudgetEngine {
             }
             _ => None,
         };
+        // Under the budget by the cgroup's charge: no member needs opening (thousands of them
+        // would cost milliseconds on every check).
+        if charged.is_some_and(|usage| over(usage).is_none()) {
+            st.memory = charged;
+            st.pss = None;
+            return;
+        }
+        let members = pinned_members(&state.table, svc, &st.skip);
         let cheap = charged.unwrap_or_else(|| members.iter().map(|m| m.rss).sum());
         st.memory = Some(cheap);
         if over(cheap).is_none() {
@@ -833,6 +953,14 @@ fn lift(cg: &ServiceCgroup, b: &Budgets, service: &str) {
             chain(&e)
         ),
     }
+}
+
+/// A notification descriptor registered with the runtime, so that the event loop wakes for it.
+fn registered(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // Outside a runtime (unit tests) there is nothing to register with: the poll stands in.
+    tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    // SAFETY: the AsyncFd owns the descriptor, which stays open for as long as it is wrapped.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
 /// An error with its causes, for a decision's `result`.

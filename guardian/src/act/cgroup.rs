@@ -1045,8 +1045,8 @@ impl ServiceCgroup {
         removed.into_iter().all(|r| r)
     }
 
-    /// An fd that becomes readable when memory usage crosses `bytes` (or, on v2, whenever
-    /// `memory.events` changes, which includes going over `memory.high`): v1 through
+    /// An fd that becomes readable when memory usage goes over `bytes` or back (or, on v2,
+    /// whenever `memory.events` changes, which includes going over `memory.high`): v1 through
     /// `cgroup.event_control` and an eventfd, v2 through inotify.
     pub fn memory_watch(&self, bytes: u64) -> Result<OwnedFd, CgroupError> {
         let dir = self.memory();
@@ -1075,7 +1075,13 @@ impl ServiceCgroup {
                 .map_err(|e| err("memory.usage_in_bytes", "eventfd", e))?;
             let efd = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
                 .map_err(|e| err("memory.usage_in_bytes", "eventfd", e))?;
-            let value = format!("{} {} {bytes}", efd.as_raw_fd(), usage.as_raw_fd());
+            // The kernel counts thresholds in whole pages (rounded down) and signals one once
+            // usage reaches it: the next page above `bytes` is signalled once usage is over
+            // `bytes`, when the budget is crossed (at `bytes` exactly, the check the signal
+            // wakes would find nothing to do yet).
+            let page = rustix::param::page_size() as u64;
+            let threshold = (bytes / page).saturating_add(1).saturating_mul(page);
+            let value = format!("{} {} {threshold}", efd.as_raw_fd(), usage.as_raw_fd());
             dir.write("cgroup.event_control", &value)
                 .map_err(|e| err("cgroup.event_control", &value, e))?;
             // The kernel holds its own reference to the usage file once registered.

@@ -206,7 +206,7 @@ impl Enforcer {
         let mut decision = Decision {
             service: req.service.to_owned(),
             pid: p.pid,
-            comm: p.comm.clone(),
+            comm: p.comm.to_string(),
             cmdline: p.cmdline(),
             action: req.action.as_str(),
             reason: req.reason.as_str(),
@@ -389,6 +389,15 @@ impl Enforcer {
             }
         }
         records
+    }
+
+    /// When [`Enforcer::tick`] has work next (boot ns): a termination's deadline, or `retry_ns`
+    /// for decisions put off.
+    pub fn next_due(&self, retry_ns: u64) -> Option<u64> {
+        self.waiting
+            .iter()
+            .map(|w| w.deadline_ns.unwrap_or(retry_ns))
+            .min()
     }
 
     /// Records a decision that signals nothing.

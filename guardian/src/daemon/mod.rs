@@ -17,6 +17,7 @@ use std::{
     sync::Arc,
 };
 
+use guardian_common::{reader, tracked_flags};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -121,7 +122,9 @@ impl Sync {
 struct Checks {
     /// Members (pid, start) still to check in this period.
     queue: Vec<(u32, u64)>,
-    per_tick: usize,
+    /// Members the period began with, and when it began (ns).
+    period_members: usize,
+    period_start_ns: u64,
     next_period_ns: u64,
     /// Members `/proc` showed differently, and when first seen so.
     suspects: HashMap<(u32, u64), u64>,
@@ -167,6 +170,11 @@ pub struct Daemon {
     /// What the next scan of `/proc` is for (see [`Handler::scanned`]).
     scan_for: Option<ScanFor>,
     checks: Checks,
+    /// The next tick is wanted at once (a service with a cgroup lost its last process).
+    tick_now: bool,
+    /// What the kernel side was last told: a service whose tasks guardian counts is near its
+    /// `tasks_max`.
+    near_tasks_max: bool,
 }
 
 /// What `guardian status` reports beyond the table.
@@ -256,6 +264,8 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         resync_due: None,
         scan_for: None,
         checks: Checks::default(),
+        tick_now: false,
+        near_tasks_max: false,
     };
     // Before the scan: an exec the filter keeps back from now on is of a process the scan
     // reads, or of one no service matches.
@@ -532,7 +542,7 @@ impl Daemon {
             };
             // Compared on the resolved executable: a process may rewrite its own command line
             // (setproctitle) without exec'ing.
-            if info.exe.is_some() && entry.exe != info.exe {
+            if info.exe.is_some() && entry.exe.as_deref() != info.exe.as_deref() {
                 execs.push(pid);
             }
         }
@@ -567,7 +577,9 @@ impl Daemon {
             // The image now, if it still differs from the table's.
             let Some(info) = state.table.alive(pid).and_then(|e| {
                 procs::read(pid).filter(|i| {
-                    procs::same_process(e.start_ns, i.start_ns) && i.exe.is_some() && i.exe != e.exe
+                    procs::same_process(e.start_ns, i.start_ns)
+                        && i.exe.is_some()
+                        && i.exe.as_deref() != e.exe.as_deref()
                 })
             }) else {
                 continue;
@@ -675,14 +687,14 @@ impl Daemon {
         let tracked: HashSet<u32> = state.probes.tracked_pids().into_iter().collect();
         self.untracked
             .retain(|pid| state.table.alive(*pid).is_some() && !tracked.contains(pid));
-        let missing: Vec<(u32, bool)> = state
+        let missing: Vec<(u32, u32)> = state
             .table
             .members()
             .filter(|p| !tracked.contains(&p.pid))
-            .map(|p| (p.pid, !p.children.is_empty()))
+            .filter_map(|p| Some((p.pid, self.track_flags(p.service?, !p.children.is_empty()))))
             .collect();
-        for (pid, has_children) in missing {
-            self.follow(state, pid, has_children);
+        for (pid, flags) in missing {
+            self.follow(state, pid, flags);
         }
         n
     }
@@ -713,10 +725,41 @@ impl Daemon {
         self.checks.suspects.clear();
     }
 
-    /// Tracks a member in the kernel; when its map is full, the member is followed from
-    /// `/proc` instead (see [`UNTRACKED_RESYNC_NS`]).
-    fn follow(&mut self, state: &mut State, pid: u32, has_children: bool) {
-        match state.probes.track(pid, has_children) {
+    /// How the kernel tracks a member of `svc`: where guardian counts the service's tasks, its
+    /// forks wake the loop while a counted service is near its `tasks_max` (see
+    /// [`Daemon::watch_task_budgets`]).
+    fn track_flags(&self, svc: usize, has_children: bool) -> u32 {
+        let mut flags = 0;
+        if has_children {
+            flags |= tracked_flags::HAS_CHILDREN;
+        }
+        if self.budgets.counts_tasks_of(svc, &self.policy) {
+            flags |= tracked_flags::TASKS_COUNTED;
+        }
+        flags
+    }
+
+    /// Tells the kernel side whether a service whose tasks guardian counts is near its
+    /// `tasks_max`: then its members' forks wake the loop, and a fork over the budget is killed
+    /// at once. Farther from it, a fork collected on the loop's timer cannot be over. (While the
+    /// loop idles, every record wakes it anyway; while it is busy it ticks every 10 ms, and this
+    /// is brought up to date on each tick.)
+    fn watch_task_budgets(&mut self, state: &mut State) {
+        let near = self.budgets.near_tasks_max(state, &self.policy);
+        if near == self.near_tasks_max {
+            return;
+        }
+        // Should the kernel side not be told, forks over a budget wait for the next tick.
+        match state.probes.set_reader(reader::NEAR_TASKS_MAX, near) {
+            Ok(()) => self.near_tasks_max = near,
+            Err(e) => debug!("cannot tell the kernel side a task budget is near: {e}"),
+        }
+    }
+
+    /// Tracks a member in the kernel with [`tracked_flags`]; when its map is full, the member
+    /// is followed from `/proc` instead (see [`UNTRACKED_RESYNC_NS`]).
+    fn follow(&mut self, state: &mut State, pid: u32, flags: u32) {
+        match state.probes.track(pid, flags) {
             Ok(()) => {
                 self.untracked.remove(&pid);
             }
@@ -761,7 +804,8 @@ impl Daemon {
             if p != pid && state.table.alive(p).is_some_and(|e| e.root) {
                 continue;
             }
-            self.follow(state, p, false);
+            let first = self.track_flags(svc, false);
+            self.follow(state, p, first);
             if !enter(state, p, known) {
                 state.probes.untrack(p);
                 self.untracked.remove(&p);
@@ -775,9 +819,12 @@ impl Daemon {
                         .place(&mut self.enforcer, &state.clock, &self.policy, svc, member);
                 self.emit(records);
             }
+            // Tracked again if it has children, or if placing it changed who counts its tasks
+            // (its cgroup could not be used).
             let kids = procs::children_of(p);
-            if !kids.is_empty() {
-                self.follow(state, p, true);
+            let flags = self.track_flags(svc, !kids.is_empty());
+            if flags != first {
+                self.follow(state, p, flags);
             }
             stack.extend(kids);
             n += 1;
@@ -804,7 +851,7 @@ impl Daemon {
             proc: Proc {
                 pid,
                 ppid: p.parent,
-                comm: p.comm.clone(),
+                comm: p.comm.to_string(),
             },
             cmdline: p.cmdline(),
             found,
@@ -906,11 +953,16 @@ impl Daemon {
         let c = &mut self.checks;
         if c.queue.is_empty() && now >= c.next_period_ns {
             c.queue = state.table.members().map(|p| (p.pid, p.start_ns)).collect();
-            let ticks = (CHECK_PERIOD_NS / DRAIN_INTERVAL.as_nanos() as u64).max(1) as usize;
-            c.per_tick = c.queue.len().div_ceil(ticks).max(1);
+            c.period_members = c.queue.len();
+            c.period_start_ns = now;
             c.next_period_ns = now + CHECK_PERIOD_NS;
         }
-        let take = c.per_tick.min(c.queue.len());
+        // Ticks come every few ms or every second: each takes its share of the period by time.
+        let elapsed = now.saturating_sub(c.period_start_ns).min(CHECK_PERIOD_NS);
+        let due =
+            (c.period_members as u128 * u128::from(elapsed)).div_ceil(u128::from(CHECK_PERIOD_NS));
+        let done = c.period_members - c.queue.len();
+        let take = (due as usize).saturating_sub(done).min(c.queue.len());
         let mut batch: Vec<(u32, u64)> = c.queue.split_off(c.queue.len() - take);
         // Suspects due for their second look.
         batch.extend(
@@ -1056,7 +1108,18 @@ impl Handler for Daemon {
                     self.emit(records);
                 }
             }
-            Notice::Exit { .. } | Notice::Reparent { .. } => {}
+            Notice::Exit { pid, .. } => {
+                // A service's last process ended: its cgroup goes at the next tick, now.
+                let ended = state
+                    .table
+                    .get(pid)
+                    .and_then(|p| p.service)
+                    .is_some_and(|svc| state.table.service_count(svc).processes == 0);
+                if ended && self.budgets.has_cgroups() {
+                    self.tick_now = true;
+                }
+            }
+            Notice::Reparent { .. } => {}
         }
     }
 
@@ -1098,6 +1161,7 @@ impl Handler for Daemon {
     }
 
     fn tick(&mut self, state: &mut State) {
+        self.tick_now = false;
         if !self.deferred.is_empty() {
             let now = procs::boottime_ns();
             let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
@@ -1120,6 +1184,7 @@ impl Handler for Daemon {
         self.notifier.watchdog();
         let records = self.budgets.tick(state, &mut self.enforcer, &self.policy);
         self.emit(records);
+        self.watch_task_budgets(state);
         if self.untracked_new > 0 {
             // Their events will not come: as good as lost, and said so.
             self.untracked_total += self.untracked_new;
@@ -1145,6 +1210,43 @@ impl Handler for Daemon {
                 self.scan_for = Some(ScanFor::Resync(trigger));
             }
         }
+    }
+
+    fn next_tick(&self, state: &State, now: u64) -> Option<u64> {
+        let soon = now + DRAIN_INTERVAL.as_nanos() as u64;
+        let c = &self.checks;
+        [
+            (self.tick_now || self.untracked_new > 0).then_some(now),
+            self.deferred
+                .iter()
+                .map(|d| d.start_ns + FRESH_FORK_NS)
+                .min(),
+            self.enforcer.next_due(soon),
+            self.budgets.next_due(state, &self.policy, now, soon),
+            self.resync_due.map(|_| c.last_resync_ns + RESYNC_EVERY_NS),
+            c.suspects
+                .values()
+                .map(|&since| since + SUSPECT_GRACE_NS)
+                .min(),
+            (!self.untracked.is_empty()).then_some(c.next_untracked_ns),
+            self.notifier
+                .watchdog_in()
+                .map(|d| now + d.as_nanos() as u64),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn poll_memory_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<usize> {
+        self.budgets.poll_notifications(cx)
+    }
+
+    fn memory_event(&mut self, state: &mut State, service: usize) {
+        let records = self
+            .budgets
+            .notified(state, &mut self.enforcer, &self.policy, service);
+        self.emit(records);
     }
 
     fn scan_due(&self) -> bool {

@@ -137,6 +137,7 @@ impl Daemon {
                 .collect();
             for pid in members {
                 if let Some(member) = state.table.alive(pid) {
+                    let has_children = !member.children.is_empty();
                     let records = self.budgets.place(
                         &mut self.enforcer,
                         &state.clock,
@@ -145,6 +146,9 @@ impl Daemon {
                         member,
                     );
                     self.emit(records);
+                    // Whether its forks wake the loop follows the new budgets.
+                    let flags = self.track_flags(svc, has_children);
+                    self.follow(state, pid, flags);
                 }
             }
         }

@@ -9,8 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use guardian_common::{
-    exec_key, tracked_flags, Config, ExecKey, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP,
-    EXEC_FILTER_MAP, EXEC_KEYS_CAPACITY, EXEC_KEYS_MAP, OFFSET_NONE, STATS_MAP, TRACKED_CAPACITY,
+    exec_key, Config, ExecKey, Stat, CONFIG_GLOBAL, EVENTS_BYTES, EVENTS_MAP, EXEC_FILTER_MAP,
+    EXEC_KEYS_CAPACITY, EXEC_KEYS_MAP, OFFSET_NONE, READER_MAP, STATS_MAP, TRACKED_CAPACITY,
     TRACKED_MAP,
 };
 use tracing::{debug, info, warn};
@@ -67,6 +67,7 @@ pub struct Probes {
     exec_keys_set: BTreeSet<ExecKey>,
     /// Whether the program can read an exec's effective uid (BTF located `real_cred->euid`).
     reads_euid: bool,
+    reader: Array<MapData, u32>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub group_dead: GroupDeadSource,
     pub sizes: MapSizes,
@@ -80,6 +81,13 @@ pub const TRACKED_MAX: u32 = 131_072;
 /// Environment variable that sets the ring buffer's size in bytes (a power of two, at least a
 /// page): larger for hosts with bursts of execs, tiny to provoke loss in tests.
 pub const RING_BYTES_ENV: &str = "GUARDIAN_RING_BYTES";
+/// The ring buffer's default size when only the services' members are followed (bytes). Its
+/// records are their forks and exits and the host's execs (each of which wakes the reader at
+/// once): 1 MiB holds about 1,200 execs or 14,000 forks and exits between two drains. The ring
+/// is mapped twice over into guardian (records wrap around), so its size counts twice in
+/// guardian's resident memory. `guardian trace`, which follows every process, keeps
+/// [`EVENTS_BYTES`].
+pub const MEMBERS_RING_BYTES: u32 = 1 << 20;
 /// Environment variable that sets how many processes the kernel side can follow (from 64 to
 /// 4194304): beyond [`TRACKED_MAX`] on hosts with more members than that, or tiny to provoke a
 /// full map in tests.
@@ -95,14 +103,15 @@ pub struct MapSizes {
 }
 
 impl MapSizes {
-    fn for_this_host() -> anyhow::Result<Self> {
+    fn for_this_host(opts: LoadOptions) -> anyhow::Result<Self> {
         let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(TRACKED_CAPACITY);
         let ring_bytes = match std::env::var(RING_BYTES_ENV) {
             Ok(v) => parse_ring_bytes(&v).with_context(|| format!("{RING_BYTES_ENV}={v:?}"))?,
-            Err(_) => EVENTS_BYTES,
+            Err(_) if opts.track_all => EVENTS_BYTES,
+            Err(_) => MEMBERS_RING_BYTES,
         };
         let tracked = match std::env::var(TRACKED_ENTRIES_ENV) {
             Ok(v) => v
@@ -156,7 +165,7 @@ impl Probes {
         let (config, group_dead) = kernel_config(opts)?;
         debug!(?config, "kernel configuration");
 
-        let sizes = MapSizes::for_this_host()?;
+        let sizes = MapSizes::for_this_host(opts)?;
         debug!(?sizes, "map sizes");
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
@@ -196,6 +205,7 @@ impl Probes {
         )?;
         let exec_keys =
             HashMap::try_from(ebpf.take_map(EXEC_KEYS_MAP).context("no EXEC_KEYS map")?)?;
+        let reader = Array::try_from(ebpf.take_map(READER_MAP).context("no READER map")?)?;
         info!(
             group_dead = group_dead.as_str(),
             tracked_capacity = sizes.tracked,
@@ -210,6 +220,7 @@ impl Probes {
             exec_keys,
             exec_keys_set: BTreeSet::new(),
             reads_euid: config.task_real_cred != OFFSET_NONE && config.cred_euid != OFFSET_NONE,
+            reader,
             logger,
             group_dead,
             sizes,
@@ -218,15 +229,15 @@ impl Probes {
     }
 
     /// Marks a process as tracked in the kernel (its forks and exit are reported, and so are
-    /// its future descendants'). Fails when the map is full: the caller follows the process
-    /// from `/proc` instead.
-    pub fn track(&mut self, pid: u32, has_children: bool) -> Result<(), aya::maps::MapError> {
-        let flags = if has_children {
-            tracked_flags::HAS_CHILDREN
-        } else {
-            0
-        };
+    /// its future descendants'), with [`guardian_common::tracked_flags`]. Fails when the map is
+    /// full: the caller follows the process from `/proc` instead.
+    pub fn track(&mut self, pid: u32, flags: u32) -> Result<(), aya::maps::MapError> {
         self.tracked.insert(pid, flags, 0)
+    }
+
+    /// Sets one of the flags the kernel side reads ([`guardian_common::reader`]).
+    pub fn set_reader(&mut self, slot: u32, on: bool) -> Result<(), aya::maps::MapError> {
+        self.reader.set(slot, u32::from(on), 0)
     }
 
     /// Stops tracking a pid (a process that died before the kernel could see its exit).

@@ -42,6 +42,13 @@ impl Notifier {
         Self::send(&[NotifyState::Status(status)]);
     }
 
+    /// How long until the watchdog is due, when systemd asked for one: the loop that drains
+    /// kernel events ticks by then however idle it is.
+    pub fn watchdog_in(&self) -> Option<Duration> {
+        self.watchdog_every
+            .map(|every| every.saturating_sub(self.last_watchdog.elapsed()))
+    }
+
     /// Called from the loop that drains kernel events: if that loop stops, systemd's
     /// watchdog restarts guardian.
     pub fn watchdog(&mut self) {

@@ -265,12 +265,17 @@ fn main() {
         // `as-uid=UID`: the second child runs as UID.
         // The parent holds until a line or EOF on stdin (then exits without reaping: the
         // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
-        // launched in the background by a shell).
+        // launched in the background by a shell); with MODE `late` it says `parent=P` and holds
+        // first, then forks the children, says them, and exits at once (status 0).
         "tree" => {
             let n = num(1, 3);
             let mode = args.get(2).map(String::as_str).unwrap_or("");
             if mode == "nested" {
                 block_signal(libc::SIGUSR1);
+            }
+            if mode == "late" {
+                say(&format!("parent={}", std::process::id()));
+                hold();
             }
             let kids: Vec<String> = (0..n)
                 .map(|i| {
@@ -303,10 +308,11 @@ fn main() {
                 std::process::id(),
                 kids.join(",")
             ));
-            if mode == "keep" {
-                linger();
+            match mode {
+                "keep" => linger(),
+                "late" => {}
+                _ => hold(),
             }
-            hold();
         }
         // `storm MAX_FORKS CHILD_MS`: after a line on stdin, forks as fast as it can, each child
         // lingering CHILD_MS; counts refused forks and children killed by a signal, and the most
@@ -500,6 +506,34 @@ fn main() {
                 std::process::id(),
                 start.elapsed().as_nanos()
             ));
+        }
+        // `sleepers N ...`: forks N children that sleep without ever waking (blocked on a pipe),
+        // prints `pid=P children=N`, and holds; then ends them, reaps them and exits. A child
+        // also ends when the parent dies (EOF on the pipe) and after MAX_LIFETIME (SIGALRM).
+        // (The rest of the command line only marks it for a policy.)
+        "sleepers" => {
+            let n = num(1, 100);
+            let gate = pipe();
+            for _ in 0..n {
+                if fork() == 0 {
+                    // SAFETY: closing our copy of the write end (the parent's is then the last)
+                    // and arming this process's alarm.
+                    unsafe {
+                        libc::close(gate[1]);
+                        libc::alarm(MAX_LIFETIME.as_secs() as u32);
+                    }
+                    wait_pipe(gate[0]);
+                    // SAFETY: exiting the child.
+                    unsafe { libc::_exit(0) }
+                }
+            }
+            say(&format!("pid={} children={n}", std::process::id()));
+            hold();
+            // SAFETY: closing the last write end wakes every child with EOF; then reaping them.
+            unsafe {
+                libc::close(gate[1]);
+                while libc::waitpid(-1, std::ptr::null_mut(), 0) > 0 {}
+            }
         }
         // `linger N ...`: forks N children that linger, prints `pid=P children=...`, lingers.
         // (The rest of the command line only marks it for a policy.)
