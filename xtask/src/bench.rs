@@ -567,6 +567,10 @@ impl ExitTrace {
             fs::create_dir(&dir).context("creating an ftrace instance")?;
         }
         fs::write(dir.join("trace_clock"), "boot")?;
+        fs::write(
+            dir.join("events/sched/sched_process_exit/filter"),
+            format!("comm != \"{STORM_COMM}\""),
+        )?;
         fs::write(dir.join("events/sched/sched_process_exit/enable"), "1")?;
         fs::write(dir.join("events/signal/signal_generate/filter"), "sig == 9")?;
         fs::write(dir.join("events/signal/signal_generate/enable"), "1")?;
@@ -668,19 +672,55 @@ fn scrape(port: u16) -> bool {
         && reply.starts_with(b"HTTP/1.1 200")
 }
 
+/// What else the machine does during an orphan trial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Load {
+    Quiet,
+    /// `/metrics` scraped 10 times a second.
+    Scraped,
+    /// One fork+exit loop per CPU, members of another service (their records reach guardian).
+    Storm,
+    /// The trials' service holds [`CROWD`] more sleeping members.
+    Crowd,
+}
+
+impl Load {
+    fn describe(self) -> String {
+        match self {
+            Self::Quiet => "quiet".into(),
+            Self::Scraped => "/metrics scraped 10/s".into(),
+            Self::Storm => "fork storm in another service".into(),
+            Self::Crowd => format!("service of {CROWD} members"),
+        }
+    }
+}
+
+/// Members of the crowded service.
+const CROWD: usize = 10_000;
+
+/// The process name of the fork storm's loops (a link to the workload), which the exit trace
+/// leaves out so that the storm's exits do not crowd the trials' out of its buffer.
+const STORM_COMM: &str = "stormload";
+
 fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Figure>> {
     let (guardian, workload) = (&bins.guardian, &bins.workload);
     let tag = format!("benchorphans{}", std::process::id());
+    let storm_tag = format!("stormof{}", std::process::id());
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    let storm_link = std::env::temp_dir().join(format!("{tag}.d/{STORM_COMM}"));
+    fs::create_dir_all(storm_link.parent().context("link dir")?)?;
+    let _ = fs::remove_file(&storm_link);
+    std::os::unix::fs::symlink(workload, &storm_link)?;
     // Pinned to the workload's executable, as a real service would be (to its account).
     fs::write(
         &policy,
         format!(
-            "[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\", exe = \"{}\" }}\norphans = \"kill\"\n",
-            workload.display()
+            "[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\", exe = \"{exe}\" }}\norphans = \"kill\"\n\n\
+             [[service]]\nname = \"storm\"\nmatch = {{ cmdline = \"{storm_tag}\", exe = \"{exe}\" }}\norphans = \"report\"\n",
+            exe = workload.display()
         ),
     )?;
     let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
@@ -696,11 +736,13 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
         out.clone(),
     )?;
     let trace = ExitTrace::start()?;
+    let loops = thread::available_parallelism().map_or(2, |n| n.get());
+    let crowd_trials = (trials / 3).max(10);
     step(&format!(
-        "bench orphans: {trials} trials of a parent with {workers} workers SIGKILLed; every \
-         other trial with /metrics scraped 10 times a second"
+        "bench orphans: {trials} trials of a parent with {workers} workers SIGKILLed, in turn \
+         quiet, with /metrics scraped 10 times a second, and beside {loops} fork loops in \
+         another service; then {crowd_trials} trials in a service of {CROWD} members"
     ));
-    // Trials alternate between quiet and scraped, so that both see the same machine.
     let scraping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
@@ -720,69 +762,64 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
             (ok, failed)
         })
     };
-    let mut latencies_ms = Vec::new();
-    let mut scraped_ms = Vec::new();
+    let loads = [Load::Quiet, Load::Scraped, Load::Storm, Load::Crowd];
+    let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); loads.len()];
     let mut missing = 0usize;
-    for t in 0..trials {
-        let scraped = t % 2 == 1;
-        scraping.store(scraped, std::sync::atomic::Ordering::Relaxed);
-        trace.clear()?;
-        let mut child = Command::new(workload)
-            .args(["tree", &workers.to_string(), "", &tag])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
-        let kids: Vec<u32> = line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("children="))
-            .context("workload output")?
-            .split(',')
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        let parent = child.id();
-        // guardian must have seen the root before the parent dies.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let needle = "\"event\":\"root\",\"ts\"";
-        while !fs::read_to_string(&out)?
-            .lines()
-            .any(|l| l.contains(needle) && l.contains(&format!("\"pid\":{parent},")))
-        {
-            if Instant::now() > deadline {
-                bail!("guardian never reported the root {parent}");
+    let mut crowd: Option<Child> = None;
+    let mut measure = || -> anyhow::Result<()> {
+        // Trials alternate between the loads, so that each sees the same machine; the crowd
+        // comes last (following it takes seconds).
+        for t in 0..trials + crowd_trials {
+            let load = if t < trials {
+                loads[t % 3]
+            } else {
+                Load::Crowd
+            };
+            if load == Load::Crowd && crowd.is_none() {
+                crowd = Some(start_crowd(bins, &daemon, &tag)?);
             }
-            thread::sleep(Duration::from_millis(2));
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(parent as i32, libc::SIGKILL) };
-        let _ = child.wait();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while kids.iter().any(|&k| alive(k)) {
-            if Instant::now() > deadline {
-                for &k in &kids {
-                    // SAFETY: cleaning up our own workload's processes.
-                    unsafe { libc::kill(k as i32, libc::SIGKILL) };
+            scraping.store(load == Load::Scraped, std::sync::atomic::Ordering::Relaxed);
+            let storm: Vec<Child> = if load == Load::Storm {
+                (0..loops)
+                    .map(|_| {
+                        Command::new(&storm_link)
+                            .args(["fork-loop", "1000000000", &storm_tag])
+                            .stdout(Stdio::null())
+                            .spawn()
+                    })
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
+            if !storm.is_empty() {
+                // At full rate before the trial starts.
+                thread::sleep(Duration::from_millis(50));
+            }
+            trace.clear()?;
+            let trial = orphan_trial(workload, workers, &tag, &out, &trace);
+            for mut s in storm {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(s.id() as i32, libc::SIGKILL) };
+                let _ = s.wait();
+            }
+            match trial? {
+                Some(ms) => {
+                    missing += workers - ms.len();
+                    latencies[loads.iter().position(|&l| l == load).unwrap()].extend(ms);
                 }
-                break;
+                None => missing += workers,
             }
-            thread::sleep(Duration::from_millis(1));
-        }
-        let exits = trace.exits()?;
-        let Some(&died) = exits.get(&parent) else {
-            missing += kids.len();
-            continue;
-        };
-        for k in &kids {
-            match exits.get(k) {
-                Some(&ts) if scraped => scraped_ms.push((ts - died) * 1e3),
-                Some(&ts) => latencies_ms.push((ts - died) * 1e3),
-                None => missing += 1,
+            if (t + 1) % 50 == 0 {
+                eprintln!("  {} trials done", t + 1);
             }
         }
-        if (t + 1) % 50 == 0 {
-            eprintln!("  {} trials done", t + 1);
-        }
+        Ok(())
+    };
+    let measured = measure();
+    if let Some(mut c) = crowd {
+        // The sleepers end when their stdin closes.
+        drop(c.stdin.take());
+        let _ = c.wait();
     }
     drop(trace);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -790,38 +827,43 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     let records = daemon.stop()?;
     let _ = fs::remove_file(&policy);
     let _ = fs::remove_file(&out);
+    let _ = fs::remove_dir_all(storm_link.parent().context("link dir")?);
+    measured?;
     let mut own: Vec<f64> = records
         .iter()
-        .filter(|v| v["event"] == "decision")
+        .filter(|v| v["event"] == "decision" && v["service"] == "bench")
         .filter_map(|v| v["latency_us"].as_f64())
         .map(|us| us / 1e3)
         .collect();
-    if latencies_ms.is_empty() || scraped_ms.is_empty() {
-        bail!("no latency measured");
+    for l in &mut latencies {
+        if l.is_empty() {
+            bail!("no latency measured");
+        }
+        l.sort_by(|a, b| a.total_cmp(b));
     }
-    latencies_ms.sort_by(|a, b| a.total_cmp(b));
-    scraped_ms.sort_by(|a, b| a.total_cmp(b));
     own.sort_by(|a, b| a.total_cmp(b));
     println!(
         "\norphan kill latency, parent exit -> worker exit (kernel trace clock), {} workers:",
-        latencies_ms.len() + scraped_ms.len()
+        latencies.iter().map(Vec::len).sum::<usize>()
     );
-    for (what, l) in [
-        ("quiet", &latencies_ms),
-        ("/metrics scraped 10/s", &scraped_ms),
-    ] {
+    let quiet_p99 = percentile(&latencies[0], 0.99);
+    let mut figures = Vec::new();
+    for (load, l) in loads.iter().zip(&latencies) {
+        let (p50, p99) = (percentile(l, 0.5), percentile(l, 0.99));
         println!(
-            "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} workers; goal: p99 <= 2 ms)",
-            percentile(l, 0.5),
-            percentile(l, 0.99),
+            "  {:<30} p50 {p50:.3} ms   p99 {p99:.3} ms   max {:.3} ms   ({} workers; p99/quiet {:.2}; goal: p99 <= 2 ms)",
+            load.describe(),
             l[l.len() - 1],
-            l.len()
+            l.len(),
+            p99 / quiet_p99
         );
+        figures.push(Figure::new(
+            format!("orphan kill, exit -> worker exit, {}", load.describe()),
+            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+            "p99 <= 2 ms",
+        ));
     }
-    println!(
-        "  p99 ratio scraped/quiet {:.2}; {scrapes} scrapes answered, {failed_scrapes} failed",
-        percentile(&scraped_ms, 0.99) / percentile(&latencies_ms, 0.99)
-    );
+    println!("  {scrapes} scrapes answered, {failed_scrapes} failed");
     if !own.is_empty() {
         println!(
             "  guardian's own figure, parent exit -> signal sent: p50 {:.3} ms   p99 {:.3} ms   ({} decisions)",
@@ -833,15 +875,110 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     if missing > 0 {
         println!("  {missing} worker exits missing from the kernel trace");
     }
-    Ok(vec![Figure::new(
-        "orphan kill, parent exit -> worker exit",
-        format!(
-            "p50 {:.2} ms, p99 {:.2} ms",
-            percentile(&latencies_ms, 0.5),
-            percentile(&latencies_ms, 0.99)
-        ),
-        "p99 <= 2 ms",
-    )])
+    Ok(figures)
+}
+
+/// Starts [`CROWD`] sleeping members of the trials' service and waits until guardian follows
+/// them all.
+fn start_crowd(bins: &Bins, daemon: &Daemon, tag: &str) -> anyhow::Result<Child> {
+    let before = daemon.status(&bins.guardian)?["services"][0]["members"]
+        .as_u64()
+        .unwrap_or(0);
+    let mut sleepers = Command::new(&bins.workload)
+        .args(["sleepers", &CROWD.to_string(), tag])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(sleepers.stdout.take().context("stdout")?).read_line(&mut line)?;
+    if !line.contains("children=") {
+        bail!("the sleepers did not start: {line:?}");
+    }
+    let want = before + CROWD as u64 + 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = daemon.status(&bins.guardian)?["services"][0]["members"]
+            .as_u64()
+            .unwrap_or(0);
+        if have >= want {
+            return Ok(sleepers);
+        }
+        if Instant::now() > deadline {
+            drop(sleepers.stdin.take());
+            let _ = sleepers.wait();
+            bail!("guardian follows {have} of {want} members after 60 s");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One trial: a parent with `workers` workers, SIGKILLed once guardian follows it; returns each
+/// worker's exit after the parent's (ms, kernel trace clock), or `None` when the parent's exit
+/// is not in the trace.
+fn orphan_trial(
+    workload: &Path,
+    workers: usize,
+    tag: &str,
+    out: &Path,
+    trace: &ExitTrace,
+) -> anyhow::Result<Option<Vec<f64>>> {
+    let mut child = Command::new(workload)
+        .args(["tree", &workers.to_string(), "", tag])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+    let kids: Vec<u32> = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("children="))
+        .context("workload output")?
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let parent = child.id();
+    // guardian must have seen the root before the parent dies.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = "\"event\":\"root\",\"ts\"";
+    while !fs::read_to_string(out)?
+        .lines()
+        .any(|l| l.contains(needle) && l.contains(&format!("\"pid\":{parent},")))
+    {
+        if Instant::now() > deadline {
+            // SAFETY: cleaning up our own workload's processes.
+            unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+            for &k in &kids {
+                // SAFETY: as above.
+                unsafe { libc::kill(k as i32, libc::SIGKILL) };
+            }
+            let _ = child.wait();
+            bail!("guardian never reported the root {parent}");
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kids.iter().any(|&k| alive(k)) {
+        if Instant::now() > deadline {
+            for &k in &kids {
+                // SAFETY: cleaning up our own workload's processes.
+                unsafe { libc::kill(k as i32, libc::SIGKILL) };
+            }
+            break;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let exits = trace.exits()?;
+    let Some(&died) = exits.get(&parent) else {
+        return Ok(None);
+    };
+    Ok(Some(
+        kids.iter()
+            .filter_map(|k| exits.get(k).map(|&ts| (ts - died) * 1e3))
+            .collect(),
+    ))
 }
 
 /// Blocks (bounded) until `fd` is readable.
