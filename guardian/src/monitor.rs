@@ -208,6 +208,8 @@ pub struct Monitor {
     decode_errors: u64,
     /// Reused between drains.
     decoded: Vec<Result<Event, events::DecodeError>>,
+    /// The table's changes for one record (kept for its allocation).
+    changes: Vec<Change>,
     /// When the last tick ran (boot ns).
     last_tick_ns: u64,
     /// Records were drained since the last tick.
@@ -274,6 +276,7 @@ impl Monitor {
             next_trim_ns: 0,
             decode_errors: 0,
             decoded: Vec::new(),
+            changes: Vec::new(),
             last_tick_ns: procs::boottime_ns(),
             drained: false,
             idle: false,
@@ -520,19 +523,22 @@ impl Monitor {
                 x.ts_ns
             }
         };
-        let changes = self.state.table.apply(&ev);
+        let mut changes = std::mem::take(&mut self.changes);
+        self.state.table.apply_into(&ev, &mut changes);
         if changes.is_empty() {
             if let Event::Exec(e) = &ev {
                 handler.exec_unknown(&mut self.state, e);
             }
-            return;
+        } else {
+            self.notify(&mut changes, ts_ns, handler);
         }
-        self.notify(changes, ts_ns, handler);
+        self.changes = changes;
     }
 
-    /// Hands table changes to the handler, in order; orphans get their new parent confirmed.
-    fn notify(&mut self, changes: Vec<Change>, ts_ns: u64, handler: &mut impl Handler) {
-        for change in changes {
+    /// Hands table changes to the handler, in order, emptying `changes`; orphans get their new
+    /// parent confirmed.
+    fn notify(&mut self, changes: &mut Vec<Change>, ts_ns: u64, handler: &mut impl Handler) {
+        for change in changes.drain(..) {
             let notice = match change {
                 Change::Forked { pid } => Notice::Fork { pid, ts_ns },
                 Change::Execed { pid } => Notice::Exec { pid, ts_ns },

@@ -44,7 +44,39 @@ impl OutputFormat {
 pub struct Proc {
     pub pid: u32,
     pub ppid: u32,
-    pub comm: String,
+    pub comm: Arc<str>,
+}
+
+/// A record's time, RFC 3339 in UTC with microseconds, held inline: a record is made for every
+/// event, by the thousand a second under a fork storm, and a `String` each was an allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Ts([u8; Ts::LEN]);
+
+impl Ts {
+    /// `2026-11-25T15:16:19.123456Z` (years 1000 to 9999).
+    const LEN: usize = 27;
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Ts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Ts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for Ts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// One line of output.
@@ -53,7 +85,7 @@ pub struct Proc {
 pub enum Record {
     /// guardian is attached and has read the process table: everything after this is seen.
     Ready {
-        ts: String,
+        ts: Ts,
         pid: u32,
         version: &'static str,
         /// Where a whole thread group's death is read from: `tracepoint` (the `group_dead`
@@ -62,12 +94,12 @@ pub enum Record {
         processes: usize,
     },
     Fork {
-        ts: String,
+        ts: Ts,
         #[serde(flatten)]
         proc: Proc,
     },
     Exec {
-        ts: String,
+        ts: Ts,
         #[serde(flatten)]
         proc: Proc,
         exe: String,
@@ -75,7 +107,7 @@ pub enum Record {
         argv: Vec<String>,
     },
     Exit {
-        ts: String,
+        ts: Ts,
         #[serde(flatten)]
         proc: Proc,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -87,7 +119,7 @@ pub enum Record {
     },
     /// A process's parent died and the kernel gave it to a reaper.
     Reparent {
-        ts: String,
+        ts: Ts,
         #[serde(flatten)]
         proc: Proc,
         old_parent: u32,
@@ -96,7 +128,7 @@ pub enum Record {
     /// A process matched a service's selectors and became one of its roots: it and its
     /// descendants are the service's members.
     Root {
-        ts: String,
+        ts: Ts,
         service: String,
         #[serde(flatten)]
         proc: Proc,
@@ -107,7 +139,7 @@ pub enum Record {
     },
     /// guardian decided to act on a process (or, in audit mode, would have).
     Decision {
-        ts: String,
+        ts: Ts,
         mode: &'static str,
         action: &'static str,
         performed: bool,
@@ -129,7 +161,7 @@ pub enum Record {
     },
     /// The policy was read again (SIGHUP): what changed, or why the policy in force stays.
     Reload {
-        ts: String,
+        ts: Ts,
         /// `signal` (SIGHUP) or `file` (the policy file changed).
         trigger: &'static str,
         /// `ok`, or `error` (the policy in force is unchanged).
@@ -150,7 +182,7 @@ pub enum Record {
     },
     /// Events the kernel side could not deliver, or guardian could not decode.
     Lost {
-        ts: String,
+        ts: Ts,
         /// `ringbuf_full`, `tracked_map_full` (children the kernel could not follow),
         /// `bad_tracepoint_field`, `decode_error`, or `untracked` (members guardian could not
         /// have the kernel follow: their events will not come, `/proc` is read instead).
@@ -161,7 +193,7 @@ pub enum Record {
     /// The process table was re-read from `/proc` after events were lost (or a check found it
     /// wrong), and what that changed.
     Resync {
-        ts: String,
+        ts: Ts,
         /// `lost` (the kernel could not deliver events), `untracked` (members the kernel cannot
         /// follow, checked from `/proc`), `check` (the periodic reconciliation found a change
         /// no event reported), or `users` (a user the policy names was created).
@@ -183,7 +215,7 @@ pub enum Record {
 }
 
 impl Record {
-    pub fn exit(ts: String, proc: Proc, status: Option<ExitStatus>) -> Self {
+    pub fn exit(ts: Ts, proc: Proc, status: Option<ExitStatus>) -> Self {
         let (exit_code, signal, core_dumped) = match status {
             Some(ExitStatus::Code(c)) => (Some(c), None, false),
             Some(ExitStatus::Signal {
@@ -365,7 +397,7 @@ impl Clock {
     }
 
     /// RFC 3339 UTC time with microseconds.
-    pub fn ts(&self, boot_ns: u64) -> String {
+    pub fn ts(&self, boot_ns: u64) -> Ts {
         let ns = self.boot_epoch_ns + boot_ns as u128;
         let (secs, micros) = ((ns / 1_000_000_000) as u64, ns % 1_000_000_000 / 1_000);
         // The date and time of day change once a second, and records come by the thousand
@@ -380,11 +412,16 @@ impl Clock {
                 text.pop(); // the `Z`, which goes after the fraction
                 *at = secs;
             }
-            format!("{text}.{micros:06}Z")
+            let mut ts = Ts([0; Ts::LEN]);
+            let mut w = &mut ts.0[..];
+            // 19 bytes of date and time, then 8: the buffer is exactly full.
+            let _ = write!(w, "{text}.{micros:06}Z");
+            debug_assert!(w.is_empty(), "{text}");
+            ts
         })
     }
 
-    pub fn now(&self) -> String {
+    pub fn now(&self) -> Ts {
         self.ts(procs::boottime_ns())
     }
 }
@@ -616,7 +653,11 @@ mod tests {
 
     #[test]
     fn exit_json_has_code_or_signal() {
-        let r = Record::exit("t".into(), proc(), Some(ExitStatus::Code(3)));
+        let r = Record::exit(
+            Clock { boot_epoch_ns: 0 }.ts(0),
+            proc(),
+            Some(ExitStatus::Code(3)),
+        );
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(v["event"], "exit");
         assert_eq!(v["pid"], 10);
@@ -624,7 +665,7 @@ mod tests {
         assert_eq!(v["exit_code"], 3);
         assert!(v.get("signal").is_none());
         let r = Record::exit(
-            "t".into(),
+            Clock { boot_epoch_ns: 0 }.ts(0),
             proc(),
             Some(ExitStatus::Signal {
                 signal: 9,
@@ -640,7 +681,7 @@ mod tests {
     #[test]
     fn reparent_json_fields() {
         let r = Record::Reparent {
-            ts: "t".into(),
+            ts: Clock { boot_epoch_ns: 0 }.ts(0),
             proc: proc(),
             old_parent: 5,
             new_parent: 1,
@@ -657,7 +698,7 @@ mod tests {
         let mut forged = proc();
         forged.comm = "x\n2026 DECISION".into();
         let r = Record::Fork {
-            ts: "t".into(),
+            ts: Clock { boot_epoch_ns: 0 }.ts(0),
             proc: forged,
         };
         let text = r.text();
@@ -697,7 +738,7 @@ mod tests {
 
     fn lost(n: u64) -> Record {
         Record::Lost {
-            ts: "t".into(),
+            ts: Clock { boot_epoch_ns: 0 }.ts(0),
             reason: "test",
             count: n,
             total: n,
@@ -773,7 +814,7 @@ mod tests {
     #[test]
     fn clock_formats_rfc3339() {
         let c = Clock::new();
-        let ts = c.now();
+        let ts = c.now().to_string();
         assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
         assert_eq!(ts.len(), "2026-11-25T15:16:19.123456Z".len());
         // What humantime says, whether or not the second was formatted before.
@@ -784,7 +825,10 @@ mod tests {
             1_764_170_180_000_000_000,
         ] {
             let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns);
-            assert_eq!(at.ts(ns), humantime::format_rfc3339_micros(t).to_string());
+            assert_eq!(
+                at.ts(ns).as_str(),
+                humantime::format_rfc3339_micros(t).to_string()
+            );
         }
     }
 }

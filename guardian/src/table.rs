@@ -311,28 +311,36 @@ impl Table {
         true
     }
 
-    /// Applies one kernel event.
-    pub fn apply(&mut self, ev: &Event) -> Vec<Change> {
+    /// Applies one kernel event, appending what it changed to `changes` (a buffer the caller
+    /// reuses: this runs for every record, and under a fork storm an allocation per event is a
+    /// measurable part of `guardian trace`'s cost).
+    pub fn apply_into(&mut self, ev: &Event, changes: &mut Vec<Change>) {
         match ev {
-            Event::Fork(f) => self.fork(f),
-            Event::Exec(e) => self.exec(e).into_iter().collect(),
-            Event::Exit(x) => self.exit(x),
-            Event::Thread(t) => self.thread(t).into_iter().collect(),
+            Event::Fork(f) => self.fork(f, changes),
+            Event::Exec(e) => changes.extend(self.exec(e)),
+            Event::Exit(x) => self.exit(x, changes),
+            Event::Thread(t) => changes.extend(self.thread(t)),
         }
     }
 
-    fn fork(&mut self, f: &Fork) -> Vec<Change> {
+    #[cfg(test)]
+    pub fn apply(&mut self, ev: &Event) -> Vec<Change> {
         let mut changes = Vec::new();
+        self.apply_into(ev, &mut changes);
+        changes
+    }
+
+    fn fork(&mut self, f: &Fork, changes: &mut Vec<Change>) {
         if let Some(old) = self.procs.get(&f.pid) {
             if old.alive() {
                 if old.same_start(f.ts_ns) {
                     // Seen in /proc already (the scan raced with the event).
-                    return changes;
+                    return;
                 }
                 // The previous holder of this PID died without an exit event: its children are
                 // orphans, but there is no exit to report.
                 self.stats.missed_exits += 1;
-                changes.extend(self.retire(f.pid, f.ts_ns, None));
+                self.retire(f.pid, f.ts_ns, None, changes);
             }
             self.procs.remove(&f.pid);
         }
@@ -340,7 +348,7 @@ impl Table {
         // The child is a copy of its creator: same image (shared), same service.
         let (comm, exe, argv, kernel_thread, service) = match self.procs.get(&f.creator) {
             Some(c) => (
-                if *c.comm == *f.comm {
+                if *c.comm == *f.comm.as_str() {
                     c.comm.clone()
                 } else {
                     f.comm.as_str().into()
@@ -383,12 +391,11 @@ impl Table {
                 .start_ns
                 .is_none_or(|s| s.abs_diff(f.ts_ns) <= SAME_START_NS)
             {
-                changes.extend(self.exit(&early.exit));
+                self.exit(&early.exit, changes);
             } else {
                 self.early_exits.insert(f.pid, early);
             }
         }
-        changes
     }
 
     fn thread(&mut self, t: &Thread) -> Option<Change> {
@@ -462,10 +469,10 @@ impl Table {
         Some(Change::Execed { pid: e.pid })
     }
 
-    fn exit(&mut self, x: &Exit) -> Vec<Change> {
+    fn exit(&mut self, x: &Exit, changes: &mut Vec<Change>) {
         let Some(p) = self.procs.get(&x.pid) else {
             self.hold_early(x);
-            return Vec::new();
+            return;
         };
         let same = x.start_ns.is_none_or(|s| p.same_start(s));
         if !p.alive() {
@@ -474,28 +481,27 @@ impl Table {
             } else {
                 self.hold_early(x);
             }
-            return Vec::new();
+            return;
         }
         if !same {
             // The table still holds an older process with this PID; the one that exited is newer
             // and its fork has not been seen yet.
             if x.start_ns.is_some_and(|s| s < p.start_ns) {
-                return Vec::new();
+                return;
             }
             self.stats.missed_exits += 1;
             // Its children are orphans, but that exit was never seen: there is none to report.
-            let orphans = self.retire(x.pid, x.ts_ns, None);
+            self.retire(x.pid, x.ts_ns, None, changes);
             self.hold_early(x);
-            return orphans;
+            return;
         }
         if let Some(p) = self.procs.get_mut(&x.pid) {
             if p.comm.is_empty() {
                 p.comm = x.comm.as_str().into();
             }
         }
-        let mut changes = vec![Change::Exited { pid: x.pid }];
-        changes.extend(self.retire(x.pid, x.ts_ns, x.status));
-        changes
+        changes.push(Change::Exited { pid: x.pid });
+        self.retire(x.pid, x.ts_ns, x.status, changes);
     }
 
     fn hold_early(&mut self, x: &Exit) {
@@ -509,11 +515,17 @@ impl Table {
         );
     }
 
-    /// Marks a live process exited, unlinks it from its parent, and returns one `Orphaned` per
+    /// Marks a live process exited, unlinks it from its parent, and appends one `Orphaned` per
     /// live child.
-    fn retire(&mut self, pid: u32, at_ns: u64, status: Option<ExitStatus>) -> Vec<Change> {
+    fn retire(
+        &mut self,
+        pid: u32,
+        at_ns: u64,
+        status: Option<ExitStatus>,
+        changes: &mut Vec<Change>,
+    ) {
         let Some(p) = self.procs.get_mut(&pid) else {
-            return Vec::new();
+            return;
         };
         p.state = State::Exited { at_ns, status };
         let parent = p.parent;
@@ -527,14 +539,14 @@ impl Table {
         }
         // The children keep the dead parent as theirs until the new one is confirmed: until the
         // kernel has moved them (right after this exit) that is what the kernel says too.
-        children
-            .into_iter()
-            .filter(|&child| self.alive(child).is_some())
-            .map(|child| Change::Orphaned {
-                pid: child,
-                old_parent: pid,
-            })
-            .collect()
+        for child in children {
+            if self.alive(child).is_some() {
+                changes.push(Change::Orphaned {
+                    pid: child,
+                    old_parent: pid,
+                });
+            }
+        }
     }
 
     /// A live process found gone (or its pid held by another process) in `/proc`: its exit was
@@ -544,7 +556,9 @@ impl Table {
             return Vec::new();
         }
         self.stats.missed_exits += 1;
-        self.retire(pid, at_ns, None)
+        let mut changes = Vec::new();
+        self.retire(pid, at_ns, None, &mut changes);
+        changes
     }
 
     /// A live process found running another program in `/proc` than the table says: an exec

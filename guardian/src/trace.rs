@@ -15,12 +15,12 @@ fn proc_of(state: &State, pid: u32) -> Proc {
         Some(p) => Proc {
             pid,
             ppid: p.parent,
-            comm: p.comm.to_string(),
+            comm: p.comm.clone(),
         },
         None => Proc {
             pid,
             ppid: 0,
-            comm: String::new(),
+            comm: "".into(),
         },
     }
 }

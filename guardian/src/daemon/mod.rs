@@ -244,7 +244,7 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         notifier: Notifier::new(),
         stats: Stats {
             started: std::time::Instant::now(),
-            loaded: monitor.state.clock.now(),
+            loaded: monitor.state.clock.now().to_string(),
             decisions: BTreeMap::new(),
             lost: 0,
             reloads_ok: 0,
@@ -851,7 +851,7 @@ impl Daemon {
             proc: Proc {
                 pid,
                 ppid: p.parent,
-                comm: p.comm.to_string(),
+                comm: p.comm.clone(),
             },
             cmdline: p.cmdline(),
             found,

@@ -2,7 +2,7 @@
 
 use guardian_common::{
     exec_flags, exit_flags, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ThreadEvent,
-    ARGS_LEN, FILENAME_LEN,
+    ARGS_LEN, COMM_LEN, FILENAME_LEN,
 };
 use thiserror::Error;
 
@@ -51,7 +51,7 @@ pub struct Fork {
     /// The child's parent: the creator, or the creator's parent for `CLONE_PARENT`. `None` when
     /// the kernel could not tell.
     pub parent: Option<u32>,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,9 +78,37 @@ pub struct Exit {
     pub ppid: Option<u32>,
     /// Exact start time, when the kernel could read it.
     pub start_ns: Option<u64>,
-    pub comm: String,
+    pub comm: Comm,
     pub status: Option<ExitStatus>,
     pub had_children: bool,
+}
+
+/// A process name as the kernel sends it (NUL-padded, at most 15 bytes), kept as bytes: fork
+/// and exit records are decoded for every event, and most of their names are never looked at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm([u8; COMM_LEN]);
+
+impl Comm {
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl From<&str> for Comm {
+    /// The kernel's way: cut to 15 bytes.
+    fn from(s: &str) -> Self {
+        let mut c = [0; COMM_LEN];
+        let n = s.len().min(COMM_LEN - 1);
+        c[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Self(c)
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.as_str(), f)
+    }
 }
 
 /// How a process ended, decoded from the kernel's `exit_code`.
@@ -159,7 +187,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 pid: ev.header.tgid,
                 creator: ev.creator_tgid,
                 parent: known(ev.parent_tgid),
-                comm: c_str(&ev.comm),
+                comm: Comm(ev.comm),
             }))
         }
         Some(EventKind::Exec) => {
@@ -186,7 +214,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 pid: ev.header.tgid,
                 ppid: known(ev.ppid),
                 start_ns: known(ev.start_ns),
-                comm: c_str(&ev.comm),
+                comm: Comm(ev.comm),
                 status: (ev.flags & exit_flags::EXIT_CODE_VALID != 0)
                     .then(|| ExitStatus::from_raw(ev.exit_code)),
                 had_children: ev.flags & exit_flags::HAD_CHILDREN != 0,
