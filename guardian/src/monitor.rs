@@ -80,6 +80,12 @@ pub enum Notice {
         tid: u32,
         ts_ns: u64,
     },
+    /// `pid`, a process with children, was sent SIGKILL at `ts_ns`: it is dying, and its exit
+    /// (with its children's `Orphaned`) follows.
+    Doomed {
+        pid: u32,
+        ts_ns: u64,
+    },
     /// `pid`'s parent group died at `ts_ns`; the new parent is being confirmed.
     Orphaned {
         pid: u32,
@@ -363,6 +369,15 @@ impl Monitor {
             Event::Fork(f) => f.ts_ns,
             Event::Exec(e) => e.ts_ns,
             Event::Thread(t) => t.ts_ns,
+            Event::Doomed(d) => {
+                // The table does not change: the process lives until its exit.
+                let notice = Notice::Doomed {
+                    pid: d.pid,
+                    ts_ns: d.ts_ns,
+                };
+                handler.notice(&mut self.state, &notice);
+                return;
+            }
             Event::Exit(x) => {
                 // An orphan dying before /proc showed its new parent: the kernel just told it.
                 if let Some(i) = self.pending.iter().position(|p| p.pid == x.pid) {

@@ -318,6 +318,8 @@ impl Table {
             Event::Exec(e) => self.exec(e).into_iter().collect(),
             Event::Exit(x) => self.exit(x),
             Event::Thread(t) => self.thread(t).into_iter().collect(),
+            // The process lives on until its exit.
+            Event::Doomed(_) => Vec::new(),
         }
     }
 

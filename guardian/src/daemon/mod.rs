@@ -1056,7 +1056,7 @@ impl Handler for Daemon {
                     self.emit(records);
                 }
             }
-            Notice::Exit { .. } | Notice::Reparent { .. } => {}
+            Notice::Exit { .. } | Notice::Reparent { .. } | Notice::Doomed { .. } => {}
         }
     }
 
