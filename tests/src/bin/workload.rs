@@ -262,7 +262,7 @@ fn main() {
         // `tree N [MODE]`: N children that linger. MODE `split`: the second child ignores
         // SIGTERM; `ignore-term`: all do; `nested`: the last child forks two children of its own
         // when it gets SIGUSR1;
-        // `as-uid=UID`: the second child runs as UID.
+        // `as-uid=UID`: the second child runs as UID; `term-proof`: the parent ignores SIGTERM.
         // The parent holds until a line or EOF on stdin (then exits without reaping: the
         // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
         // launched in the background by a shell).
@@ -298,6 +298,10 @@ fn main() {
                     c.to_string()
                 })
                 .collect();
+            if mode == "term-proof" {
+                // SAFETY: setting a signal disposition; the children keep the default.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            }
             say(&format!(
                 "parent={} children={}",
                 std::process::id(),
