@@ -274,12 +274,19 @@ fn main() {
             }
             let kids: Vec<String> = (0..n)
                 .map(|i| {
+                    // Inherited at the fork, so that a SIGTERM coming before the child first
+                    // runs finds it ignored already.
+                    let ignores = mode == "ignore-term" || (mode == "split" && i == 1);
+                    if ignores {
+                        // SAFETY: setting a signal disposition.
+                        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                    }
                     let c = fork();
+                    if c != 0 && ignores {
+                        // SAFETY: as above; the parent keeps the default.
+                        unsafe { libc::signal(libc::SIGTERM, libc::SIG_DFL) };
+                    }
                     if c == 0 {
-                        if mode == "ignore-term" || (mode == "split" && i == 1) {
-                            // SAFETY: setting a signal disposition in the child.
-                            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
-                        }
                         if let Some(uid) = mode.strip_prefix("as-uid=") {
                             if i == 1 {
                                 become_user(uid.parse().expect("tree N as-uid=UID"));
