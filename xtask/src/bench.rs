@@ -50,6 +50,10 @@ pub enum Bench {
     },
     /// Orphan-kill latency: a parent with N workers is SIGKILLed, again and again; the time from
     /// the parent's exit to each worker's exit is read from the kernel's own trace (ftrace).
+    ///
+    /// Then a Python multiprocessing parent holding a large heap is SIGKILLed: the time from the
+    /// SIGKILL to every worker gone (their pidfds), with guardian acting at the SIGKILL and, in
+    /// alternate rounds, only at the parent's exit (its benchmarking switch), side by side.
     Orphans {
         /// Trials.
         #[arg(long, default_value_t = 200)]
@@ -57,6 +61,12 @@ pub enum Bench {
         /// Workers per parent.
         #[arg(long, default_value_t = 4)]
         workers: usize,
+        /// Trials of the heavy parent, each way (in rounds of 5).
+        #[arg(long, default_value_t = 30)]
+        heavy_trials: usize,
+        /// The heavy parent's heap, MiB.
+        #[arg(long, default_value_t = 300)]
+        heap_mib: usize,
     },
 }
 
@@ -70,7 +80,15 @@ pub fn run(which: Bench) -> anyhow::Result<()> {
             execs,
             rounds,
         } => fork(forks, execs, rounds),
-        Bench::Orphans { trials, workers } => orphans(trials, workers),
+        Bench::Orphans {
+            trials,
+            workers,
+            heavy_trials,
+            heap_mib,
+        } => {
+            orphans(trials, workers)?;
+            heavy_parent(heavy_trials, workers, heap_mib)
+        }
         Bench::Budgets {
             trials,
             forks,
@@ -104,9 +122,20 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(bin: &Path, args: &[&str], out: PathBuf) -> anyhow::Result<Self> {
+        Self::start_env(bin, args, &[], out)
+    }
+
+    /// [`Daemon::start`] with environment variables set.
+    pub fn start_env(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        out: PathBuf,
+    ) -> anyhow::Result<Self> {
         let file = fs::File::create(&out)?;
         let mut cmd = Command::new(bin);
         cmd.args(args).args(["--output", "json"]);
+        cmd.envs(env.iter().copied());
         if args.contains(&"--policy") {
             // A control socket of its own, beside nobody else's.
             use std::os::unix::fs::DirBuilderExt as _;
@@ -165,6 +194,14 @@ impl Daemon {
             .lines()
             .map(|l| Ok(serde_json::from_str(&l?)?))
             .collect()
+    }
+}
+
+impl Drop for Daemon {
+    /// A benchmark that failed leaves no guardian attached (after `stop`, nothing to do).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -690,6 +727,253 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
         println!("  {missing} worker exits missing from the kernel trace");
     }
     Ok(())
+}
+
+/// Trials of the heavy parent per daemon start.
+const HEAVY_ROUND: usize = 5;
+
+/// A Python multiprocessing parent holding `heap_mib` MiB, with `workers` workers, SIGKILLed:
+/// the time from the signal to every worker gone (each worker's pidfd readable), with guardian
+/// acting at the SIGKILL (`early`) and only at the parent's exit (`exit only`, the hidden
+/// `GUARDIAN_BENCH_EXIT_PATH_ONLY`), in alternating rounds of one daemon each.
+fn heavy_parent(trials: usize, workers: usize, heap_mib: usize) -> anyhow::Result<()> {
+    let (guardian, _) = build()?;
+    // The interpreter itself, not a launcher in PATH (a pyenv shim is a shell script): the
+    // policy pins its resolved path, and the trial starts it directly.
+    let launcher = guardian_tests::python().context("python3 is not installed")?;
+    let found = Command::new(launcher)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()?;
+    let python = PathBuf::from(String::from_utf8(found.stdout)?.trim());
+    let exe = fs::canonicalize(&python)?;
+    let script = guardian_tests::script("mp_heavy_parent.py");
+    let tag = format!("benchheavy{}", std::process::id());
+    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    fs::write(
+        &policy,
+        format!(
+            "[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\", exe = \"{}\" }}\norphans = \"kill\"\n",
+            exe.display()
+        ),
+    )?;
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    step(&format!(
+        "bench orphans, heavy parent: {trials} trials each way of a Python parent holding \
+         {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
+        loadavg()
+    ));
+    let (mut early, mut exit_only, mut parent_ms) = (Vec::new(), Vec::new(), Vec::new());
+    // guardian's own figures: from the SIGKILL (early) or the parent's exit to the signal.
+    let (mut own_early, mut own_exit_only) = (Vec::new(), Vec::new());
+    let mut missing = 0usize;
+    let rounds = trials.div_ceil(HEAVY_ROUND);
+    for round in 0..rounds {
+        // Each round both ways, the first one alternating, so that drift favours neither.
+        for i in 0..2 {
+            let at_exit = (round + i) % 2 == 1;
+            let env: &[(&str, &str)] = if at_exit {
+                &[("GUARDIAN_BENCH_EXIT_PATH_ONLY", "1")]
+            } else {
+                &[]
+            };
+            let daemon = Daemon::start_env(
+                &guardian,
+                &["--policy", policy.to_str().unwrap()],
+                env,
+                out.clone(),
+            )?;
+            for _ in 0..HEAVY_ROUND {
+                let Some((all, parent)) =
+                    heavy_trial(&python, &script, &tag, workers, heap_mib, &out)?
+                else {
+                    missing += 1;
+                    continue;
+                };
+                if at_exit {
+                    exit_only.push(all);
+                } else {
+                    early.push(all);
+                }
+                parent_ms.push(parent);
+            }
+            let own = daemon
+                .stop()?
+                .into_iter()
+                .filter(|v| v["event"] == "decision")
+                .filter_map(|v| v["latency_us"].as_f64());
+            if at_exit {
+                own_exit_only.extend(own.map(|us| us / 1e3));
+            } else {
+                own_early.extend(own.map(|us| us / 1e3));
+            }
+        }
+        eprintln!("  {} trials done each way", (round + 1) * HEAVY_ROUND);
+    }
+    let _ = fs::remove_file(&policy);
+    let _ = fs::remove_file(&out);
+    if early.is_empty() || exit_only.is_empty() {
+        bail!("no latency measured");
+    }
+    for v in [
+        &mut early,
+        &mut exit_only,
+        &mut parent_ms,
+        &mut own_early,
+        &mut own_exit_only,
+    ] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    println!(
+        "\nheavy parent ({heap_mib} MiB, {workers} workers) SIGKILLed -> every worker gone (pidfds), load {}:",
+        loadavg()
+    );
+    for (what, l) in [
+        ("acting at the SIGKILL", &early),
+        ("at the exit only", &exit_only),
+    ] {
+        println!(
+            "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} trials; goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms)",
+            percentile(l, 0.5),
+            percentile(l, 0.99),
+            l[l.len() - 1],
+            l.len()
+        );
+    }
+    println!(
+        "  ratio at the SIGKILL / at the exit only: p50 {:.2}, p99 {:.2}; the parent itself is gone p50 {:.3} ms after its SIGKILL",
+        percentile(&early, 0.5) / percentile(&exit_only, 0.5),
+        percentile(&early, 0.99) / percentile(&exit_only, 0.99),
+        percentile(&parent_ms, 0.5)
+    );
+    if !own_early.is_empty() && !own_exit_only.is_empty() {
+        println!(
+            "  guardian's own figure to the signal sent: from the SIGKILL p50 {:.3} ms p99 {:.3} ms; from the parent's exit (exit only) p50 {:.3} ms p99 {:.3} ms",
+            percentile(&own_early, 0.5),
+            percentile(&own_early, 0.99),
+            percentile(&own_exit_only, 0.5),
+            percentile(&own_exit_only, 0.99)
+        );
+    }
+    if missing > 0 {
+        println!("  {missing} trials where a worker outlived its parent by 5 s (not counted)");
+    }
+    Ok(())
+}
+
+/// One heavy-parent trial: (ms from the SIGKILL to every worker gone, ms to the parent gone),
+/// or `None` if a worker was still alive 5 s later.
+fn heavy_trial(
+    python: &Path,
+    script: &Path,
+    tag: &str,
+    workers: usize,
+    heap_mib: usize,
+    out: &Path,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let mut child = Command::new(python)
+        .arg(script)
+        .args([&workers.to_string(), &heap_mib.to_string(), tag])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+    let kids: Vec<u32> = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("workers="))
+        .context("heavy parent output")?
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let timed = time_sigkill(child.id(), &kids, out);
+    let _ = child.kill();
+    let _ = child.wait();
+    if !matches!(timed, Ok(Some(_))) {
+        for &k in &kids {
+            // SAFETY: cleaning up our own workload's processes.
+            unsafe { libc::kill(k as i32, libc::SIGKILL) };
+        }
+    }
+    timed
+}
+
+/// SIGKILLs `parent` once guardian has reported it as a root, and times its workers' exits
+/// (pidfds): see [`heavy_trial`].
+fn time_sigkill(parent: u32, kids: &[u32], out: &Path) -> anyhow::Result<Option<(f64, f64)>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let pidfd = |pid: u32| -> anyhow::Result<OwnedFd> {
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if fd < 0 {
+            bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor we own from here on.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let fds: Vec<OwnedFd> = kids.iter().map(|&k| pidfd(k)).collect::<Result<_, _>>()?;
+    let parent_fd = pidfd(parent)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!("\"pid\":{parent},");
+    while !fs::read_to_string(out)?
+        .lines()
+        .any(|l| l.contains("\"event\":\"root\"") && l.contains(&needle))
+    {
+        if Instant::now() > deadline {
+            bail!("guardian never reported the root {parent}");
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let sent = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+    let mut gone = Vec::new();
+    let mut waiting: Vec<&OwnedFd> = fds.iter().collect();
+    let mut parent_gone = None;
+    while !waiting.is_empty() || parent_gone.is_none() {
+        let left = Duration::from_secs(5).saturating_sub(sent.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let mut pfds: Vec<libc::pollfd> = waiting
+            .iter()
+            .copied()
+            .chain(parent_gone.is_none().then_some(&parent_fd))
+            .map(|fd| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: polling valid descriptors.
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                left.as_millis() as i32,
+            )
+        };
+        let now = sent.elapsed().as_secs_f64() * 1e3;
+        if n <= 0 {
+            continue;
+        }
+        if parent_gone.is_none() && pfds[pfds.len() - 1].revents != 0 {
+            parent_gone = Some(now);
+        }
+        let mut i = 0;
+        waiting.retain(|_| {
+            let ready = pfds[i].revents != 0;
+            i += 1;
+            if ready {
+                gone.push(now);
+            }
+            !ready
+        });
+    }
+    if !waiting.is_empty() {
+        return Ok(None);
+    }
+    let all = gone.iter().copied().fold(0.0, f64::max);
+    Ok(parent_gone.map(|p| (all, p)))
 }
 
 /// Blocks (bounded) until `fd` is readable.
