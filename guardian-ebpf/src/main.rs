@@ -431,9 +431,9 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
-/// SIGKILL to a parent guardian follows. Its own teardown (freeing its memory: milliseconds for
-/// a large one) runs before its exit is reported and its children are reparented; reporting the
-/// SIGKILL as it is queued lets the daemon act on the orphans-to-be meanwhile. Every signal on
+/// SIGKILL to a parent guardian follows. Its exit is reported only once it reaches `do_exit()`,
+/// and before Linux 6.16 only after it freed its memory (milliseconds for a large one);
+/// reporting the SIGKILL as it is queued lets the daemon act on the orphans-to-be meanwhile. Every signal on
 /// the host passes here: all but a queued SIGKILL to a tracked parent leave after two reads.
 #[tracepoint]
 pub fn signal_generate(ctx: TracePointContext) -> u32 {

@@ -877,8 +877,9 @@ impl Daemon {
         self.decide_orphan(state, pid, svc, old_parent, ts_ns, None);
     }
 
-    /// A member with children was sent SIGKILL: its death is certain, but its exit comes only
-    /// after its own teardown (milliseconds for a large process). The children its death will
+    /// A member with children was sent SIGKILL: its death is certain, but its exit is reported
+    /// only once it runs again, and before Linux 6.16 only after it freed its memory
+    /// (milliseconds for a large process). The children its death will
     /// make orphans of its service are decided now, by the rule, checks and enforcer of the exit
     /// path, their records saying `trigger: parent_sigkilled`; the exit then decides no second
     /// time on them, and decides on any child forked after the SIGKILL (the parent may run a
