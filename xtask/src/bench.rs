@@ -53,7 +53,8 @@ pub enum Bench {
     ///
     /// Then a Python multiprocessing parent holding a large heap is SIGKILLed: the time from the
     /// SIGKILL to every worker gone (their pidfds), with guardian acting at the SIGKILL and, in
-    /// alternate rounds, only at the parent's exit (its benchmarking switch), side by side.
+    /// rotating rounds, only at the parent's exit (its benchmarking switch), and without
+    /// guardian, the workers SIGKILLed with their parent (the floor), side by side.
     Orphans {
         /// Trials.
         #[arg(long, default_value_t = 200)]
@@ -717,7 +718,7 @@ fn orphans(trials: usize, workers: usize) -> anyhow::Result<()> {
     );
     if !own.is_empty() {
         println!(
-            "  guardian's own figure, parent exit -> signal sent: p50 {:.3} ms   p99 {:.3} ms   ({} decisions)",
+            "  guardian's own figure, the parent's SIGKILL (or exit) -> signal sent: p50 {:.3} ms   p99 {:.3} ms   ({} decisions)",
             percentile(&own, 0.5),
             percentile(&own, 0.99),
             own.len()
@@ -734,8 +735,9 @@ const HEAVY_ROUND: usize = 5;
 
 /// A Python multiprocessing parent holding `heap_mib` MiB, with `workers` workers, SIGKILLed:
 /// the time from the signal to every worker gone (each worker's pidfd readable), with guardian
-/// acting at the SIGKILL (`early`) and only at the parent's exit (`exit only`, the hidden
-/// `GUARDIAN_BENCH_EXIT_PATH_ONLY`), in alternating rounds of one daemon each.
+/// acting at the SIGKILL (`early`), only at the parent's exit (`exit only`, the hidden
+/// `GUARDIAN_BENCH_EXIT_PATH_ONLY`), and without guardian, the workers SIGKILLed with their
+/// parent (the floor: what their own exits cost on this machine), in rotating rounds.
 fn heavy_parent(trials: usize, workers: usize, heap_mib: usize) -> anyhow::Result<()> {
     let (guardian, _) = build()?;
     // The interpreter itself, not a launcher in PATH (a pyenv shim is a shell script): the
@@ -758,65 +760,70 @@ fn heavy_parent(trials: usize, workers: usize, heap_mib: usize) -> anyhow::Resul
     )?;
     let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
     step(&format!(
-        "bench orphans, heavy parent: {trials} trials each way of a Python parent holding \
-         {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
+        "bench orphans, heavy parent: {trials} trials each of three ways of a Python parent \
+         holding {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
         loadavg()
     ));
-    let (mut early, mut exit_only, mut parent_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut early, mut exit_only, mut direct, mut parent_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // guardian's own figures: from the SIGKILL (early) or the parent's exit to the signal.
     let (mut own_early, mut own_exit_only) = (Vec::new(), Vec::new());
     let mut missing = 0usize;
     let rounds = trials.div_ceil(HEAVY_ROUND);
     for round in 0..rounds {
-        // Each round both ways, the first one alternating, so that drift favours neither.
-        for i in 0..2 {
-            let at_exit = (round + i) % 2 == 1;
-            let env: &[(&str, &str)] = if at_exit {
-                &[("GUARDIAN_BENCH_EXIT_PATH_ONLY", "1")]
-            } else {
-                &[]
-            };
-            let daemon = Daemon::start_env(
-                &guardian,
-                &["--policy", policy.to_str().unwrap()],
-                env,
-                out.clone(),
-            )?;
+        // Each round every way, the first one rotating, so that drift favours none.
+        for i in 0..3 {
+            let way = (round + i) % 3;
+            let daemon = match way {
+                0 => Some(&[][..]),
+                1 => Some(&[("GUARDIAN_BENCH_EXIT_PATH_ONLY", "1")][..]),
+                // The floor: no guardian, the workers SIGKILLed with their parent.
+                _ => None,
+            }
+            .map(|env| {
+                Daemon::start_env(
+                    &guardian,
+                    &["--policy", policy.to_str().unwrap()],
+                    env,
+                    out.clone(),
+                )
+            })
+            .transpose()?;
             for _ in 0..HEAVY_ROUND {
+                let root_in = daemon.as_ref().map(|_| out.as_path());
                 let Some((all, parent)) =
-                    heavy_trial(&python, &script, &tag, workers, heap_mib, &out)?
+                    heavy_trial(&python, &script, &tag, workers, heap_mib, root_in)?
                 else {
                     missing += 1;
                     continue;
                 };
-                if at_exit {
-                    exit_only.push(all);
-                } else {
-                    early.push(all);
-                }
+                [&mut early, &mut exit_only, &mut direct][way].push(all);
                 parent_ms.push(parent);
             }
+            let Some(daemon) = daemon else { continue };
             let own = daemon
                 .stop()?
                 .into_iter()
                 .filter(|v| v["event"] == "decision")
-                .filter_map(|v| v["latency_us"].as_f64());
-            if at_exit {
-                own_exit_only.extend(own.map(|us| us / 1e3));
+                .filter_map(|v| v["latency_us"].as_f64())
+                .map(|us| us / 1e3);
+            if way == 0 {
+                own_early.extend(own);
             } else {
-                own_early.extend(own.map(|us| us / 1e3));
+                own_exit_only.extend(own);
             }
         }
         eprintln!("  {} trials done each way", (round + 1) * HEAVY_ROUND);
     }
     let _ = fs::remove_file(&policy);
     let _ = fs::remove_file(&out);
-    if early.is_empty() || exit_only.is_empty() {
+    if early.is_empty() || exit_only.is_empty() || direct.is_empty() {
         bail!("no latency measured");
     }
     for v in [
         &mut early,
         &mut exit_only,
+        &mut direct,
         &mut parent_ms,
         &mut own_early,
         &mut own_exit_only,
@@ -830,9 +837,10 @@ fn heavy_parent(trials: usize, workers: usize, heap_mib: usize) -> anyhow::Resul
     for (what, l) in [
         ("acting at the SIGKILL", &early),
         ("at the exit only", &exit_only),
+        ("floor, no guardian", &direct),
     ] {
         println!(
-            "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} trials; goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms)",
+            "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} trials)",
             percentile(l, 0.5),
             percentile(l, 0.99),
             l[l.len() - 1],
@@ -840,9 +848,17 @@ fn heavy_parent(trials: usize, workers: usize, heap_mib: usize) -> anyhow::Resul
         );
     }
     println!(
-        "  ratio at the SIGKILL / at the exit only: p50 {:.2}, p99 {:.2}; the parent itself is gone p50 {:.3} ms after its SIGKILL",
+        "  (goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms; the floor has the workers SIGKILLed by the benchmark with their parent)"
+    );
+    println!(
+        "  ratio at the SIGKILL / at the exit only: p50 {:.2}, p99 {:.2}; / the floor: p50 {:.2}, p99 {:.2}",
         percentile(&early, 0.5) / percentile(&exit_only, 0.5),
         percentile(&early, 0.99) / percentile(&exit_only, 0.99),
+        percentile(&early, 0.5) / percentile(&direct, 0.5),
+        percentile(&early, 0.99) / percentile(&direct, 0.99)
+    );
+    println!(
+        "  the parent itself is gone p50 {:.3} ms after its SIGKILL (its memory freed)",
         percentile(&parent_ms, 0.5)
     );
     if !own_early.is_empty() && !own_exit_only.is_empty() {
@@ -868,7 +884,7 @@ fn heavy_trial(
     tag: &str,
     workers: usize,
     heap_mib: usize,
-    out: &Path,
+    root_in: Option<&Path>,
 ) -> anyhow::Result<Option<(f64, f64)>> {
     let mut child = Command::new(python)
         .arg(script)
@@ -885,7 +901,7 @@ fn heavy_trial(
         .split(',')
         .filter_map(|p| p.parse().ok())
         .collect();
-    let timed = time_sigkill(child.id(), &kids, out);
+    let timed = time_sigkill(child.id(), &kids, root_in);
     let _ = child.kill();
     let _ = child.wait();
     if !matches!(timed, Ok(Some(_))) {
@@ -897,9 +913,14 @@ fn heavy_trial(
     timed
 }
 
-/// SIGKILLs `parent` once guardian has reported it as a root, and times its workers' exits
-/// (pidfds): see [`heavy_trial`].
-fn time_sigkill(parent: u32, kids: &[u32], out: &Path) -> anyhow::Result<Option<(f64, f64)>> {
+/// SIGKILLs `parent` once guardian has reported it as a root in `root_in` (without a guardian,
+/// SIGKILLs its workers too, at once), and times the workers' exits (pidfds): see
+/// [`heavy_trial`].
+fn time_sigkill(
+    parent: u32,
+    kids: &[u32],
+    root_in: Option<&Path>,
+) -> anyhow::Result<Option<(f64, f64)>> {
     use std::os::fd::{FromRawFd, OwnedFd};
     let pidfd = |pid: u32| -> anyhow::Result<OwnedFd> {
         // SAFETY: pidfd_open returns a new descriptor or -1.
@@ -914,18 +935,27 @@ fn time_sigkill(parent: u32, kids: &[u32], out: &Path) -> anyhow::Result<Option<
     let parent_fd = pidfd(parent)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let needle = format!("\"pid\":{parent},");
-    while !fs::read_to_string(out)?
-        .lines()
-        .any(|l| l.contains("\"event\":\"root\"") && l.contains(&needle))
-    {
+    while let Some(out) = root_in {
+        if fs::read_to_string(out)?
+            .lines()
+            .any(|l| l.contains("\"event\":\"root\"") && l.contains(&needle))
+        {
+            break;
+        }
         if Instant::now() > deadline {
             bail!("guardian never reported the root {parent}");
         }
         thread::sleep(Duration::from_millis(2));
     }
     let sent = Instant::now();
-    // SAFETY: signalling our own child.
+    // SAFETY: signalling our own child, then (the floor) its workers.
     unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+    if root_in.is_none() {
+        for &k in kids {
+            // SAFETY: as above.
+            unsafe { libc::kill(k as i32, libc::SIGKILL) };
+        }
+    }
     let mut gone = Vec::new();
     let mut waiting: Vec<&OwnedFd> = fds.iter().collect();
     let mut parent_gone = None;
