@@ -60,6 +60,7 @@ pub enum EventKind {
     Exec = 2,
     Exit = 3,
     Thread = 4,
+    Doomed = 5,
 }
 
 impl EventKind {
@@ -69,6 +70,7 @@ impl EventKind {
             2 => Some(Self::Exec),
             3 => Some(Self::Exit),
             4 => Some(Self::Thread),
+            5 => Some(Self::Doomed),
             _ => None,
         }
     }
@@ -227,6 +229,15 @@ pub struct ThreadEvent {
     pub _pad: u32,
 }
 
+/// A tracked parent was sent SIGKILL: its death is certain, but its exit (and so its children's
+/// reparenting) comes only after its own teardown. `header.pid` and `header.tgid` are the
+/// target process; the record is sent when the signal is generated, by whoever sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DoomedEvent {
+    pub header: EventHeader,
+}
+
 /// Sentinel for an offset that is not available on the running kernel.
 pub const OFFSET_NONE: u32 = u32::MAX;
 
@@ -255,6 +266,12 @@ pub struct Config {
     pub exec_old_pid: u32,
     /// `sched:sched_process_exit`: `group_dead`, or [`OFFSET_NONE`] on kernels without it.
     pub exit_group_dead: u32,
+
+    /// `signal:signal_generate`: `sig`, `pid` (the target thread), `result`; [`OFFSET_NONE`]
+    /// when the program is not attached.
+    pub signal_sig: u32,
+    pub signal_pid: u32,
+    pub signal_result: u32,
 
     /// `task_struct` members (from BTF).
     pub task_exit_code: u32,
@@ -290,6 +307,9 @@ impl Config {
             exec_filename: OFFSET_NONE,
             exec_old_pid: OFFSET_NONE,
             exit_group_dead: OFFSET_NONE,
+            signal_sig: OFFSET_NONE,
+            signal_pid: OFFSET_NONE,
+            signal_result: OFFSET_NONE,
             task_exit_code: OFFSET_NONE,
             task_start_boottime: OFFSET_NONE,
             task_mm: OFFSET_NONE,
@@ -312,7 +332,8 @@ const _: () = {
     assert!(core::mem::size_of::<ExecEvent>() == 24 + 32 + COMM_LEN + FILENAME_LEN + ARGS_LEN);
     assert!(core::mem::size_of::<ExitEvent>() == 24 + 24 + COMM_LEN);
     assert!(core::mem::size_of::<ThreadEvent>() == 24 + 8);
-    assert!(core::mem::size_of::<Config>() == 21 * 4);
+    assert!(core::mem::size_of::<DoomedEvent>() == 24);
+    assert!(core::mem::size_of::<Config>() == 24 * 4);
     assert!(core::mem::size_of::<ExecKey>() == 8 + COMM_LEN);
     assert!(core::mem::align_of::<ExecEvent>() == 8);
 };

@@ -1,4 +1,5 @@
-//! guardian's kernel side: process creation, exec and whole-group exit, fed to one ring buffer.
+//! guardian's kernel side: process creation, exec, whole-group exit and the SIGKILL of a parent,
+//! fed to one ring buffer.
 //!
 //! Only fixed-format tracepoints are used (fentry/kprobes are not available everywhere). Every
 //! field offset comes from the loader through [`CONFIG`]: tracepoint fields from tracefs `format`
@@ -20,15 +21,21 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use guardian_common::{
-    exec_flags, exec_key, exit_flags, reader, tracked_flags, Config, EventHeader, EventKind,
-    ExecEvent, ExecKey, ExitEvent, ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN, EVENTS_BYTES,
-    EXEC_KEYS_CAPACITY, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
+    exec_flags, exec_key, exit_flags, reader, tracked_flags, Config, DoomedEvent, EventHeader,
+    EventKind, ExecEvent, ExecKey, ExitEvent, ForkEvent, Stat, ThreadEvent, ARGS_LEN, COMM_LEN,
+    EVENTS_BYTES, EXEC_KEYS_CAPACITY, OFFSET_NONE, STAT_COUNT, TRACKED_CAPACITY,
 };
 
 /// `CLONE_THREAD` from `include/uapi/linux/sched.h`: the new task joins the caller's group.
 const CLONE_THREAD: u64 = 0x0001_0000;
 /// `CLONE_PARENT`: the new process becomes its creator's sibling.
 const CLONE_PARENT: u64 = 0x0000_8000;
+/// The one signal a process can neither catch, block nor ignore.
+const SIGKILL: i32 = 9;
+/// `signal_generate`'s `result` (`enum trace_signal_result`): the signal was queued, or queued
+/// without its siginfo. The others (ignored, already pending, queue overflow) queue nothing.
+const TRACE_SIGNAL_DELIVERED: i32 = 0;
+const TRACE_SIGNAL_LOSE_INFO: i32 = 4;
 
 #[unsafe(no_mangle)]
 static CONFIG: Global<Config> = Global::new(Config::unset());
@@ -451,6 +458,53 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     }
     submit(entry, had_children);
+    Ok(0)
+}
+
+/// SIGKILL to a parent guardian follows. Its exit is reported only once it reaches `do_exit()`,
+/// and before Linux 6.16 only after it freed its memory (milliseconds for a large one);
+/// reporting the SIGKILL as it is queued lets the daemon act on the orphans-to-be meanwhile. Every signal on
+/// the host passes here: all but a queued SIGKILL to a tracked parent leave after two reads.
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    try_signal_generate(&ctx).unwrap_or(0)
+}
+
+fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i64> {
+    let cfg = CONFIG.load();
+    // SAFETY: offsets come from this kernel's format file for this tracepoint.
+    let sig: i32 = unsafe { ctx.read_at(cfg.signal_sig as usize)? };
+    if sig != SIGKILL {
+        return Ok(0);
+    }
+    // SAFETY: as above.
+    let result: i32 = unsafe { ctx.read_at(cfg.signal_result as usize)? };
+    if result != TRACE_SIGNAL_DELIVERED && result != TRACE_SIGNAL_LOSE_INFO {
+        return Ok(0);
+    }
+    // The thread signalled. `kill()` names a process by its leader, whose id is the process's
+    // (the key of TRACKED). A SIGKILL sent to another thread (tgkill) kills the group too, but
+    // is not recognised here: its children are acted on at the exit, as without this probe.
+    // SAFETY: as above.
+    let pid: i32 = unsafe { ctx.read_at(cfg.signal_pid as usize)? };
+    let pid = pid as u32;
+    // SAFETY: a value of the map, read once.
+    let parent = TRACKED
+        .get_ptr(pid)
+        .is_some_and(|f| unsafe { *f } & tracked_flags::HAS_CHILDREN != 0);
+    if !parent {
+        return Ok(0);
+    }
+    // Counted, not logged: the log's formatting would triple the program, and the daemon
+    // reports the count (and falls back to the exit).
+    let Some(mut entry) = EVENTS.reserve::<DoomedEvent>(0) else {
+        count(Stat::RingbufFull);
+        return Ok(0);
+    };
+    // SAFETY: `entry` is a reserved, exclusively owned record.
+    unsafe { (*entry.as_mut_ptr()).header = header(EventKind::Doomed, pid, pid) };
+    // Urgent: the point is to act before the exit would have been reported.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
 }
 

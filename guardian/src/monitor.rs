@@ -97,6 +97,12 @@ pub enum Notice {
         tid: u32,
         ts_ns: u64,
     },
+    /// `pid`, a process with children, was sent SIGKILL at `ts_ns`: it is dying, and its exit
+    /// (with its children's `Orphaned`) follows.
+    Doomed {
+        pid: u32,
+        ts_ns: u64,
+    },
     /// `pid`'s parent group died at `ts_ns`; the new parent is being confirmed.
     Orphaned {
         pid: u32,
@@ -463,13 +469,14 @@ impl Monitor {
             decoded.push(events::decode(&item));
         }
         // Routine records come: collect them on the short timer rather than be woken for each.
-        // Records that always wake the loop (execs, exits of processes with children) leave it
-        // as it is: idling costs them nothing. (A fork that woke it cannot be told from one
-        // that did not.)
+        // Records that always wake the loop (execs, exits of processes with children, a parent's
+        // SIGKILL) leave it as it is: idling costs them nothing. (A fork that woke it cannot be
+        // told from one that did not.)
         let routine = |ev: &Result<Event, events::DecodeError>| {
             !matches!(
                 ev,
                 Ok(Event::Exec(_))
+                    | Ok(Event::Doomed(_))
                     | Ok(Event::Exit(events::Exit {
                         had_children: true,
                         ..
@@ -514,6 +521,15 @@ impl Monitor {
             Event::Fork(f) => f.ts_ns,
             Event::Exec(e) => e.ts_ns,
             Event::Thread(t) => t.ts_ns,
+            Event::Doomed(d) => {
+                // The table does not change: the process lives until its exit.
+                let notice = Notice::Doomed {
+                    pid: d.pid,
+                    ts_ns: d.ts_ns,
+                };
+                handler.notice(&mut self.state, &notice);
+                return;
+            }
             Event::Exit(x) => {
                 // An orphan dying before /proc showed its new parent: the kernel just told it.
                 if let Some(i) = self.pending.iter().position(|p| p.pid == x.pid) {

@@ -158,6 +158,10 @@ pub enum Record {
         usage: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         limit: Option<u64>,
+        /// What brought the decision forward, when not the usual event: `parent_sigkilled`
+        /// (an orphan decided when its parent was sent SIGKILL, before the parent's exit).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        trigger: Option<&'static str>,
     },
     /// The policy was read again (SIGHUP): what changed, or why the policy in force stays.
     Reload {
@@ -308,13 +312,15 @@ impl Record {
                 new_parent,
                 latency_us,
                 result,
+                trigger,
                 ..
             } => {
                 let new_parent = new_parent.map_or("?".to_owned(), |p| p.to_string());
                 let latency = latency_us.map_or(String::new(), |l| format!(" latency={l}us"));
+                let trigger = trigger.map_or(String::new(), |t| format!(" trigger={t}"));
                 format!(
                     "{ts} DECISION [{mode}] {action} {reason} service={service} pid={pid} comm={} \
-                     parent={old_parent}->{new_parent} performed={performed} result={result:?}{latency}",
+                     parent={old_parent}->{new_parent} performed={performed} result={result:?}{latency}{trigger}",
                     escape_controls(comm)
                 )
             }
@@ -691,6 +697,44 @@ mod tests {
         assert_eq!(v["old_parent"], 5);
         assert_eq!(v["new_parent"], 1);
         assert_eq!(v["comm"], "sleep");
+    }
+
+    #[test]
+    fn decision_trigger_only_when_set() {
+        let decision = |trigger| Record::Decision {
+            ts: Clock { boot_epoch_ns: 0 }.ts(0),
+            mode: "enforce",
+            action: "kill",
+            performed: true,
+            reason: "orphan",
+            service: "svc".into(),
+            pid: 10,
+            comm: "python3".into(),
+            cmdline: "python3 -m app".into(),
+            old_parent: 5,
+            new_parent: None,
+            latency_us: Some(300),
+            result: "sent SIGKILL".into(),
+            usage: None,
+            limit: None,
+            trigger,
+        };
+        let r = decision(None);
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert!(v.get("trigger").is_none(), "{v}");
+        assert!(!r.text().contains("trigger"), "{}", r.text());
+        let r = decision(Some("parent_sigkilled"));
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["trigger"], "parent_sigkilled");
+        assert_eq!(
+            v["reason"], "orphan",
+            "the reason (a metrics label) is unchanged"
+        );
+        assert!(
+            r.text().ends_with("latency=300us trigger=parent_sigkilled"),
+            "{}",
+            r.text()
+        );
     }
 
     #[test]

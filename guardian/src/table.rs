@@ -75,6 +75,9 @@ pub struct Process {
     pub root: bool,
     /// A member whose member parent died while it lived.
     pub orphan: bool,
+    /// Its orphan decision was taken when its parent was sent SIGKILL, before the parent's exit:
+    /// that exit takes no second one.
+    pub decided_early: bool,
     /// Live threads (1 for a single-threaded process). Kept up to date only while thread events
     /// are reported (task budgets counted by guardian).
     pub threads: u32,
@@ -125,6 +128,7 @@ impl Process {
             service: Some(0),
             root: false,
             orphan: false,
+            decided_early: false,
             threads: 1,
             exec_ns: None,
         }
@@ -254,6 +258,15 @@ impl Table {
         }
     }
 
+    /// Marks a live member as an orphan of its service whose decision is taken already (see
+    /// [`Process::decided_early`]).
+    pub fn set_decided_early(&mut self, pid: u32) {
+        if let Some(p) = self.procs.get_mut(&pid).filter(|p| p.alive()) {
+            p.orphan = true;
+            p.decided_early = true;
+        }
+    }
+
     /// Adds processes read from `/proc`. A process already known with the same start time is
     /// left as the events made it.
     pub fn seed(&mut self, infos: impl IntoIterator<Item = ProcInfo>) {
@@ -285,6 +298,7 @@ impl Table {
                     service: None,
                     root: false,
                     orphan: false,
+                    decided_early: false,
                     threads: u32::try_from(info.threads).unwrap_or(1).max(1),
                     exec_ns: None,
                 }),
@@ -320,6 +334,8 @@ impl Table {
             Event::Exec(e) => changes.extend(self.exec(e)),
             Event::Exit(x) => self.exit(x, changes),
             Event::Thread(t) => changes.extend(self.thread(t)),
+            // The process lives on until its exit.
+            Event::Doomed(_) => {}
         }
     }
 
@@ -375,6 +391,7 @@ impl Table {
                 service,
                 root: false,
                 orphan: false,
+                decided_early: false,
                 threads: 1,
                 exec_ns: None,
             }),
@@ -443,6 +460,7 @@ impl Table {
                     service: None,
                     root: false,
                     orphan: false,
+                    decided_early: false,
                     threads: 1,
                     exec_ns: None,
                 }),

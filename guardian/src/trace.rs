@@ -49,7 +49,7 @@ impl Handler for Printer {
             Notice::Exit { pid, ts_ns, status } => {
                 Record::exit(clock.ts(ts_ns), proc_of(state, pid), status)
             }
-            Notice::Orphaned { .. } | Notice::Thread { .. } => return,
+            Notice::Orphaned { .. } | Notice::Thread { .. } | Notice::Doomed { .. } => return,
             Notice::Reparent {
                 pid,
                 old_parent,

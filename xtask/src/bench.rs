@@ -63,6 +63,11 @@ pub enum Bench {
     },
     /// Orphan-kill latency: a parent with N workers is SIGKILLed, again and again; the time from
     /// the parent's exit to each worker's exit is read from the kernel's own trace (ftrace).
+    ///
+    /// Then a Python multiprocessing parent holding a large heap is SIGKILLed: the time from the
+    /// SIGKILL to every worker gone (their pidfds), with guardian acting at the SIGKILL and, in
+    /// rotating rounds, only at the parent's exit (its benchmarking switch), and without
+    /// guardian, the workers SIGKILLed with their parent (the floor), side by side.
     Orphans {
         /// Trials.
         #[arg(long, default_value_t = 200)]
@@ -70,6 +75,12 @@ pub enum Bench {
         /// Workers per parent.
         #[arg(long, default_value_t = 4)]
         workers: usize,
+        /// Trials of the heavy parent, each way (in rounds of 5).
+        #[arg(long, default_value_t = 30)]
+        heavy_trials: usize,
+        /// The heavy parent's heap, MiB.
+        #[arg(long, default_value_t = 300)]
+        heap_mib: usize,
     },
     /// Footprint: guardian's resident memory (by kind, and the ring buffer's share) and its CPU
     /// while idle, with the shipped policy in audit mode and no member running, then with one
@@ -118,7 +129,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             execs,
             rounds,
         } => fork(&bins, forks, execs, rounds),
-        Bench::Orphans { trials, workers } => orphans(&bins, trials, workers),
+        Bench::Orphans {
+            trials,
+            workers,
+            heavy_trials,
+            heap_mib,
+        } => {
+            let mut figures = orphans(&bins, trials, workers)?;
+            figures.extend(heavy_parent(&bins, heavy_trials, workers, heap_mib)?);
+            Ok(figures)
+        }
         Bench::Budgets {
             trials,
             forks,
@@ -138,6 +158,7 @@ fn all(bins: &Bins) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut figures = fork(bins, 10_000, 1_500, 3)?;
     figures.extend(orphans(bins, 60, 4)?);
+    figures.extend(heavy_parent(bins, 10, 4, 300)?);
     figures.extend(budgets(bins, 20, 5_000, 3)?);
     figures.extend(footprint(bins, 10_000, 10, 1)?);
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -194,10 +215,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(bin: &Path, args: &[&str], out: PathBuf) -> anyhow::Result<Self> {
+        Self::start_env(bin, args, &[], out)
+    }
+
+    /// [`Daemon::start`] with environment variables set.
+    pub fn start_env(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        out: PathBuf,
+    ) -> anyhow::Result<Self> {
         let file = fs::File::create(&out)?;
         let mut cmd = Command::new(bin);
         cmd.args(args).args(["--output", "json"]);
         let mut socket = None;
+        cmd.envs(env.iter().copied());
         if args.contains(&"--policy") {
             // A control socket of its own, beside nobody else's.
             use std::os::unix::fs::DirBuilderExt as _;
@@ -262,6 +294,14 @@ impl Daemon {
             .lines()
             .map(|l| Ok(serde_json::from_str(&l?)?))
             .collect()
+    }
+}
+
+impl Drop for Daemon {
+    /// A benchmark that failed leaves no guardian attached (after `stop`, nothing to do).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -935,7 +975,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     println!("  {scrapes} scrapes answered, {failed_scrapes} failed");
     if !own.is_empty() {
         println!(
-            "  guardian's own figure, parent exit -> signal sent: p50 {:.3} ms   p99 {:.3} ms   ({} decisions)",
+            "  guardian's own figure, the parent's SIGKILL (or exit) -> signal sent: p50 {:.3} ms   p99 {:.3} ms   ({} decisions)",
             percentile(&own, 0.5),
             percentile(&own, 0.99),
             own.len()
@@ -1048,6 +1088,302 @@ fn orphan_trial(
             .filter_map(|k| exits.get(k).map(|&ts| (ts - died) * 1e3))
             .collect(),
     ))
+}
+
+/// Trials of the heavy parent per daemon start.
+const HEAVY_ROUND: usize = 5;
+
+/// A Python multiprocessing parent holding `heap_mib` MiB, with `workers` workers, SIGKILLed:
+/// the time from the signal to every worker gone (each worker's pidfd readable), with guardian
+/// acting at the SIGKILL (`early`), only at the parent's exit (`exit only`, the hidden
+/// `GUARDIAN_BENCH_EXIT_PATH_ONLY`), and without guardian, the workers SIGKILLed with their
+/// parent (the floor: what their own exits cost on this machine), in rotating rounds.
+fn heavy_parent(
+    bins: &Bins,
+    trials: usize,
+    workers: usize,
+    heap_mib: usize,
+) -> anyhow::Result<Vec<Figure>> {
+    let guardian = &bins.guardian;
+    // The interpreter itself, not a launcher in PATH (a pyenv shim is a shell script): the
+    // policy pins its resolved path, and the trial starts it directly.
+    let launcher = guardian_tests::python().context("python3 is not installed")?;
+    let found = Command::new(launcher)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()?;
+    let python = PathBuf::from(String::from_utf8(found.stdout)?.trim());
+    let exe = fs::canonicalize(&python)?;
+    let script = guardian_tests::script("mp_heavy_parent.py");
+    let tag = format!("benchheavy{}", std::process::id());
+    let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    fs::write(
+        &policy,
+        format!(
+            "[[service]]\nname = \"bench\"\nmatch = {{ cmdline = \"{tag}\", exe = \"{}\" }}\norphans = \"kill\"\n",
+            exe.display()
+        ),
+    )?;
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    step(&format!(
+        "bench orphans, heavy parent: {trials} trials each of three ways of a Python parent \
+         holding {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
+        loadavg()
+    ));
+    let (mut early, mut exit_only, mut direct, mut parent_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // guardian's own figures: from the SIGKILL (early) or the parent's exit to the signal.
+    let (mut own_early, mut own_exit_only) = (Vec::new(), Vec::new());
+    let mut missing = 0usize;
+    let rounds = trials.div_ceil(HEAVY_ROUND);
+    for round in 0..rounds {
+        // Each round every way, the first one rotating, so that drift favours none.
+        for i in 0..3 {
+            let way = (round + i) % 3;
+            let daemon = match way {
+                0 => Some(&[][..]),
+                1 => Some(&[("GUARDIAN_BENCH_EXIT_PATH_ONLY", "1")][..]),
+                // The floor: no guardian, the workers SIGKILLed with their parent.
+                _ => None,
+            }
+            .map(|env| {
+                Daemon::start_env(
+                    guardian,
+                    &["--policy", policy.to_str().unwrap()],
+                    env,
+                    out.clone(),
+                )
+            })
+            .transpose()?;
+            for _ in 0..HEAVY_ROUND {
+                let root_in = daemon.as_ref().map(|_| out.as_path());
+                let Some((all, parent)) =
+                    heavy_trial(&python, &script, &tag, workers, heap_mib, root_in)?
+                else {
+                    missing += 1;
+                    continue;
+                };
+                [&mut early, &mut exit_only, &mut direct][way].push(all);
+                parent_ms.push(parent);
+            }
+            let Some(daemon) = daemon else { continue };
+            let own = daemon
+                .stop()?
+                .into_iter()
+                .filter(|v| v["event"] == "decision")
+                .filter_map(|v| v["latency_us"].as_f64())
+                .map(|us| us / 1e3);
+            if way == 0 {
+                own_early.extend(own);
+            } else {
+                own_exit_only.extend(own);
+            }
+        }
+        eprintln!("  {} trials done each way", (round + 1) * HEAVY_ROUND);
+    }
+    let _ = fs::remove_file(&policy);
+    let _ = fs::remove_file(&out);
+    if early.is_empty() || exit_only.is_empty() || direct.is_empty() {
+        bail!("no latency measured");
+    }
+    for v in [
+        &mut early,
+        &mut exit_only,
+        &mut direct,
+        &mut parent_ms,
+        &mut own_early,
+        &mut own_exit_only,
+    ] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    println!(
+        "\nheavy parent ({heap_mib} MiB, {workers} workers) SIGKILLed -> every worker gone (pidfds), load {}:",
+        loadavg()
+    );
+    for (what, l) in [
+        ("acting at the SIGKILL", &early),
+        ("at the exit only", &exit_only),
+        ("floor, no guardian", &direct),
+    ] {
+        println!(
+            "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} trials)",
+            percentile(l, 0.5),
+            percentile(l, 0.99),
+            l[l.len() - 1],
+            l.len()
+        );
+    }
+    println!(
+        "  (goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms; the floor has the workers SIGKILLed by the benchmark with their parent)"
+    );
+    println!(
+        "  ratio at the SIGKILL / at the exit only: p50 {:.2}, p99 {:.2}; / the floor: p50 {:.2}, p99 {:.2}",
+        percentile(&early, 0.5) / percentile(&exit_only, 0.5),
+        percentile(&early, 0.99) / percentile(&exit_only, 0.99),
+        percentile(&early, 0.5) / percentile(&direct, 0.5),
+        percentile(&early, 0.99) / percentile(&direct, 0.99)
+    );
+    println!(
+        "  the parent itself is gone p50 {:.3} ms after its SIGKILL (its memory freed)",
+        percentile(&parent_ms, 0.5)
+    );
+    if !own_early.is_empty() && !own_exit_only.is_empty() {
+        println!(
+            "  guardian's own figure to the signal sent: from the SIGKILL p50 {:.3} ms p99 {:.3} ms; from the parent's exit (exit only) p50 {:.3} ms p99 {:.3} ms",
+            percentile(&own_early, 0.5),
+            percentile(&own_early, 0.99),
+            percentile(&own_exit_only, 0.5),
+            percentile(&own_exit_only, 0.99)
+        );
+    }
+    if missing > 0 {
+        println!("  {missing} trials where a worker outlived its parent by 5 s (not counted)");
+    }
+    let figure = |what: &str, l: &[f64], goal| {
+        Figure::new(
+            format!("heavy parent SIGKILLed -> workers gone, {what}"),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms",
+                percentile(l, 0.5),
+                percentile(l, 0.99)
+            ),
+            goal,
+        )
+    };
+    Ok(vec![
+        figure("at the SIGKILL", &early, "p50 < 2 ms, p99 < 4 ms"),
+        figure("at the exit only", &exit_only, ""),
+        figure("floor, no guardian", &direct, ""),
+    ])
+}
+
+/// One heavy-parent trial: (ms from the SIGKILL to every worker gone, ms to the parent gone),
+/// or `None` if a worker was still alive 5 s later.
+fn heavy_trial(
+    python: &Path,
+    script: &Path,
+    tag: &str,
+    workers: usize,
+    heap_mib: usize,
+    root_in: Option<&Path>,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let mut child = Command::new(python)
+        .arg(script)
+        .args([&workers.to_string(), &heap_mib.to_string(), tag])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+    let kids: Vec<u32> = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("workers="))
+        .context("heavy parent output")?
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let timed = time_sigkill(child.id(), &kids, root_in);
+    let _ = child.kill();
+    let _ = child.wait();
+    if !matches!(timed, Ok(Some(_))) {
+        for &k in &kids {
+            // SAFETY: cleaning up our own workload's processes.
+            unsafe { libc::kill(k as i32, libc::SIGKILL) };
+        }
+    }
+    timed
+}
+
+/// SIGKILLs `parent` once guardian has reported it as a root in `root_in` (without a guardian,
+/// SIGKILLs its workers too, at once), and times the workers' exits (pidfds): see
+/// [`heavy_trial`].
+fn time_sigkill(
+    parent: u32,
+    kids: &[u32],
+    root_in: Option<&Path>,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let pidfd = |pid: u32| -> anyhow::Result<OwnedFd> {
+        // SAFETY: pidfd_open returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if fd < 0 {
+            bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor we own from here on.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let fds: Vec<OwnedFd> = kids.iter().map(|&k| pidfd(k)).collect::<Result<_, _>>()?;
+    let parent_fd = pidfd(parent)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!("\"pid\":{parent},");
+    while let Some(out) = root_in {
+        if fs::read_to_string(out)?
+            .lines()
+            .any(|l| l.contains("\"event\":\"root\"") && l.contains(&needle))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("guardian never reported the root {parent}");
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let sent = Instant::now();
+    // SAFETY: signalling our own child, then (the floor) its workers.
+    unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+    if root_in.is_none() {
+        for &k in kids {
+            // SAFETY: as above.
+            unsafe { libc::kill(k as i32, libc::SIGKILL) };
+        }
+    }
+    let mut gone = Vec::new();
+    let mut waiting: Vec<&OwnedFd> = fds.iter().collect();
+    let mut parent_gone = None;
+    while !waiting.is_empty() || parent_gone.is_none() {
+        let left = Duration::from_secs(5).saturating_sub(sent.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let mut pfds: Vec<libc::pollfd> = waiting
+            .iter()
+            .copied()
+            .chain(parent_gone.is_none().then_some(&parent_fd))
+            .map(|fd| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: polling valid descriptors.
+        let n = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                left.as_millis() as i32,
+            )
+        };
+        let now = sent.elapsed().as_secs_f64() * 1e3;
+        if n <= 0 {
+            continue;
+        }
+        if parent_gone.is_none() && pfds[pfds.len() - 1].revents != 0 {
+            parent_gone = Some(now);
+        }
+        let mut i = 0;
+        waiting.retain(|_| {
+            let ready = pfds[i].revents != 0;
+            i += 1;
+            if ready {
+                gone.push(now);
+            }
+            !ready
+        });
+    }
+    if !waiting.is_empty() {
+        return Ok(None);
+    }
+    let all = gone.iter().copied().fold(0.0, f64::max);
+    Ok(parent_gone.map(|p| (all, p)))
 }
 
 /// Blocks (bounded) until `fd` is readable.

@@ -495,6 +495,7 @@ impl BudgetEngine {
                 since_ns: Some(ts_ns),
                 usage: Some(count),
                 limit: Some(max),
+                trigger: None,
             };
             return enforcer.act(&state.clock, request).into_iter().collect();
         }
@@ -814,6 +815,7 @@ impl BudgetEngine {
                     since_ns: Some(now),
                     usage: Some(usage),
                     limit: Some(limit),
+                    trigger: None,
                 },
             );
             // No record yet: the victim could not be opened for want of resources, and the

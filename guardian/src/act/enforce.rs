@@ -81,6 +81,8 @@ pub struct Request<'a> {
     /// Budget decisions: the usage seen and the budget crossed.
     pub usage: Option<u64>,
     pub limit: Option<u64>,
+    /// What brought the decision forward, if not the usual event (see `Record::Decision`).
+    pub trigger: Option<&'static str>,
 }
 
 /// A decision that is not a signal: a limit written, a kernel event reported.
@@ -217,6 +219,7 @@ impl Enforcer {
             result: String::new(),
             usage: req.usage,
             limit: req.limit,
+            trigger: req.trigger,
             gone: false,
         };
         if let Some(why) = self.protections.refuse(p) {
@@ -416,6 +419,7 @@ impl Enforcer {
             result: n.result,
             usage: n.usage,
             limit: n.limit,
+            trigger: None,
             gone: false,
         }
         .record(clock, self.mode)
@@ -437,6 +441,7 @@ struct Decision {
     result: String,
     usage: Option<u64>,
     limit: Option<u64>,
+    trigger: Option<&'static str>,
     /// The process was gone (or its pid reused) when guardian came to act.
     gone: bool,
 }
@@ -460,6 +465,7 @@ impl Decision {
             result: self.result,
             usage: self.usage,
             limit: self.limit,
+            trigger: self.trigger,
         }
     }
 }
@@ -560,6 +566,7 @@ mod tests {
             since_ns: None,
             usage: None,
             limit: None,
+            trigger: None,
         };
         let mut e = Enforcer::new(Mode::Audit, Protections::new(&Protect::default()));
         let v = serde_json::to_value(e.act(&Clock::new(), req(&p)).unwrap()).unwrap();

@@ -676,6 +676,7 @@ impl Daemon {
                     since_ns: None,
                     usage: None,
                     limit: None,
+                    trigger: None,
                 },
             );
             self.emit(record);
@@ -874,6 +875,16 @@ impl Daemon {
         }
     }
 
+    /// The service `pid` is an orphan of if `old_parent` dies: a live member that is not a
+    /// root, whose parent was a member of the same service, and whose decision was not taken
+    /// already (see [`Daemon::doomed`]).
+    fn orphan_service(state: &State, pid: u32, old_parent: u32) -> Option<usize> {
+        let c = state.table.alive(pid)?;
+        // Not in any service: never touched. A root's parent is outside the service.
+        let svc = c.service.filter(|_| !c.root && !c.decided_early)?;
+        (state.table.get(old_parent).and_then(|p| p.service) == Some(svc)).then_some(svc)
+    }
+
     /// A member's parent died: act if it is an orphan of its service.
     fn orphaned(
         &mut self,
@@ -883,18 +894,9 @@ impl Daemon {
         ts_ns: u64,
         may_defer: bool,
     ) {
-        let Some(c) = state.table.alive(pid) else {
+        let Some(svc) = Self::orphan_service(state, pid, old_parent) else {
             return;
         };
-        let Some(svc) = c.service else {
-            return; // not in any service: never touched
-        };
-        if c.root {
-            return; // a root's parent is outside the service
-        }
-        if state.table.get(old_parent).and_then(|p| p.service) != Some(svc) {
-            return;
-        }
         state.table.set_orphan(pid);
         let Some(c) = state.table.alive(pid) else {
             return;
@@ -919,13 +921,63 @@ impl Daemon {
             });
             return;
         }
+        self.decide_orphan(state, pid, svc, old_parent, ts_ns, None);
+    }
+
+    /// A member with children was sent SIGKILL: its death is certain, but its exit is reported
+    /// only once it runs again, and before Linux 6.16 only after it freed its memory
+    /// (milliseconds for a large process). The children its death will
+    /// make orphans of its service are decided now, by the rule, checks and enforcer of the exit
+    /// path, their records saying `trigger: parent_sigkilled`; the exit then decides no second
+    /// time on them, and decides on any child forked after the SIGKILL (the parent may run a
+    /// moment longer). For `kill` and `terminate` (whose grace period then starts at once, the
+    /// parent's death being as certain as at its exit); `report` has nothing to gain from it
+    /// and waits for the exit.
+    fn doomed(&mut self, state: &mut State, parent: u32, ts_ns: u64) {
+        let Some(p) = state.table.alive(parent) else {
+            return;
+        };
+        if p.service
+            .is_none_or(|svc| self.policy.services[svc].orphans == OrphanAction::Report)
+        {
+            return;
+        }
+        let children: Vec<u32> = p.children.iter().copied().collect();
+        for pid in children {
+            let Some(svc) = Self::orphan_service(state, pid, parent) else {
+                continue;
+            };
+            self.decide_orphan(state, pid, svc, parent, ts_ns, Some("parent_sigkilled"));
+        }
+    }
+
+    /// Applies the service's `orphans` action to one of its orphans, if `orphan_match` (when
+    /// given) selects it. `early`: decided at its parent's SIGKILL, with this trigger.
+    fn decide_orphan(
+        &mut self,
+        state: &mut State,
+        pid: u32,
+        svc: usize,
+        old_parent: u32,
+        ts_ns: u64,
+        early: Option<&'static str>,
+    ) {
         let service = &self.policy.services[svc];
+        let Some(c) = state.table.alive(pid) else {
+            return;
+        };
         if let Some(m) = &service.orphan_match {
             if !m.matches(&Candidate::from(c)) {
                 debug!(pid, service = %service.name, "orphan not selected by orphan_match");
                 return;
             }
         }
+        if early.is_some() {
+            state.table.set_decided_early(pid);
+        }
+        let Some(c) = state.table.alive(pid) else {
+            return;
+        };
         let record = self.enforcer.act(
             &state.clock,
             Request {
@@ -938,6 +990,7 @@ impl Daemon {
                 since_ns: Some(ts_ns),
                 usage: None,
                 limit: None,
+                trigger: early,
             },
         );
         self.emit(record);
@@ -1068,6 +1121,7 @@ impl Handler for Daemon {
                 old_parent,
                 ts_ns,
             } => self.orphaned(state, pid, old_parent, ts_ns, true),
+            Notice::Doomed { pid, ts_ns } => self.doomed(state, pid, ts_ns),
             Notice::Exec { pid, .. } => {
                 self.stats.exec_records += 1;
                 // Kept resolved, as `/proc` shows it: how a later re-read tells an exec it

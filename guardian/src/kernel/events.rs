@@ -1,8 +1,8 @@
 //! Decoding of the records the eBPF program writes to the ring buffer.
 
 use guardian_common::{
-    exec_flags, exit_flags, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ThreadEvent,
-    ARGS_LEN, COMM_LEN, FILENAME_LEN,
+    exec_flags, exit_flags, DoomedEvent, EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent,
+    ThreadEvent, ARGS_LEN, COMM_LEN, FILENAME_LEN,
 };
 use thiserror::Error;
 
@@ -31,6 +31,14 @@ pub enum Event {
     Exec(Exec),
     Exit(Exit),
     Thread(Thread),
+    Doomed(Doomed),
+}
+
+/// A process with children was sent SIGKILL (queued: its death is certain); its exit follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Doomed {
+    pub ts_ns: u64,
+    pub pid: u32,
 }
 
 /// A thread of a tracked process started or ended.
@@ -229,6 +237,13 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 started: ev.started != 0,
             }))
         }
+        Some(EventKind::Doomed) => {
+            let ev: DoomedEvent = read(buf, "doomed event")?;
+            Ok(Event::Doomed(Doomed {
+                ts_ns: ev.header.ts_ns,
+                pid: ev.header.tgid,
+            }))
+        }
         None => Err(DecodeError::UnknownKind(header.kind)),
     }
 }
@@ -394,6 +409,20 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn decodes_doomed() {
+        let ev = DoomedEvent {
+            header: header(EventKind::Doomed, 12),
+        };
+        assert_eq!(
+            decode(&bytes_of(&ev)).unwrap(),
+            Event::Doomed(Doomed {
+                ts_ns: 1_000,
+                pid: 12
+            })
+        );
+    }
+
+    #[test]
     fn rejects_short_and_unknown_records() {
         assert!(matches!(
             decode(&[0u8; 8]),
@@ -480,7 +509,10 @@ pub(crate) mod tests {
                 0 => fork_record(42),
                 1 => exec_record(42, "/usr/bin/python3", &["python3", "-m", "é🦀"]),
                 2 => exit_record(42),
-                _ => thread_record(42),
+                3 => thread_record(42),
+                _ => bytes_of(&DoomedEvent {
+                    header: header(EventKind::Doomed, 42),
+                }),
             }
         }
 
@@ -493,6 +525,7 @@ pub(crate) mod tests {
                         Event::Exec(_) => std::mem::size_of::<ExecEvent>(),
                         Event::Exit(_) => std::mem::size_of::<ExitEvent>(),
                         Event::Thread(_) => std::mem::size_of::<ThreadEvent>(),
+                        Event::Doomed(_) => std::mem::size_of::<DoomedEvent>(),
                     };
                     prop_assert!(buf.len() >= need);
                 }
@@ -523,7 +556,7 @@ pub(crate) mod tests {
             /// Valid records of every kind with bytes changed and cut short anywhere.
             #[test]
             fn mutated_records(
-                kind in 0..4usize,
+                kind in 0..5usize,
                 changes in proptest::collection::vec((any::<Index>(), any::<u8>()), 0..12),
                 lengths in proptest::collection::vec((any::<Index>(), any::<u32>()), 0..2),
                 cut in proptest::option::of(any::<Index>()),

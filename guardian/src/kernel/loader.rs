@@ -27,6 +27,12 @@ const PROBES: [(&str, &str, &str); 3] = [
     ("sched_process_exec", "sched", "sched_process_exec"),
     ("sched_process_exit", "sched", "sched_process_exit"),
 ];
+/// Attached only when guardian acts on orphans (not under `guardian trace`, which reports every
+/// exit anyway): the SIGKILL of a parent, so that its children are acted on before its exit.
+const SIGNAL_PROBE: (&str, &str, &str) = ("signal_generate", "signal", "signal_generate");
+/// Set (to anything) to leave [`SIGNAL_PROBE`] out: orphans are then acted on at their parent's
+/// exit only. For benchmarking (`cargo xtask bench orphans` compares both); not for operators.
+pub const EXIT_PATH_ONLY_ENV: &str = "GUARDIAN_BENCH_EXIT_PATH_ONLY";
 
 /// Where the death of a whole thread group is read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,7 +189,8 @@ impl Probes {
             }
         };
 
-        for (name, category, tp) in PROBES {
+        let signal = (config.signal_sig != OFFSET_NONE).then_some(SIGNAL_PROBE);
+        for (name, category, tp) in PROBES.into_iter().chain(signal) {
             let prog: &mut TracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program `{name}` missing from the eBPF object"))?
@@ -208,6 +215,7 @@ impl Probes {
         let reader = Array::try_from(ebpf.take_map(READER_MAP).context("no READER map")?)?;
         info!(
             group_dead = group_dead.as_str(),
+            parents_sigkill = signal.is_some(),
             tracked_capacity = sizes.tracked,
             ring_bytes = sizes.ring_bytes,
             "eBPF probes attached"
@@ -340,6 +348,12 @@ fn kernel_config(opts: LoadOptions) -> anyhow::Result<(Config, GroupDeadSource)>
         Some(f) if f.size == 1 => f.offset,
         _ => OFFSET_NONE,
     };
+    if !opts.track_all && std::env::var_os(EXIT_PATH_ONLY_ENV).is_none() {
+        let signal = tracefs::read_format(&root, "signal", "signal_generate")?;
+        c.signal_sig = signal.offset("sig", 4)?;
+        c.signal_pid = signal.offset("pid", 4)?;
+        c.signal_result = signal.offset("result", 4)?;
+    }
 
     let btf = KernelBtf::load();
     match &btf {

@@ -262,7 +262,7 @@ fn main() {
         // `tree N [MODE]`: N children that linger. MODE `split`: the second child ignores
         // SIGTERM; `ignore-term`: all do; `nested`: the last child forks two children of its own
         // when it gets SIGUSR1;
-        // `as-uid=UID`: the second child runs as UID.
+        // `as-uid=UID`: the second child runs as UID; `term-proof`: the parent ignores SIGTERM.
         // The parent holds until a line or EOF on stdin (then exits without reaping: the
         // children are orphaned); with MODE `keep` it ignores stdin and lingers (for parents
         // launched in the background by a shell); with MODE `late` it says `parent=P` and holds
@@ -279,12 +279,19 @@ fn main() {
             }
             let kids: Vec<String> = (0..n)
                 .map(|i| {
+                    // Inherited at the fork, so that a SIGTERM coming before the child first
+                    // runs finds it ignored already.
+                    let ignores = mode == "ignore-term" || (mode == "split" && i == 1);
+                    if ignores {
+                        // SAFETY: setting a signal disposition.
+                        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+                    }
                     let c = fork();
+                    if c != 0 && ignores {
+                        // SAFETY: as above; the parent keeps the default.
+                        unsafe { libc::signal(libc::SIGTERM, libc::SIG_DFL) };
+                    }
                     if c == 0 {
-                        if mode == "ignore-term" || (mode == "split" && i == 1) {
-                            // SAFETY: setting a signal disposition in the child.
-                            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
-                        }
                         if let Some(uid) = mode.strip_prefix("as-uid=") {
                             if i == 1 {
                                 become_user(uid.parse().expect("tree N as-uid=UID"));
@@ -303,6 +310,10 @@ fn main() {
                     c.to_string()
                 })
                 .collect();
+            if mode == "term-proof" {
+                // SAFETY: setting a signal disposition; the children keep the default.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            }
             say(&format!(
                 "parent={} children={}",
                 std::process::id(),
