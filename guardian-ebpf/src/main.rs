@@ -190,8 +190,9 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     if creator == cfg.self_tgid {
         return Ok(0);
     }
+    let creator_entry = TRACKED.get_ptr_mut(creator);
     // SAFETY: a map value pointer, valid while this program runs.
-    let creator_flags = TRACKED.get_ptr(creator).map(|f| unsafe { *f });
+    let creator_flags = creator_entry.map(|f| unsafe { *f });
     if cfg.track_all == 0 && creator_flags.is_none() {
         return Ok(0);
     }
@@ -218,7 +219,14 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
             "tracked map full: new processes are no longer followed"
         );
     }
-    match TRACKED.get_ptr_mut(parent) {
+    // Mostly the creator, whose entry was looked up already (inserting another key leaves it
+    // in place).
+    let parent_entry = if parent == creator {
+        creator_entry
+    } else {
+        TRACKED.get_ptr_mut(parent)
+    };
+    match parent_entry {
         // Written once: a parent forking again leaves its entry's cache line clean.
         Some(flags) => unsafe {
             if *flags & tracked_flags::HAS_CHILDREN == 0 {
@@ -312,7 +320,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     // An exec can make a service root, which may fork at once: wake the reader so that it starts
     // following the root within microseconds. An exec costs far more than the wakeup.
-    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+    submit(entry, true);
     Ok(0)
 }
 
@@ -463,8 +471,9 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
 
 /// SIGKILL to a parent guardian follows. Its exit is reported only once it reaches `do_exit()`,
 /// and before Linux 6.16 only after it freed its memory (milliseconds for a large one);
-/// reporting the SIGKILL as it is queued lets the daemon act on the orphans-to-be meanwhile. Every signal on
-/// the host passes here: all but a queued SIGKILL to a tracked parent leave after two reads.
+/// reporting the SIGKILL as it is queued lets the daemon act on the orphans-to-be meanwhile.
+/// Every signal on the host passes here: all but a queued SIGKILL to a tracked parent leave
+/// after two reads.
 #[tracepoint]
 pub fn signal_generate(ctx: TracePointContext) -> u32 {
     try_signal_generate(&ctx).unwrap_or(0)
@@ -504,7 +513,7 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: `entry` is a reserved, exclusively owned record.
     unsafe { (*entry.as_mut_ptr()).header = header(EventKind::Doomed, pid, pid) };
     // Urgent: the point is to act before the exit would have been reported.
-    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+    submit(entry, true);
     Ok(0)
 }
 
