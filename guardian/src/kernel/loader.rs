@@ -69,8 +69,6 @@ pub struct Probes {
     tracked: HashMap<MapData, u32, u32>,
     exec_filter: Array<MapData, u32>,
     exec_keys: HashMap<MapData, ExecKey, u32>,
-    /// The keys in the kernel's map (see [`Probes::set_exec_filter`]).
-    exec_keys_set: BTreeSet<ExecKey>,
     /// Whether the program can read an exec's effective uid (BTF located `real_cred->euid`).
     reads_euid: bool,
     reader: Array<MapData, u32>,
@@ -226,7 +224,6 @@ impl Probes {
             tracked,
             exec_filter,
             exec_keys,
-            exec_keys_set: BTreeSet::new(),
             reads_euid: config.task_real_cred != OFFSET_NONE && config.cred_euid != OFFSET_NONE,
             reader,
             logger,
@@ -288,12 +285,11 @@ impl Probes {
             self.exec_keys
                 .insert(key, 0, 0)
                 .context("adding an exec filter key")?;
-            self.exec_keys_set.insert(*key);
         }
-        let stale: Vec<ExecKey> = self.exec_keys_set.difference(keys).copied().collect();
-        for key in stale {
-            let _ = self.exec_keys.remove(&key);
-            self.exec_keys_set.remove(&key);
+        for key in self.exec_keys_in_kernel() {
+            if !keys.contains(&key) {
+                let _ = self.exec_keys.remove(&key);
+            }
         }
         self.exec_filter
             .set(0, 1, 0)
@@ -305,10 +301,16 @@ impl Probes {
         self.exec_filter
             .set(0, 0, 0)
             .context("turning the exec filter off")?;
-        for key in std::mem::take(&mut self.exec_keys_set) {
+        for key in self.exec_keys_in_kernel() {
             let _ = self.exec_keys.remove(&key);
         }
         Ok(())
+    }
+
+    /// The keys the kernel's exec filter map holds (read back, so that a filter that failed
+    /// half-way in is removed whole).
+    fn exec_keys_in_kernel(&self) -> Vec<ExecKey> {
+        self.exec_keys.keys().filter_map(Result::ok).collect()
     }
 
     /// Reads the kernel-side counters.
