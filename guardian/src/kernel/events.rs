@@ -154,12 +154,6 @@ fn read<T: Copy>(buf: &[u8], what: &'static str) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<T>()) })
 }
 
-/// A NUL-padded kernel string.
-fn c_str(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
-}
-
 /// Splits NUL-separated argv.
 pub fn split_args(bytes: &[u8]) -> Vec<String> {
     let bytes = bytes.strip_suffix(&[0]).unwrap_or(bytes);
@@ -207,7 +201,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
                 pid: ev.header.tgid,
                 ppid: known(ev.ppid),
                 start_ns: known(ev.start_ns),
-                comm: c_str(&ev.comm),
+                comm: Comm(ev.comm).as_str().into_owned(),
                 euid: (ev.flags & exec_flags::EUID_VALID != 0).then_some(ev.euid),
                 filename: String::from_utf8_lossy(&ev.filename[..flen]).into_owned(),
                 argv: split_args(&ev.args[..alen]),
