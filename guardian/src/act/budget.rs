@@ -258,18 +258,23 @@ impl BudgetEngine {
     /// Whether guardian counts this service's tasks itself (it has `tasks_max`, and no cgroup
     /// of guardian's holds it).
     pub fn counts_tasks_of(&self, svc: usize, policy: &Policy) -> bool {
-        let s = &policy.services[svc];
-        s.budgets.tasks_max.is_some() && !self.kernel_enforced(svc, s)
+        self.counted_tasks_max(svc, &policy.services[svc]).is_some()
+    }
+
+    /// The service's `tasks_max` when guardian counts its tasks itself (no cgroup of guardian's
+    /// holds it).
+    fn counted_tasks_max(&self, svc: usize, s: &Service) -> Option<u64> {
+        s.budgets
+            .tasks_max
+            .filter(|_| !self.kernel_enforced(svc, s))
     }
 
     /// Whether a service whose tasks guardian counts is near its `tasks_max` (see
     /// [`NEAR_TASKS_MIN`]).
     pub fn near_tasks_max(&self, state: &State, policy: &Policy) -> bool {
         policy.services.iter().enumerate().any(|(svc, s)| {
-            s.budgets.tasks_max.is_some_and(|max| {
-                self.counts_tasks_of(svc, policy)
-                    && self.tasks(state, svc) + (max / 4).max(NEAR_TASKS_MIN) >= max
-            })
+            self.counted_tasks_max(svc, s)
+                .is_some_and(|max| self.tasks(state, svc) + (max / 4).max(NEAR_TASKS_MIN) >= max)
         })
     }
 
@@ -469,12 +474,9 @@ impl BudgetEngine {
     ) -> Vec<Record> {
         let NewTask { pid, thread, ts_ns } = task;
         let service = &policy.services[svc];
-        let Some(max) = service.budgets.tasks_max else {
+        let Some(max) = self.counted_tasks_max(svc, service) else {
             return Vec::new();
         };
-        if self.kernel_enforced(svc, service) {
-            return Vec::new();
-        }
         let count = self.tasks(state, svc);
         let st = &mut self.services[svc];
         let Some(p) = state.table.alive(pid) else {
