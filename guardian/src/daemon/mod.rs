@@ -972,12 +972,6 @@ impl Daemon {
                 return;
             }
         }
-        if early.is_some() {
-            state.table.set_decided_early(pid);
-        }
-        let Some(c) = state.table.alive(pid) else {
-            return;
-        };
         let record = self.enforcer.act(
             &state.clock,
             Request {
@@ -993,6 +987,9 @@ impl Daemon {
                 trigger: early,
             },
         );
+        if early.is_some() {
+            state.table.set_decided_early(pid);
+        }
         self.emit(record);
     }
 
