@@ -176,6 +176,8 @@ pub struct TableStats {
     pub early_exits: u64,
     /// Second reports of the same group death.
     pub duplicate_exits: u64,
+    /// Exec records applied (the kernel's exec filter keeps the others back).
+    pub execs: u64,
 }
 
 /// Live members of one service.
@@ -331,7 +333,10 @@ impl Table {
     pub fn apply_into(&mut self, ev: &Event, changes: &mut Vec<Change>) {
         match ev {
             Event::Fork(f) => self.fork(f, changes),
-            Event::Exec(e) => changes.extend(self.exec(e)),
+            Event::Exec(e) => {
+                self.stats.execs += 1;
+                changes.extend(self.exec(e));
+            }
             Event::Exit(x) => self.exit(x, changes),
             Event::Thread(t) => changes.extend(self.thread(t)),
             // The process lives on until its exit.

@@ -28,13 +28,11 @@ use crate::{
     kernel::events::{Exec, ExitStatus},
     kernel::loader::LoadOptions,
     monitor::{Handler, Monitor, Notice, Reload, State, DRAIN_INTERVAL},
-    output::{Output, Proc, Record},
+    output::{Output, Proc, Record, Ts},
     policy::protect::Protections,
     policy::selector::Candidate,
     policy::{
-        exec_filter::{Condition, ExecFilter},
-        watch::PolicyWatch,
-        AtStart, Mode, OrphanAction, Policy, Service,
+        exec_filter::ExecFilter, watch::PolicyWatch, AtStart, Mode, OrphanAction, Policy, Service,
     },
     procs::{self, Pin, Pinned, ProcInfo},
     serve::{
@@ -172,25 +170,18 @@ pub struct Daemon {
     checks: Checks,
     /// The next tick is wanted at once (a service with a cgroup lost its last process).
     tick_now: bool,
-    /// What the kernel side was last told: a service whose tasks guardian counts is near its
-    /// `tasks_max`.
-    near_tasks_max: bool,
 }
 
 /// What `guardian status` reports beyond the table.
 struct Stats {
     started: std::time::Instant,
     /// When the policy in force was loaded.
-    loaded: String,
+    loaded: Ts,
     /// Decisions by service and action (performed or not).
     decisions: BTreeMap<String, BTreeMap<&'static str, u64>>,
     lost: u64,
     reloads_ok: u64,
     reloads_failed: u64,
-    /// Exec records the kernel sent (the exec filter keeps the others back).
-    exec_records: u64,
-    /// Whether the kernel's exec filter is on.
-    exec_filter_on: bool,
 }
 
 /// The policy's mode, unless `--dry-run` forces audit.
@@ -244,13 +235,11 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         notifier: Notifier::new(),
         stats: Stats {
             started: std::time::Instant::now(),
-            loaded: monitor.state.clock.now().to_string(),
+            loaded: monitor.state.clock.now(),
             decisions: BTreeMap::new(),
             lost: 0,
             reloads_ok: 0,
             reloads_failed: 0,
-            exec_records: 0,
-            exec_filter_on: false,
         },
         next_refresh_ns: 0,
         last_status: String::new(),
@@ -265,7 +254,6 @@ pub async fn run(policy: Policy, args: &RunArgs) -> anyhow::Result<()> {
         scan_for: None,
         checks: Checks::default(),
         tick_now: false,
-        near_tasks_max: false,
     };
     // Before the scan: an exec the filter keeps back from now on is of a process the scan
     // reads, or of one no service matches.
@@ -452,12 +440,8 @@ impl Daemon {
         let filter = ExecFilter::new(&self.policy);
         let keys = filter.keys();
         match state.probes.set_exec_filter(keys.as_ref()) {
-            Ok(()) => {
-                self.stats.exec_filter_on = keys.is_some();
-                info!("exec filter {}", filter.describe());
-            }
+            Ok(()) => info!("exec filter {}", filter.describe()),
             Err(e) => {
-                self.stats.exec_filter_on = false;
                 warn!("exec filter off, every exec on the host is reported: {e:#}");
             }
         }
@@ -747,13 +731,9 @@ impl Daemon {
     /// is brought up to date on each tick.)
     fn watch_task_budgets(&mut self, state: &mut State) {
         let near = self.budgets.near_tasks_max(state, &self.policy);
-        if near == self.near_tasks_max {
-            return;
-        }
         // Should the kernel side not be told, forks over a budget wait for the next tick.
-        match state.probes.set_reader(reader::NEAR_TASKS_MAX, near) {
-            Ok(()) => self.near_tasks_max = near,
-            Err(e) => debug!("cannot tell the kernel side a task budget is near: {e}"),
+        if let Err(e) = state.probes.set_reader(reader::NEAR_TASKS_MAX, near) {
+            debug!("cannot tell the kernel side a task budget is near: {e}");
         }
     }
 
@@ -1120,7 +1100,6 @@ impl Handler for Daemon {
             } => self.orphaned(state, pid, old_parent, ts_ns, true),
             Notice::Doomed { pid, ts_ns } => self.doomed(state, pid, ts_ns),
             Notice::Exec { pid, .. } => {
-                self.stats.exec_records += 1;
                 // Kept resolved, as `/proc` shows it: how a later re-read tells an exec it
                 // never saw from a command line rewritten in place.
                 if let Some(start) = state.table.alive(pid).map(|p| p.start_ns) {
@@ -1202,7 +1181,6 @@ impl Handler for Daemon {
     }
 
     fn exec_unknown(&mut self, state: &mut State, exec: &Exec) {
-        self.stats.exec_records += 1;
         if let Some(svc) = self.match_service(&Candidate::from(exec)) {
             let members = self.adopt(state, exec.pid, svc, true, &HashMap::new());
             if members > 0 {
@@ -1321,13 +1299,11 @@ pub fn check(policy: &Policy) -> String {
         policy.mode.as_str(),
         policy.services.len()
     );
-    for svc in &policy.services {
+    let filter = ExecFilter::new(policy);
+    for (svc, (_, condition)) in policy.services.iter().zip(&filter.services) {
         s.push_str(&format!("  service {}\n", svc.name));
         s.push_str(&format!("    match          {}\n", svc.selector.describe()));
-        s.push_str(&format!(
-            "    exec filter    {}\n",
-            Condition::of(&svc.selector).describe()
-        ));
+        s.push_str(&format!("    exec filter    {}\n", condition.describe()));
         let action = match svc.orphans {
             OrphanAction::Terminate => format!(
                 "terminate (SIGTERM, SIGKILL after {})",
@@ -1397,9 +1373,6 @@ pub fn check(policy: &Policy) -> String {
     for p in &policy.protect.selectors {
         s.push_str(&format!("    and processes matching {}\n", p.describe()));
     }
-    s.push_str(&format!(
-        "  exec filter {}\n",
-        ExecFilter::new(policy).describe()
-    ));
+    s.push_str(&format!("  exec filter {}\n", filter.describe()));
     s
 }

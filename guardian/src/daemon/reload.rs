@@ -155,7 +155,7 @@ impl Daemon {
         let ts = state.clock.now();
         let path = self.policy.path.display().to_string();
         self.stats.reloads_ok += 1;
-        self.stats.loaded = ts.to_string();
+        self.stats.loaded = ts;
         self.metrics.reload(true);
         info!(
             policy = %path,

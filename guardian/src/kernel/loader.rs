@@ -72,6 +72,9 @@ pub struct Probes {
     /// Whether the program can read an exec's effective uid (BTF located `real_cred->euid`).
     reads_euid: bool,
     reader: Array<MapData, u32>,
+    /// What the [`guardian_common::reader`] slots hold (a bit each), so that telling the kernel
+    /// side what it already knows costs no system call.
+    reader_bits: u32,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub group_dead: GroupDeadSource,
     pub sizes: MapSizes,
@@ -226,6 +229,7 @@ impl Probes {
             exec_keys,
             reads_euid: config.task_real_cred != OFFSET_NONE && config.cred_euid != OFFSET_NONE,
             reader,
+            reader_bits: 0,
             logger,
             group_dead,
             sizes,
@@ -242,7 +246,13 @@ impl Probes {
 
     /// Sets one of the flags the kernel side reads ([`guardian_common::reader`]).
     pub fn set_reader(&mut self, slot: u32, on: bool) -> Result<(), aya::maps::MapError> {
-        self.reader.set(slot, u32::from(on), 0)
+        let bit = 1 << slot;
+        if (self.reader_bits & bit != 0) == on {
+            return Ok(());
+        }
+        self.reader.set(slot, u32::from(on), 0)?;
+        self.reader_bits ^= bit;
+        Ok(())
     }
 
     /// Stops tracking a pid (a process that died before the kernel could see its exit).
@@ -305,6 +315,11 @@ impl Probes {
             let _ = self.exec_keys.remove(&key);
         }
         Ok(())
+    }
+
+    /// Whether the exec filter is in force (read back from the kernel's map).
+    pub fn exec_filter_on(&self) -> bool {
+        self.exec_filter.get(&0, 0).is_ok_and(|on| on != 0)
     }
 
     /// The keys the kernel's exec filter map holds (read back, so that a filter that failed
