@@ -67,9 +67,7 @@ fn a_root_and_its_forked_workers() {
     let tok = token(test);
     let policy = policy_file(test, &kill_policy(&tok, "memory_high = \"1G\""));
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
 
     let root = explain_json(&policy, parent);
     assert_eq!(root["source"], "policy_file");
@@ -268,9 +266,7 @@ fn the_daemon_finds_the_roots_explain_names() {
     let tok = token(test);
     let policy = policy_file(test, &kill_policy(&tok, ""));
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     assert_eq!(explain_json(&policy, parent)["role"], "root");
     let g = Guardian::start(&["--policy", policy.to_str().unwrap(), "--dry-run"]);
     let root = g.wait_root(parent);
@@ -296,9 +292,7 @@ fn the_daemon_explains_what_it_saw() {
     );
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     let ask = |pid: u32| -> Value {
         let out = g.ask(&["explain", &pid.to_string(), "--output", "json"]);

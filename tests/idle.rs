@@ -56,9 +56,7 @@ fn orphans_go_on_time_after_an_idle_spell() {
         return;
     };
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     thread::sleep(IDLE_SPELL);
     kill(parent, libc::SIGKILL);
@@ -147,10 +145,8 @@ fn sigkill_after_sigterm_is_on_time_after_an_idle_spell() {
         return;
     };
     let mut w = workload(&["tree", "2", "split", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    let (parent, kids) = w.read_tree();
     let (honours, ignores) = (kids[0], kids[1]);
-    w.cleanup.extend(&kids);
     g.wait_root(parent);
     thread::sleep(IDLE_SPELL);
     let killed = Instant::now();

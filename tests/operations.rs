@@ -13,7 +13,7 @@ use std::{
 
 use guardian_tests::{
     alive, all_gone, budget_test_ready, children_of, eventually, guardian_bin, kill, kill_policy,
-    pid, pids, policy_file, private_dir, privileged, python, script, service_cgroup_dirs, token,
+    policy_file, private_dir, privileged, python, script, service_cgroup_dirs, token,
     CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
@@ -153,9 +153,7 @@ fn metrics_agree_with_proc_and_the_decisions() {
         &addr,
     ]);
     let mut w = workload(&["tree", "3", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
 
     let svc = [("service", "svc")];
@@ -251,9 +249,7 @@ fn metrics_in_enforce_mode_count_kills_and_their_latency() {
     assert_eq!(get(port, "/healthz"), (200, "ok\n".to_owned()));
     assert_eq!(get(port, "/nothing").0, 404);
     let mut w = workload(&["tree", "3", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&kids, Duration::from_secs(2));
@@ -296,9 +292,7 @@ fn status_reports_the_live_services() {
     );
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     for &k in &kids {
@@ -426,9 +420,7 @@ fn reloads_while_orphans_are_made() {
 
     // A tree of the service the reload adds, already running.
     let mut b = workload(&["tree", "2", "", &tok_b]);
-    let pb = b.read_pairs();
-    let (b_parent, b_kids) = (pid(&pb, "parent"), pids(&pb, "children"));
-    b.cleanup.extend(&b_kids);
+    let (b_parent, b_kids) = b.read_tree();
 
     let stop = std::sync::atomic::AtomicBool::new(false);
     let made = thread::scope(|scope| {
@@ -439,9 +431,7 @@ fn reloads_while_orphans_are_made() {
                 && start.elapsed() < Duration::from_secs(60)
             {
                 let mut w = workload(&["tree", "2", "", &tok]);
-                let p = w.read_pairs();
-                let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-                w.cleanup.extend(&kids);
+                let (parent, kids) = w.read_tree();
                 g.wait_root(parent);
                 kill(parent, libc::SIGKILL);
                 all_gone(&kids, Duration::from_secs(2));
@@ -633,9 +623,7 @@ fn a_reload_rewrites_a_kept_services_limits_and_retires_a_removed_ones_cgroup() 
         "false",
     ]);
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     let dirs = service_cgroup_dirs(&tok, "svc");
     let memory_file = if dirs.len() == 1 {

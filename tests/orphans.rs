@@ -151,10 +151,8 @@ fn terminate_escalates_only_when_sigterm_is_ignored() {
         return;
     };
     let mut w = workload(&["tree", "2", "split", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    let (parent, kids) = w.read_tree();
     let (honours, ignores) = (kids[0], kids[1]);
-    w.cleanup.extend(&kids);
     g.wait_root(parent);
     let killed = Instant::now();
     kill(parent, libc::SIGKILL);
@@ -196,9 +194,7 @@ fn processes_outside_the_policy_survive() {
     outsider.cleanup.push(grandchild);
     // A service tree in the same run, as a positive control.
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&kids, Duration::from_secs(1));
@@ -217,9 +213,7 @@ fn orphans_not_selected_by_orphan_match_survive() {
         return;
     };
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     thread::sleep(Duration::from_millis(500));
@@ -485,18 +479,14 @@ fn the_launcher_grace_spares_no_orphan_that_does_not_exec() {
 
     // The parent exits normally (exit code 0) right after forking.
     let mut exits = workload(&["tree", "2", "", &tok]);
-    let p = exits.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    exits.cleanup.extend(&kids);
+    let (parent, kids) = exits.read_tree();
     g.wait_root(parent);
     assert!(exits.wait().success());
     all_gone(&kids, Duration::from_secs(2));
 
     // The parent is killed right after forking: its young orphans go at once.
     let mut killed = workload(&["tree", "2", "", &tok]);
-    let p = killed.read_pairs();
-    let (parent, young) = (pid(&p, "parent"), pids(&p, "children"));
-    killed.cleanup.extend(&young);
+    let (parent, young) = killed.read_tree();
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&young, Duration::from_secs(1));

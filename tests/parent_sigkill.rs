@@ -5,8 +5,8 @@
 use std::{fs, path::PathBuf, thread, time::Duration};
 
 use guardian_tests::{
-    alive, all_gone, decisions, kill, kill_policy, pid, pids, policy_file, privileged, token,
-    Guardian, Workload,
+    alive, all_gone, decisions, kill, kill_policy, policy_file, privileged, token, Guardian,
+    Workload,
 };
 use serde_json::Value;
 
@@ -103,9 +103,7 @@ fn frozen_parent(orphans: &str, sent: &str) {
     let policy = policy_file(&test, &service_policy(&tok, orphans));
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
     let mut w = workload(&["tree", "3", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     let freezer = Freezer::new(&tok);
     // Only the parent: its children were forked before, in the test's cgroup.
@@ -162,9 +160,7 @@ fn only_sigkill_brings_decisions_forward_once() {
         return;
     };
     let mut w = workload(&["tree", "3", "term-proof", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
 
     kill(parent, libc::SIGTERM);
@@ -196,9 +192,7 @@ fn sigkill_to_a_worker_spares_its_siblings() {
         return;
     };
     let mut w = workload(&["tree", "3", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
 
     kill(kids[0], libc::SIGKILL);
@@ -226,13 +220,9 @@ fn sigkill_outside_the_policy_touches_nothing() {
     };
     let other = token("elsewhere");
     let mut outsider = workload(&["tree", "2", "", &other]);
-    let p = outsider.read_pairs();
-    let (out_parent, out_kids) = (pid(&p, "parent"), pids(&p, "children"));
-    outsider.cleanup.extend(&out_kids);
+    let (out_parent, out_kids) = outsider.read_tree();
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
 
     kill(out_parent, libc::SIGKILL);
@@ -265,9 +255,7 @@ fn dry_run_records_the_early_decision_and_kills_nothing() {
     let policy = policy_file(test, &kill_policy(&tok, ""));
     let g = Guardian::start(&["--policy", policy.to_str().unwrap(), "--dry-run"]);
     let mut w = workload(&["tree", "3", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
 
     kill(parent, libc::SIGKILL);
@@ -301,9 +289,7 @@ fn report_service_waits_for_the_exit() {
         return;
     };
     let mut w = workload(&["tree", "2", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
 
     kill(parent, libc::SIGKILL);

@@ -85,9 +85,7 @@ fn stop(child: &mut std::process::Child) {
 /// A service tree whose parent is killed: its children must die within a second.
 fn orphans_die(tok: &str, stderr: &Arc<Mutex<String>>) {
     let mut w = workload(&["tree", "2", "", tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     wait_text(stderr, &format!("pid={parent} found=\"exec\""));
     kill(parent, libc::SIGKILL);
     let took = all_gone(&kids, Duration::from_secs(1));
@@ -164,9 +162,7 @@ fn a_stalled_stdout_delays_no_kill() {
     wait_text(&stderr, "guardian running");
     // Far more than the pipe holds: 60 reported orphans.
     let mut w = workload(&["tree", "60", "", &noisy]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, _) = w.read_tree();
     wait_text(&stderr, &format!("pid={parent} found=\"exec\""));
     kill(parent, libc::SIGKILL);
     thread::sleep(Duration::from_millis(300));
@@ -380,9 +376,7 @@ fn sigkill_leaves_nothing_loaded_and_a_restart_takes_over() {
     let args = ["--policy", policy.to_str().unwrap()];
     let g = Guardian::start(&args);
     let mut w = workload(&["tree", "3", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     g.wait_root(parent);
     let ids = bpf_ids(g.pid());
     assert!(
@@ -422,9 +416,7 @@ fn a_full_tracked_map_falls_back_to_proc() {
         .env("GUARDIAN_LOG", "info,guardian::daemon=debug");
     let g = Guardian::spawn(cmd);
     let mut w = workload(&["tree", "100", "nested", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     let middle = *kids.last().unwrap();
     g.wait_root(parent);
     // The kernel could not track some children, guardian some members.
@@ -642,9 +634,7 @@ fn a_user_created_after_start_pins_from_then_on() {
         .arg(env!("CARGO_BIN_EXE_guardian-workload"))
         .args(["tree", "2", "", &tok]);
     let mut w = Workload::spawn(cmd);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
-    w.cleanup.extend(&kids);
+    let (parent, kids) = w.read_tree();
     thread::sleep(Duration::from_millis(300));
     assert!(
         g.of("root", parent).is_empty(),

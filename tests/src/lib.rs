@@ -370,6 +370,15 @@ impl Workload {
             .collect()
     }
 
+    /// Reads a `tree` workload's `parent=P children=C,...` line; the children are killed when
+    /// the workload is dropped.
+    pub fn read_tree(&mut self) -> (u32, Vec<u32>) {
+        let p = self.read_pairs();
+        let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+        self.cleanup.extend(&kids);
+        (parent, kids)
+    }
+
     /// Reads the next line as-is.
     pub fn read_line(&mut self) -> String {
         let mut line = String::new();
