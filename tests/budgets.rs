@@ -192,9 +192,7 @@ fn memory_high(test: &str, mode: &str) {
     let mut other = workload(&["hog", "150"]);
     let other_pid = pid(&other.read_pairs(), "pid");
     w.release();
-    let d = g.wait_for("the memory_high victim", |v| {
-        v["event"] == "decision" && v["pid"] == hog
-    });
+    let d = g.wait_decision(hog);
     assert_eq!(d["reason"], "memory_high", "{d}");
     assert_eq!(d["performed"], true, "{d}");
     assert_eq!(d["limit"], 100u64 << 20);
@@ -339,9 +337,7 @@ fn audit_mode_limits_and_kills_nothing() {
         0,
         "audit mode limited the storm: {s:?}"
     );
-    let v = g.wait_for("the would-be memory victim", |v| {
-        v["event"] == "decision" && v["pid"] == hog
-    });
+    let v = g.wait_decision(hog);
     assert_eq!(v["performed"], false);
     assert_eq!(v["mode"], "audit");
     thread::sleep(Duration::from_millis(800));

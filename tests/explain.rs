@@ -243,9 +243,7 @@ fn an_orphan_found_at_start() {
     }
     // The daemon's start-up finds it so (in audit mode: it is only recorded).
     let g = Guardian::start(&["--policy", policy.to_str().unwrap(), "--dry-run"]);
-    let d = g.wait_for(&format!("the start-up decision on {orphan}"), |v| {
-        v["event"] == "decision" && v["pid"] == orphan
-    });
+    let d = g.wait_decision(orphan);
     assert_eq!(d["reason"], "orphan_at_start", "{d}");
     // ... and it is an orphan of the service there too.
     let live = g.ask(&["explain", &orphan.to_string(), "--output", "json"]);
@@ -320,9 +318,7 @@ fn the_daemon_explains_what_it_saw() {
     assert_eq!(worker["if_parent_dies"]["action"], "kill");
 
     guardian_tests::kill(parent, libc::SIGKILL);
-    g.wait_for("the audit decision", |v| {
-        v["event"] == "decision" && v["pid"] == kids[0]
-    });
+    g.wait_decision(kids[0]);
     let orphan = ask(kids[0]);
     assert_eq!(orphan["role"], "orphan", "{orphan}");
     assert_eq!(orphan["service"], "svc");

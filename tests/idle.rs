@@ -223,9 +223,7 @@ fn a_memory_high_crossing_is_acted_on_when_notified() {
     };
     all_gone(&[hog], Duration::from_secs(5));
     let took = crossed.elapsed();
-    let d = g.wait_for("the memory_high victim", |v| {
-        v["event"] == "decision" && v["pid"] == hog
-    });
+    let d = g.wait_decision(hog);
     assert_eq!(d["reason"], "memory_high", "{d}");
     assert_eq!(d["performed"], true, "{d}");
     assert!(

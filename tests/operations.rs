@@ -178,9 +178,7 @@ fn metrics_agree_with_proc_and_the_decisions() {
 
     kill(parent, libc::SIGKILL);
     for &k in &kids {
-        g.wait_for("an audit decision", |v| {
-            v["event"] == "decision" && v["pid"] == k
-        });
+        g.wait_decision(k);
     }
     eventually("orphans in the metrics", WAIT, || {
         sample(&scrape(), "guardian_service_orphans", &svc) == 3.0
@@ -296,9 +294,7 @@ fn status_reports_the_live_services() {
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     for &k in &kids {
-        g.wait_for("an audit decision", |v| {
-            v["event"] == "decision" && v["pid"] == k
-        });
+        g.wait_decision(k);
     }
     let st = g.status();
     assert_eq!(st["pid"], g.pid());

@@ -55,9 +55,7 @@ fn python_orphans(method: &str, kind: &str, n: usize, audit: bool) {
     kill(parent, libc::SIGKILL);
     if audit {
         for &o in &direct {
-            let d = g.wait_for(&format!("audit decision for orphan {o}"), |v| {
-                v["event"] == "decision" && v["pid"] == o
-            });
+            let d = g.wait_decision(o);
             assert_eq!(d["mode"], "audit");
             assert_eq!(d["performed"], false);
             assert_eq!(d["action"], "kill");
@@ -350,9 +348,7 @@ fn protected_names_are_never_signalled() {
     kill(root, libc::SIGKILL);
     let _ = sh.wait();
     for &k in &kids {
-        let d = g.wait_for(&format!("decision for protected {k}"), |v| {
-            v["event"] == "decision" && v["pid"] == k
-        });
+        let d = g.wait_decision(k);
         assert_eq!(d["performed"], false);
         assert!(
             d["result"]

@@ -260,9 +260,7 @@ fn dry_run_records_the_early_decision_and_kills_nothing() {
 
     kill(parent, libc::SIGKILL);
     for &k in &kids {
-        g.wait_for(&format!("audit decision for {k}"), |v| {
-            v["event"] == "decision" && v["pid"] == k
-        });
+        g.wait_decision(k);
     }
     parent_gone(parent);
     thread::sleep(QUIET);
@@ -294,9 +292,7 @@ fn report_service_waits_for_the_exit() {
 
     kill(parent, libc::SIGKILL);
     for &k in &kids {
-        g.wait_for(&format!("report for {k}"), |v| {
-            v["event"] == "decision" && v["pid"] == k
-        });
+        g.wait_decision(k);
     }
     thread::sleep(QUIET);
     for &k in &kids {

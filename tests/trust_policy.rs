@@ -172,9 +172,7 @@ fn protected_users_outlive_their_parent() {
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     all_gone(&[plain], Duration::from_secs(1));
-    let d = g.wait_for(&format!("decision for protected {protected}"), |v| {
-        v["event"] == "decision" && v["pid"] == protected
-    });
+    let d = g.wait_decision(protected);
     assert_eq!(d["performed"], false, "{d}");
     assert_eq!(
         d["result"],

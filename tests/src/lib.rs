@@ -249,6 +249,13 @@ impl Guardian {
     }
 
     /// Waits (bounded) for the `root` record of `pid`.
+    /// Waits for the decision record on `pid`.
+    pub fn wait_decision(&self, pid: u32) -> Value {
+        self.wait_for(&format!("decision on {pid}"), |v| {
+            v["event"] == "decision" && v["pid"] == pid
+        })
+    }
+
     pub fn wait_root(&self, pid: u32) -> Value {
         self.wait_for(&format!("root record for {pid}"), |v| {
             v["event"] == "root" && v["pid"] == pid
