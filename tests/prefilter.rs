@@ -11,8 +11,8 @@ use std::{
 };
 
 use guardian_tests::{
-    guardian_bin, pid, policy_file, private_dir, privileged, resolves_users, token, Guardian,
-    TempUser, Workload, WAIT,
+    guardian_bin, pid, policy_file, private_dir, privileged, token, Guardian, TempUser, Workload,
+    WAIT,
 };
 use serde_json::Value;
 
@@ -330,11 +330,7 @@ fn a_reload_adding_a_service_for_a_new_uid_sees_its_execs_at_once() {
 #[test]
 fn a_user_created_after_start_is_found_at_exec() {
     let test = "prefilter_late_user";
-    if !privileged(test) {
-        return;
-    }
-    if !resolves_users() {
-        guardian_tests::missing(test, "user names cannot be looked up here (no NSS)");
+    if !guardian_tests::user_test_ready(test) {
         return;
     }
     let tok = token(test);

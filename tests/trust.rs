@@ -13,8 +13,7 @@ use std::{
 
 use guardian_tests::{
     alive, all_gone, children_of, collect_stderr, decisions, eventually, kill, kill_policy, pid,
-    pids, policy_file, privileged, resolves_users, terminate, token, Guardian, TempUser, Workload,
-    WAIT,
+    pids, policy_file, privileged, terminate, token, Guardian, TempUser, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -611,11 +610,7 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
 #[test]
 fn a_user_created_after_start_pins_from_then_on() {
     let test = "late_user";
-    if !privileged(test) {
-        return;
-    }
-    if !resolves_users() {
-        guardian_tests::missing(test, "user names cannot be looked up here (no NSS)");
+    if !guardian_tests::user_test_ready(test) {
         return;
     }
     let tok = token(test);

@@ -485,6 +485,19 @@ pub fn budget_test_ready(test: &str, needs_cgroups: bool) -> bool {
     true
 }
 
+/// Whether a test that creates a user and has guardian look it up can run here: root, and user
+/// names that resolve (said aloud when not).
+pub fn user_test_ready(test: &str) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    if !resolves_users() {
+        missing(test, "user names cannot be looked up here (no NSS)");
+        return false;
+    }
+    true
+}
+
 /// The decision records about one pid.
 pub fn decisions(records: &[Value], pid: u32) -> Vec<Value> {
     records
@@ -727,7 +740,7 @@ impl Drop for TempUser {
 }
 
 /// Whether this build can look user names up (a static build without NSS cannot).
-pub fn resolves_users() -> bool {
+fn resolves_users() -> bool {
     // SAFETY: getpwnam with a static C string; the result is only tested for null.
     !unsafe { libc::getpwnam(c"root".as_ptr()) }.is_null()
 }
