@@ -7,8 +7,8 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, budget_test_ready, eventually, missing, pid, policy_file, service_cgroup_dirs,
-    service_cpu_cgroup_dir, token, CgroupCleanup, Guardian, Workload, WAIT,
+    alive, budget_test_ready, cgroup_policy, eventually, missing, pid, policy_file,
+    service_cgroup_dirs, service_cpu_cgroup_dir, token, CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -19,12 +19,7 @@ fn workload(args: &[&str]) -> Workload {
 /// A policy with one service `svc` matching `tok`, below a cgroup parent named after it.
 fn policy(test: &str, tok: &str, keys: &str) -> std::path::PathBuf {
     CLEANUP.with(|c| c.borrow_mut().push(CgroupCleanup(tok.to_owned())));
-    policy_file(
-        test,
-        &format!(
-            "cgroup_parent = \"{tok}\"\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"report\"\n{keys}\n"
-        ),
-    )
+    policy_file(test, &cgroup_policy(tok, keys))
 }
 
 thread_local! {

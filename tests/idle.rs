@@ -10,8 +10,9 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, all_gone, budget_test_ready, decisions, eventually, kill, kill_policy, pid, pids,
-    policy_file, privileged, service_cgroup_dirs, token, CgroupCleanup, Guardian, Workload,
+    alive, all_gone, budget_test_ready, cgroup_policy, decisions, eventually, kill, kill_policy,
+    pid, pids, policy_file, privileged, service_cgroup_dirs, service_policy, token, CgroupCleanup,
+    Guardian, Workload,
 };
 
 /// Long enough for the loop to have gone idle and slept its longest (1 s) more than once.
@@ -102,9 +103,7 @@ fn a_fork_over_tasks_max_dies_at_once_after_an_idle_spell() {
     let tok = token(test);
     let policy = policy_file(
         test,
-        &format!(
-            "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"report\"\ntasks_max = 3\ncgroup = \"inherit\"\n"
-        ),
+        &service_policy(&tok, "report", "tasks_max = 3\ncgroup = \"inherit\""),
     );
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
     // Six children that linger 2 s each: the storm process and two of them fit the budget.
@@ -138,9 +137,7 @@ fn a_fork_over_tasks_max_dies_at_once_after_an_idle_spell() {
 fn sigkill_after_sigterm_is_on_time_after_an_idle_spell() {
     let test = "idle_kill_timeout";
     let Some((tok, g)) = Guardian::on_policy(test, |tok| {
-        format!(
-            "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"500ms\"\n"
-        )
+        service_policy(tok, "terminate", "kill_timeout = \"500ms\"")
     }) else {
         return;
     };
@@ -185,8 +182,9 @@ fn a_memory_high_crossing_is_acted_on_when_notified() {
     let _cleanup = CgroupCleanup(tok.clone());
     let policy = policy_file(
         test,
-        &format!(
-            "cgroup_parent = \"{tok}\"\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"report\"\nmemory_high = \"100M\"\nmemory_max = \"300M\"\ncgroup = \"own\"\n"
+        &cgroup_policy(
+            &tok,
+            "memory_high = \"100M\"\nmemory_max = \"300M\"\ncgroup = \"own\"",
         ),
     );
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);

@@ -9,7 +9,8 @@ use std::{
 
 use guardian_tests::{
     alive, all_gone, children_of, decisions, eventually, guardian_bin, kill, kill_policy, pid,
-    pids, policy_file, privileged, python, script, spawn_with_pid, token, Guardian, Workload, WAIT,
+    pids, policy_file, privileged, python, script, service_policy, spawn_with_pid, token, Guardian,
+    Workload, WAIT,
 };
 
 fn workload(args: &[&str]) -> Workload {
@@ -142,9 +143,7 @@ fn audit_mode_forkserver_kills_nothing() {
 fn terminate_escalates_only_when_sigterm_is_ignored() {
     let test = "terminate_escalates";
     let Some((tok, g)) = Guardian::on_policy(test, |tok| {
-        format!(
-            "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"1s\"\n"
-        )
+        service_policy(tok, "terminate", "kill_timeout = \"1s\"")
     }) else {
         return;
     };
@@ -370,9 +369,7 @@ fn protected_names_are_never_signalled() {
 fn a_reused_pid_is_not_signalled() {
     let test = "pid_reuse";
     let Some((tok, g)) = Guardian::on_policy(test, |tok| {
-        format!(
-            "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"2s\"\n"
-        )
+        service_policy(tok, "terminate", "kill_timeout = \"2s\"")
     }) else {
         return;
     };

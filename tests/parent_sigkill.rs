@@ -5,8 +5,8 @@
 use std::{fs, path::PathBuf, thread, time::Duration};
 
 use guardian_tests::{
-    alive, all_gone, decisions, kill, kill_policy, policy_file, privileged, token, Guardian,
-    Workload,
+    alive, all_gone, decisions, kill, kill_policy, policy_file, privileged, service_policy, token,
+    Guardian, Workload,
 };
 use serde_json::Value;
 
@@ -80,11 +80,9 @@ fn parent_gone(parent: u32) {
     thread::sleep(QUIET);
 }
 
-fn service_policy(tok: &str, orphans: &str) -> String {
-    format!(
-        "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"{orphans}\"\nkill_timeout = \"30s\"\n"
-    )
-}
+/// The service's `kill_timeout`: long enough that a SIGKILL seen is the parent's, not the
+/// escalation's.
+const KILL_TIMEOUT: &str = "kill_timeout = \"30s\"";
 
 /// The proof that the workers do not wait for their parent's exit: a parent frozen by the v1
 /// freezer cannot exit (nor be reported exiting) until thawed, even with SIGKILL pending. Its
@@ -100,7 +98,7 @@ fn frozen_parent(orphans: &str, sent: &str) {
         return;
     }
     let tok = token(&test);
-    let policy = policy_file(&test, &service_policy(&tok, orphans));
+    let policy = policy_file(&test, &service_policy(&tok, orphans, KILL_TIMEOUT));
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
     let mut w = workload(&["tree", "3", "", &tok]);
     let (parent, kids) = w.read_tree();
@@ -283,7 +281,9 @@ fn dry_run_records_the_early_decision_and_kills_nothing() {
 #[test]
 fn report_service_waits_for_the_exit() {
     let test = "sigkill_report";
-    let Some((tok, g)) = Guardian::on_policy(test, |tok| service_policy(tok, "report")) else {
+    let Some((tok, g)) =
+        Guardian::on_policy(test, |tok| service_policy(tok, "report", KILL_TIMEOUT))
+    else {
         return;
     };
     let mut w = workload(&["tree", "2", "", &tok]);

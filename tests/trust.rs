@@ -13,7 +13,8 @@ use std::{
 
 use guardian_tests::{
     alive, all_gone, children_of, collect_stderr, decisions, eventually, kill, kill_policy, pid,
-    pids, policy_file, privileged, terminate, token, Guardian, TempUser, Workload, WAIT,
+    pids, policy_file, privileged, service_policy, terminate, token, Guardian, TempUser, Workload,
+    WAIT,
 };
 use serde_json::Value;
 
@@ -188,9 +189,7 @@ fn two_hundred_stubborn_orphans_under_sixty_four_descriptors() {
     let tok = token(test);
     let policy = policy_file(
         test,
-        &format!(
-            "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"terminate\"\nkill_timeout = \"1s\"\n"
-        ),
+        &service_policy(&tok, "terminate", "kill_timeout = \"1s\""),
     );
     let mut cmd = Guardian::command(&["--policy", policy.to_str().unwrap()]);
     // SAFETY: setrlimit between fork and exec touches nothing shared.

@@ -10,8 +10,8 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, budget_test_ready, eventually, kill, pid, pids, policy_file, service_cgroup_dirs, token,
-    CgroupCleanup, Guardian, Workload, WAIT,
+    alive, budget_test_ready, cgroup_policy, eventually, kill, pid, pids, policy_file,
+    service_cgroup_dirs, token, CgroupCleanup, Guardian, Workload, WAIT,
 };
 use serde_json::Value;
 
@@ -24,12 +24,7 @@ fn workload(args: &[&str]) -> Workload {
 
 /// A policy with one service `svc` matching `tok`, below a cgroup parent named after it.
 fn policy(test: &str, tok: &str, keys: &str) -> PathBuf {
-    policy_file(
-        test,
-        &format!(
-            "cgroup_parent = \"{tok}\"\n[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"report\"\n{keys}\n"
-        ),
-    )
+    policy_file(test, &cgroup_policy(tok, keys))
 }
 
 fn start(policy: &Path) -> Guardian {

@@ -445,10 +445,24 @@ pub fn pids(pairs: &HashMap<String, String>, key: &str) -> Vec<u32> {
 }
 
 /// A policy with one service, `svc`, whose roots have `tok` on their command line and whose
-/// orphans are killed at once; `extra` adds keys to the service.
-pub fn kill_policy(tok: &str, extra: &str) -> String {
+/// orphans get `orphans`; `extra` adds keys to the service.
+pub fn service_policy(tok: &str, orphans: &str, extra: &str) -> String {
     format!(
-        "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"kill\"\n{extra}\n"
+        "[[service]]\nname = \"svc\"\nmatch = {{ cmdline = \"{tok}\" }}\norphans = \"{orphans}\"\n{extra}\n"
+    )
+}
+
+/// [`service_policy`] whose orphans are killed at once.
+pub fn kill_policy(tok: &str, extra: &str) -> String {
+    service_policy(tok, "kill", extra)
+}
+
+/// [`service_policy`] reporting orphans, with its cgroups below `cgroup_parent = tok` (see
+/// [`CgroupCleanup`]).
+pub fn cgroup_policy(tok: &str, extra: &str) -> String {
+    format!(
+        "cgroup_parent = \"{tok}\"\n{}",
+        service_policy(tok, "report", extra)
     )
 }
 
