@@ -183,6 +183,31 @@ fn only_sigkill_brings_decisions_forward_once() {
 }
 
 /// A SIGKILL to a worker (no children) kills that worker only.
+/// A signal that can be caught brings nothing forward, even when it kills: a parent ended by
+/// SIGTERM's default action leaves its workers to the exit path (one decision each, with no
+/// trigger).
+#[test]
+fn a_fatal_sigterm_leaves_the_orphans_to_the_exit() {
+    let test = "fatal_sigterm";
+    let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
+        return;
+    };
+    let mut w = workload(&["tree", "3", "", &tok]);
+    let (parent, kids) = w.read_tree();
+    g.wait_root(parent);
+
+    kill(parent, libc::SIGTERM);
+    all_gone(&kids, Duration::from_secs(5));
+    parent_gone(parent);
+    let records = g.stop();
+    for &k in &kids {
+        let d = decisions(&records, k);
+        assert_eq!(d.len(), 1, "exactly one decision for {k}: {d:?}");
+        assert!(d[0].get("trigger").is_none(), "{}", d[0]);
+        assert_eq!(d[0]["result"], "sent SIGKILL", "{}", d[0]);
+    }
+}
+
 #[test]
 fn sigkill_to_a_worker_spares_its_siblings() {
     let test = "sigkill_worker";

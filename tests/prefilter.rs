@@ -286,7 +286,8 @@ fn a_cgroup_only_service_is_found_at_exec() {
 }
 
 /// A service for a new uid, added by a reload, has its execs reported from the moment the
-/// reload is in force: its root is found at exec.
+/// reload is in force: its root is found at exec. A reload that removes it again takes its key
+/// out: that uid's execs are kept in the kernel once more.
 #[test]
 fn a_reload_adding_a_service_for_a_new_uid_sees_its_execs_at_once() {
     let test = "prefilter_reload";
@@ -321,6 +322,25 @@ fn a_reload_adding_a_service_for_a_new_uid_sees_its_execs_at_once() {
         &g,
         "b",
         as_uid(u2, Path::new(WORKLOAD), &["linger", "0", &tok]),
+    );
+
+    std::fs::write(&policy, service("a", u1)).expect("rewriting the policy");
+    let out = g.ask(&["reload"]);
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (records, filtered) = exec_counts(&g);
+    finish(as_uid(u2, Path::new(WORKLOAD), &["exec-loop", "5"]));
+    let (records_after, filtered_after) = exec_counts(&g);
+    assert_eq!(
+        records_after, records,
+        "uid {u2}'s service was removed, yet its execs were reported"
+    );
+    assert!(
+        filtered_after > filtered,
+        "the kernel kept none of uid {u2}'s execs back"
     );
     g.stop();
 }
