@@ -161,14 +161,10 @@ fn all(bins: &Bins) -> anyhow::Result<()> {
     figures.extend(heavy_parent(bins, 10, 4, 300)?);
     figures.extend(budgets(bins, 20, 5_000, 3)?);
     figures.extend(footprint(bins, 10_000, 10, 1)?);
-    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "\nsummary ({:.0} s; load average at the end: {})",
         started.elapsed().as_secs_f64(),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        loadavg()
     );
     let w = figures.iter().map(|f| f.what.len()).max().unwrap_or(0);
     let v = figures.iter().map(|f| f.value.len()).max().unwrap_or(0);
@@ -246,12 +242,13 @@ impl Daemon {
             .spawn()
             .context("starting guardian")?;
         let d = Self { child, out, socket };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !fs::read_to_string(&d.out)?.contains("\"event\":\"ready\"") {
-            if Instant::now() > deadline {
-                bail!("guardian did not become ready");
-            }
-            thread::sleep(Duration::from_millis(20));
+        if !wait_record(
+            &d.out,
+            "\"event\":\"ready\"",
+            d.pid(),
+            Duration::from_secs(30),
+        )? {
+            bail!("guardian did not become ready");
         }
         Ok(d)
     }
@@ -281,10 +278,16 @@ impl Daemon {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// The members `guardian status` counts in the policy's first service.
+    fn members(&self, bin: &Path) -> anyhow::Result<u64> {
+        Ok(self.status(bin)?["services"][0]["members"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+
     /// Stops it (SIGTERM) and returns its records.
     pub fn stop(mut self) -> anyhow::Result<Vec<serde_json::Value>> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        guardian_tests::kill(self.pid(), libc::SIGTERM);
         let status = self.child.wait()?;
         if !status.success() {
             bail!("guardian exited with {status}");
@@ -558,11 +561,7 @@ fn fork(bins: &Bins, forks: u64, execs: u64, rounds: usize) -> anyhow::Result<Ve
                 &mut base_exec
             }
             .push(b.rate);
-            let round_lost: u64 = records
-                .iter()
-                .filter(|v| v["event"] == "lost")
-                .map(|v| v["count"].as_u64().unwrap_or(0))
-                .sum();
+            let round_lost = lost_count(&records);
             let mut note = format!("lost {round_lost}");
             if case.mode == Mode::Trace {
                 let forks_seen = records
@@ -744,6 +743,85 @@ impl Drop for ExitTrace {
     }
 }
 
+/// Reads a workload's first line (`key=value ...`).
+fn first_pairs(child: &mut Child) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("the workload's stdout")?).read_line(&mut line)?;
+    Ok(line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
+/// The comma-separated pids a workload printed under `key`.
+fn pid_list(
+    pairs: &std::collections::HashMap<String, String>,
+    key: &str,
+) -> anyhow::Result<Vec<u32>> {
+    Ok(pairs
+        .get(key)
+        .with_context(|| format!("the workload printed no `{key}`: {pairs:?}"))?
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect())
+}
+
+/// SIGKILLs processes this benchmark started.
+fn kill_all(pids: &[u32]) {
+    for &p in pids {
+        guardian_tests::kill(p, libc::SIGKILL);
+    }
+}
+
+/// Waits (bounded) for a line of guardian's output file `out` holding `needle` and
+/// `"pid":PID,`; reads only what was written since its last look.
+fn wait_record(out: &Path, needle: &str, pid: u32, limit: Duration) -> anyhow::Result<bool> {
+    use std::io::Read as _;
+    let mut file = fs::File::open(out)?;
+    let pid = format!("\"pid\":{pid},");
+    let mut pending = Vec::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        file.read_to_end(&mut pending)?;
+        // Whole lines only: the last one may still be being written.
+        let whole = pending
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        if String::from_utf8_lossy(&pending[..whole])
+            .lines()
+            .any(|l| l.contains(needle) && l.contains(&pid))
+        {
+            return Ok(true);
+        }
+        pending.drain(..whole);
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Losses guardian reported in `records`.
+fn lost_count(records: &[serde_json::Value]) -> u64 {
+    records
+        .iter()
+        .filter(|v| v["event"] == "lost")
+        .map(|v| v["count"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// guardian's own latency figure (ms) of each decision on `service` in `records`.
+fn decision_ms(records: &[serde_json::Value], service: &str) -> Vec<f64> {
+    records
+        .iter()
+        .filter(|v| v["event"] == "decision" && v["service"] == service)
+        .filter_map(|v| v["latency_us"].as_f64())
+        .map(|us| us / 1e3)
+        .collect()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -885,7 +963,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
                 Load::Crowd
             };
             if load == Load::Crowd && crowd.is_none() {
-                crowd = Some(start_crowd(bins, &daemon, &tag)?);
+                crowd = Some(start_sleepers(bins, &daemon, CROWD, &tag)?.0);
             }
             scraping.store(load == Load::Scraped, std::sync::atomic::Ordering::Relaxed);
             let storm: Vec<Child> = if load == Load::Storm {
@@ -907,8 +985,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
             trace.clear()?;
             let trial = orphan_trial(workload, workers, &tag, &out, &trace);
             for mut s in storm {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(s.id() as i32, libc::SIGKILL) };
+                let _ = s.kill();
                 let _ = s.wait();
             }
             match trial? {
@@ -938,12 +1015,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     let _ = fs::remove_file(&out);
     let _ = fs::remove_dir_all(storm_link.parent().context("link dir")?);
     measured?;
-    let mut own: Vec<f64> = records
-        .iter()
-        .filter(|v| v["event"] == "decision" && v["service"] == "bench")
-        .filter_map(|v| v["latency_us"].as_f64())
-        .map(|us| us / 1e3)
-        .collect();
+    let mut own = decision_ms(&records, "bench");
     for l in &mut latencies {
         if l.is_empty() {
             bail!("no latency measured");
@@ -987,37 +1059,48 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     Ok(figures)
 }
 
-/// Starts [`CROWD`] sleeping members of the trials' service and waits until guardian follows
-/// them all.
-fn start_crowd(bins: &Bins, daemon: &Daemon, tag: &str) -> anyhow::Result<Child> {
-    let before = daemon.status(&bins.guardian)?["services"][0]["members"]
-        .as_u64()
-        .unwrap_or(0);
+/// Starts `n` sleeping members of the policy's first service (a `sleepers` workload marked
+/// `tag`) and waits until guardian follows them all; returns them and how long that took after
+/// their parent said it had forked them.
+fn start_sleepers(
+    bins: &Bins,
+    daemon: &Daemon,
+    n: usize,
+    tag: &str,
+) -> anyhow::Result<(Child, Duration)> {
+    let before = daemon.members(&bins.guardian)?;
     let mut sleepers = Command::new(&bins.workload)
-        .args(["sleepers", &CROWD.to_string(), tag])
+        .args(["sleepers", &n.to_string(), tag])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
-    let mut line = String::new();
-    BufReader::new(sleepers.stdout.take().context("stdout")?).read_line(&mut line)?;
-    if !line.contains("children=") {
-        bail!("the sleepers did not start: {line:?}");
-    }
-    let want = before + CROWD as u64 + 1;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let have = daemon.status(&bins.guardian)?["services"][0]["members"]
-            .as_u64()
-            .unwrap_or(0);
-        if have >= want {
-            return Ok(sleepers);
+    let started = first_pairs(&mut sleepers);
+    let t0 = Instant::now();
+    // The root and its children.
+    let want = before + n as u64 + 1;
+    let followed = || -> anyhow::Result<()> {
+        if !started?.contains_key("children") {
+            bail!("the sleepers did not start");
         }
-        if Instant::now() > deadline {
+        loop {
+            let have = daemon.members(&bins.guardian)?;
+            if have >= want {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("guardian follows {have} of {want} members after 60 s");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+    match followed() {
+        Ok(()) => Ok((sleepers, t0.elapsed())),
+        Err(e) => {
+            // They end when their stdin closes.
             drop(sleepers.stdin.take());
             let _ = sleepers.wait();
-            bail!("guardian follows {have} of {want} members after 60 s");
+            Err(e)
         }
-        thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -1036,45 +1119,21 @@ fn orphan_trial(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
-    let kids: Vec<u32> = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("children="))
-        .context("workload output")?
-        .split(',')
-        .filter_map(|p| p.parse().ok())
-        .collect();
+    let kids = pid_list(&first_pairs(&mut child)?, "children")?;
     let parent = child.id();
     // guardian must have seen the root before the parent dies.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let needle = "\"event\":\"root\",\"ts\"";
-    while !fs::read_to_string(out)?
-        .lines()
-        .any(|l| l.contains(needle) && l.contains(&format!("\"pid\":{parent},")))
-    {
-        if Instant::now() > deadline {
-            // SAFETY: cleaning up our own workload's processes.
-            unsafe { libc::kill(parent as i32, libc::SIGKILL) };
-            for &k in &kids {
-                // SAFETY: as above.
-                unsafe { libc::kill(k as i32, libc::SIGKILL) };
-            }
-            let _ = child.wait();
-            bail!("guardian never reported the root {parent}");
-        }
-        thread::sleep(Duration::from_millis(2));
+    if !wait_record(out, "\"event\":\"root\"", parent, Duration::from_secs(10))? {
+        kill_all(&[parent]);
+        kill_all(&kids);
+        let _ = child.wait();
+        bail!("guardian never reported the root {parent}");
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+    kill_all(&[parent]);
     let _ = child.wait();
     let deadline = Instant::now() + Duration::from_secs(5);
     while kids.iter().any(|&k| alive(k)) {
         if Instant::now() > deadline {
-            for &k in &kids {
-                // SAFETY: cleaning up our own workload's processes.
-                unsafe { libc::kill(k as i32, libc::SIGKILL) };
-            }
+            kill_all(&kids);
             break;
         }
         thread::sleep(Duration::from_millis(1));
@@ -1166,12 +1225,8 @@ fn heavy_parent(
                 parent_ms.push(parent);
             }
             let Some(daemon) = daemon else { continue };
-            let own = daemon
-                .stop()?
-                .into_iter()
-                .filter(|v| v["event"] == "decision")
-                .filter_map(|v| v["latency_us"].as_f64())
-                .map(|us| us / 1e3);
+            // The policy's one service.
+            let own = decision_ms(&daemon.stop()?, "bench");
             if way == 0 {
                 own_early.extend(own);
             } else {
@@ -1272,23 +1327,12 @@ fn heavy_trial(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
-    let kids: Vec<u32> = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("workers="))
-        .context("heavy parent output")?
-        .split(',')
-        .filter_map(|p| p.parse().ok())
-        .collect();
+    let kids = pid_list(&first_pairs(&mut child)?, "workers")?;
     let timed = time_sigkill(child.id(), &kids, root_in);
     let _ = child.kill();
     let _ = child.wait();
     if !matches!(timed, Ok(Some(_))) {
-        for &k in &kids {
-            // SAFETY: cleaning up our own workload's processes.
-            unsafe { libc::kill(k as i32, libc::SIGKILL) };
-        }
+        kill_all(&kids);
     }
     timed
 }
@@ -1313,28 +1357,16 @@ fn time_sigkill(
     };
     let fds: Vec<OwnedFd> = kids.iter().map(|&k| pidfd(k)).collect::<Result<_, _>>()?;
     let parent_fd = pidfd(parent)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let needle = format!("\"pid\":{parent},");
-    while let Some(out) = root_in {
-        if fs::read_to_string(out)?
-            .lines()
-            .any(|l| l.contains("\"event\":\"root\"") && l.contains(&needle))
-        {
-            break;
-        }
-        if Instant::now() > deadline {
+    if let Some(out) = root_in {
+        if !wait_record(out, "\"event\":\"root\"", parent, Duration::from_secs(10))? {
             bail!("guardian never reported the root {parent}");
         }
-        thread::sleep(Duration::from_millis(2));
     }
     let sent = Instant::now();
-    // SAFETY: signalling our own child, then (the floor) its workers.
-    unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+    kill_all(&[parent]);
     if root_in.is_none() {
-        for &k in kids {
-            // SAFETY: as above.
-            unsafe { libc::kill(k as i32, libc::SIGKILL) };
-        }
+        // The floor: its workers go with it.
+        kill_all(kids);
     }
     let mut gone = Vec::new();
     let mut waiting: Vec<&OwnedFd> = fds.iter().collect();
@@ -1454,23 +1486,12 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
-        let hog: u32 = line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("hog="))
-            .and_then(|p| p.parse().ok())
-            .context("workload output")?;
+        let hog = *pid_list(&first_pairs(&mut child)?, "hog")?
+            .first()
+            .context("the workload printed no hog")?;
         let parent = child.id();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !fs::read_to_string(&out)?
-            .lines()
-            .any(|l| l.contains("\"action\":\"move\"") && l.contains(&format!("\"pid\":{parent},")))
-        {
-            if Instant::now() > deadline {
-                bail!("guardian never moved the root {parent}");
-            }
-            thread::sleep(Duration::from_millis(2));
+        if !wait_record(&out, "\"action\":\"move\"", parent, Duration::from_secs(10))? {
+            bail!("guardian never moved the root {parent}");
         }
         // The kernel tells this process when usage goes over memory_high, as it tells guardian:
         // at the first page above it (thresholds are whole pages, signalled once reached).
@@ -1500,10 +1521,9 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
         if let Some(&kill) = trace.kills()?.get(&hog) {
             signalled_ms.push(kill * 1e3 - t_cross as f64 / 1e6);
         }
-        // SAFETY: ending our own workload.
-        unsafe { libc::kill(parent as i32, libc::SIGKILL) };
+        kill_all(&[parent]);
         let _ = child.wait();
-        unsafe { libc::kill(hog as i32, libc::SIGKILL) };
+        kill_all(&[hog]);
         // Let guardian notice the service is gone and remove its cgroup.
         let deadline = Instant::now() + Duration::from_secs(5);
         while memcg.exists() && Instant::now() < deadline {
@@ -1541,11 +1561,7 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
                 && v["performed"] == true
         })
         .count();
-    let lost: u64 = records
-        .iter()
-        .filter(|v| v["event"] == "lost")
-        .map(|v| v["count"].as_u64().unwrap_or(0))
-        .sum();
+    let lost = lost_count(&records);
     if latencies_ms.is_empty() {
         bail!("no memory_high latency measured");
     }
@@ -1770,38 +1786,15 @@ fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::R
             bins.workload.display()
         ),
     )?;
-    let mut sleepers = Command::new(&bins.workload)
-        .args(["sleepers", &members.to_string(), &tag])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let measured = (|| -> anyhow::Result<(Resident, Duration)> {
-        let mut line = String::new();
-        BufReader::new(sleepers.stdout.take().context("stdout")?).read_line(&mut line)?;
-        if !line.contains("children=") {
-            bail!("the sleepers did not start: {line:?}");
-        }
-        // Every member in guardian's table (the root and its children).
-        let t0 = Instant::now();
-        let want = members as u64 + 1;
-        loop {
-            let status = daemon.status(&bins.guardian)?;
-            let have = status["services"][0]["members"].as_u64().unwrap_or(0);
-            if have >= want {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                bail!("guardian follows {have} of {want} members after 60 s");
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-        let followed = t0.elapsed();
-        thread::sleep(SETTLE);
-        Ok((Resident::of(daemon.pid())?, followed))
-    })();
-    // The sleepers end when told (or when their stdin closes).
-    drop(sleepers.stdin.take());
-    let _ = sleepers.wait();
+    let measured =
+        start_sleepers(bins, &daemon, members, &tag).and_then(|(mut sleepers, followed)| {
+            thread::sleep(SETTLE);
+            let resident = Resident::of(daemon.pid());
+            // The sleepers end when their stdin closes.
+            drop(sleepers.stdin.take());
+            let _ = sleepers.wait();
+            Ok((resident?, followed))
+        });
     daemon.stop()?;
     let _ = fs::remove_file(&policy);
     let _ = fs::remove_file(&out);
