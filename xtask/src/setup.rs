@@ -4,7 +4,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::bail;
@@ -183,19 +183,13 @@ pub fn promtool() -> anyhow::Result<Option<PathBuf>> {
     for entry in std::fs::read_dir(&dir)? {
         let deb = entry?.path();
         if deb.extension().is_some_and(|e| e == "deb") {
-            let mut contents = Command::new("dpkg-deb")
-                .arg("--fsys-tarfile")
-                .arg(&deb)
-                .stdout(Stdio::piped())
-                .spawn()?;
-            run(Command::new("tar")
-                .args(["-x", "-C"])
-                .arg(&dir)
-                .arg("./usr/bin/promtool")
-                .stdin(contents.stdout.take().expect("piped")))?;
-            if !contents.wait()?.success() {
-                bail!("dpkg-deb --fsys-tarfile {} failed", deb.display());
-            }
+            crate::util::pipe(
+                Command::new("dpkg-deb").arg("--fsys-tarfile").arg(&deb),
+                Command::new("tar")
+                    .args(["-x", "-C"])
+                    .arg(&dir)
+                    .arg("./usr/bin/promtool"),
+            )?;
             std::fs::remove_file(&deb)?;
         }
     }

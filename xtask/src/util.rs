@@ -3,7 +3,7 @@
 use std::{
     env,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context as _};
@@ -33,6 +33,24 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("command failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+/// Runs `producer | consumer` and fails unless both succeed.
+pub fn pipe(producer: &mut Command, consumer: &mut Command) -> anyhow::Result<()> {
+    let mut first = producer
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {producer:?}"))?;
+    let second = consumer
+        .stdin(first.stdout.take().expect("piped"))
+        .status()
+        .with_context(|| format!("starting {consumer:?}"));
+    let first = first.wait()?;
+    let second = second?;
+    if !first.success() || !second.success() {
+        bail!("{producer:?} ({first}) | {consumer:?} ({second}) failed");
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{bail, Context as _};
@@ -337,27 +337,14 @@ fn only_file(dir: &Path, pred: impl Fn(&str) -> bool) -> anyhow::Result<PathBuf>
 
 /// `dpkg-deb --fsys-tarfile DEB | tar -x ./boot`, into `dir`.
 fn extract_boot(deb: &Path, dir: &Path) -> anyhow::Result<()> {
-    let mut dpkg = Command::new("dpkg-deb")
-        .arg("--fsys-tarfile")
-        .arg(deb)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting dpkg-deb")?;
-    let tar = Command::new("tar")
-        .args(["-x", "-C"])
-        .arg(dir)
-        .arg("./boot")
-        .stdin(dpkg.stdout.take().expect("piped"))
-        .status()
-        .context("starting tar")?;
-    let dpkg = dpkg.wait()?;
-    if !dpkg.success() || !tar.success() {
-        bail!(
-            "extracting ./boot from {} failed (dpkg-deb {dpkg}, tar {tar})",
-            deb.display()
-        );
-    }
-    Ok(())
+    crate::util::pipe(
+        Command::new("dpkg-deb").arg("--fsys-tarfile").arg(deb),
+        Command::new("tar")
+            .args(["-x", "-C"])
+            .arg(dir)
+            .arg("./boot"),
+    )
+    .with_context(|| format!("extracting ./boot from {}", deb.display()))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{bail, Context as _};
@@ -95,25 +95,14 @@ fn options() -> Vec<String> {
 /// `find . | cpio -o -H newc` in `tree`, as root: the archive keeps owners, modes, devices
 /// and hard links.
 pub fn pack(tree: &Path, out: &Path) -> anyhow::Result<()> {
-    let mut find = Command::new("find")
-        .args([".", "-print0"])
-        .current_dir(tree)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting find")?;
-    let cpio = Command::new("cpio")
-        .args(["--null", "--create", "--format=newc", "--quiet"])
-        .current_dir(tree)
-        .stdin(find.stdout.take().expect("piped"))
-        .stdout(fs::File::create(out)?)
-        .status()
-        .context("starting cpio")?;
-    let find = find.wait()?;
-    if !find.success() || !cpio.success() {
-        bail!(
-            "packing {} failed (find {find}, cpio {cpio})",
-            tree.display()
-        );
-    }
-    Ok(())
+    crate::util::pipe(
+        Command::new("find")
+            .args([".", "-print0"])
+            .current_dir(tree),
+        Command::new("cpio")
+            .args(["--null", "--create", "--format=newc", "--quiet"])
+            .current_dir(tree)
+            .stdout(fs::File::create(out)?),
+    )
+    .with_context(|| format!("packing {}", tree.display()))
 }
