@@ -182,7 +182,6 @@ fn only_sigkill_brings_decisions_forward_once() {
     assert!(decisions(&records, parent).is_empty());
 }
 
-/// A SIGKILL to a worker (no children) kills that worker only.
 /// A signal that can be caught brings nothing forward, even when it kills: a parent ended by
 /// SIGTERM's default action leaves its workers to the exit path (one decision each, with no
 /// trigger).
@@ -208,6 +207,7 @@ fn a_fatal_sigterm_leaves_the_orphans_to_the_exit() {
     }
 }
 
+/// A SIGKILL to a worker (no children) kills that worker only.
 #[test]
 fn sigkill_to_a_worker_spares_its_siblings() {
     let test = "sigkill_worker";
