@@ -256,6 +256,9 @@ pub struct Config {
     pub track_all: u32,
     /// Non-zero: report thread starts and ends of tracked processes ([`ThreadEvent`]).
     pub track_threads: u32,
+    /// A routine record wakes the reader when more than this many bytes wait in the ring (a
+    /// quarter of it): between its timed collections, a burst on a large host must not fill it.
+    pub ring_wake_bytes: u32,
 
     /// `task:task_newtask`: `pid`, `comm`, `clone_flags`.
     pub newtask_pid: u32,
@@ -301,6 +304,7 @@ impl Config {
             self_tgid: 0,
             track_all: 0,
             track_threads: 0,
+            ring_wake_bytes: u32::MAX,
             newtask_pid: OFFSET_NONE,
             newtask_comm: OFFSET_NONE,
             newtask_clone_flags: OFFSET_NONE,
@@ -333,7 +337,7 @@ const _: () = {
     assert!(core::mem::size_of::<ExitEvent>() == 24 + 24 + COMM_LEN);
     assert!(core::mem::size_of::<ThreadEvent>() == 24 + 8);
     assert!(core::mem::size_of::<DoomedEvent>() == 24);
-    assert!(core::mem::size_of::<Config>() == 24 * 4);
+    assert!(core::mem::size_of::<Config>() == 25 * 4);
     assert!(core::mem::size_of::<ExecKey>() == 8 + COMM_LEN);
     assert!(core::mem::align_of::<ExecEvent>() == 8);
 };

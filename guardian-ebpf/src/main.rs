@@ -8,7 +8,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
@@ -95,9 +95,10 @@ fn reserve<T: 'static>(ctx: &TracePointContext) -> Option<RingBufEntry<T>> {
 }
 
 /// Submits a record: an `urgent` one wakes the reader at once, a routine one only when the
-/// reader is idle (see [`reader::IDLE`]).
+/// reader is idle (see [`reader::IDLE`]) or the ring holds more than `cfg.ring_wake_bytes`
+/// (a burst between two of the reader's timed collections).
 #[inline(always)]
-fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool) {
+fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool, cfg: &Config) {
     if urgent {
         entry.submit(BPF_RB_FORCE_WAKEUP as u64);
         return;
@@ -105,7 +106,9 @@ fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool) {
     entry.submit(BPF_RB_NO_WAKEUP as u64);
     // Read after the commit (a full barrier), while the daemon sets the flag before its last
     // look at the ring: either it saw this record, or the flag is seen here.
-    if reader_flag(reader::IDLE) {
+    if reader_flag(reader::IDLE)
+        || EVENTS.query(BPF_RB_AVAIL_DATA as u64) > u64::from(cfg.ring_wake_bytes)
+    {
         // An empty record carries the wakeup (the reader skips discarded records).
         if let Some(wake) = EVENTS.reserve::<u64>(0) {
             wake.discard(BPF_RB_FORCE_WAKEUP as u64);
@@ -181,7 +184,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
             if tgid != cfg.self_tgid && TRACKED.get_ptr(tgid).is_some() {
                 // SAFETY: as above.
                 let tid: i32 = unsafe { ctx.read_at(cfg.newtask_pid as usize)? };
-                thread_event(ctx, tid as u32, tgid, 1);
+                thread_event(ctx, &cfg, tid as u32, tgid, 1);
             }
         }
         return Ok(0);
@@ -259,7 +262,11 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
             .unwrap_or([0; COMM_LEN]);
     }
     // Close to `tasks_max`, this fork may be the one over it: the daemon kills it at once.
-    submit(entry, counted != 0 && reader_flag(reader::NEAR_TASKS_MAX));
+    submit(
+        entry,
+        counted != 0 && reader_flag(reader::NEAR_TASKS_MAX),
+        &cfg,
+    );
     Ok(0)
 }
 
@@ -320,7 +327,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     // An exec can make a service root, which may fork at once: wake the reader so that it starts
     // following the root within microseconds. An exec costs far more than the wakeup.
-    submit(entry, true);
+    submit(entry, true, &cfg);
     Ok(0)
 }
 
@@ -430,7 +437,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     if !group_dead(ctx, &cfg) {
         if cfg.track_threads != 0 && tracked.is_some() {
-            thread_event(ctx, pid_tgid as u32, tgid, 0);
+            thread_event(ctx, &cfg, pid_tgid as u32, tgid, 0);
         }
         return Ok(0);
     }
@@ -465,7 +472,7 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
         (*ev)._pad = 0;
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     }
-    submit(entry, had_children);
+    submit(entry, had_children, &cfg);
     Ok(0)
 }
 
@@ -513,13 +520,13 @@ fn try_signal_generate(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: `entry` is a reserved, exclusively owned record.
     unsafe { (*entry.as_mut_ptr()).header = header(EventKind::Doomed, pid, pid) };
     // Urgent: the point is to act before the exit would have been reported.
-    submit(entry, true);
+    submit(entry, true, &cfg);
     Ok(0)
 }
 
 /// Reports a thread start or end of a tracked process (the callers check it is tracked).
 #[inline(always)]
-fn thread_event(ctx: &TracePointContext, tid: u32, tgid: u32, started: u32) {
+fn thread_event(ctx: &TracePointContext, cfg: &Config, tid: u32, tgid: u32, started: u32) {
     let Some(mut entry) = reserve::<ThreadEvent>(ctx) else {
         return;
     };
@@ -530,7 +537,7 @@ fn thread_event(ctx: &TracePointContext, tid: u32, tgid: u32, started: u32) {
         (*ev).started = started;
         (*ev)._pad = 0;
     }
-    submit(entry, false);
+    submit(entry, false, cfg);
 }
 
 /// Whether the exiting thread is the last of its group.

@@ -39,6 +39,11 @@ use crate::{
 
 /// How often routine records are collected while they keep coming.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// The same for `guardian trace`, which decides nothing: every collection costs two thread
+/// wakeups (the loop's and the output writer's), a fifth of its CPU under a fork storm at
+/// [`DRAIN_INTERVAL`]. A burst cannot fill the ring meanwhile: the kernel side wakes the loop
+/// once a quarter of it is used.
+const TRACE_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// The longest the loop sleeps: housekeeping (the watchdog, the metrics, the periodic checks)
 /// runs at least this often, and so does a drain, whatever the kernel side did.
 pub const IDLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -140,7 +145,7 @@ pub trait Handler {
     /// tracked): the policy engine matches it against service selectors.
     fn exec_unknown(&mut self, _state: &mut State, _exec: &Exec) {}
 
-    /// Called after each timer drain: every [`DRAIN_INTERVAL`] while records come, otherwise
+    /// Called after each timer drain: every [`DRAIN_INTERVAL`] (for a policy) while records come, otherwise
     /// at [`Handler::next_tick`] or after [`IDLE_INTERVAL`].
     fn tick(&mut self, _state: &mut State) {}
 
@@ -216,6 +221,9 @@ pub struct Monitor {
     decoded: Vec<Result<Event, events::DecodeError>>,
     /// The table's changes for one record (kept for its allocation).
     changes: Vec<Change>,
+    /// How often routine records are collected while they come ([`DRAIN_INTERVAL`], or
+    /// [`TRACE_DRAIN_INTERVAL`] when every process is followed).
+    collect: Duration,
     /// When the last tick ran (boot ns).
     last_tick_ns: u64,
     /// Records were drained since the last tick.
@@ -283,6 +291,11 @@ impl Monitor {
             decode_errors: 0,
             decoded: Vec::new(),
             changes: Vec::new(),
+            collect: if opts.track_all {
+                TRACE_DRAIN_INTERVAL
+            } else {
+                DRAIN_INTERVAL
+            },
             last_tick_ns: procs::boottime_ns(),
             drained: false,
             idle: false,
@@ -304,7 +317,7 @@ impl Monitor {
     pub async fn run(&mut self, handler: &mut impl Handler) {
         // What loading (the kernel's BTF) and the first reading of /proc freed goes back now.
         release_freed_memory();
-        let timer = tokio::time::sleep(DRAIN_INTERVAL);
+        let timer = tokio::time::sleep(self.collect);
         tokio::pin!(timer);
         // The ring's readiness can only fail if the runtime is going away; should it ever, the
         // timer drain alone keeps guardian working.
@@ -418,13 +431,14 @@ impl Monitor {
         }
     }
 
-    /// When the next tick is due (boot ns): [`DRAIN_INTERVAL`] after the last one while records
-    /// come or reparents wait for `/proc`; otherwise at the handler's or a reload's deadline, and
-    /// at most [`IDLE_INTERVAL`] after it. Ticks are never closer than [`DRAIN_INTERVAL`].
+    /// When the next tick is due (boot ns): the collection interval after the last one while
+    /// records come or reparents wait for `/proc`; otherwise at the handler's or a reload's
+    /// deadline, and at most [`IDLE_INTERVAL`] after it. Ticks are never closer than
+    /// [`DRAIN_INTERVAL`].
     fn next_tick_ns(&self, handler: &impl Handler, now: u64) -> u64 {
         let last = self.last_tick_ns;
         let busy = !self.idle || !self.pending.is_empty();
-        let mut next = last + nanos(if busy { DRAIN_INTERVAL } else { IDLE_INTERVAL });
+        let mut next = last + nanos(if busy { self.collect } else { IDLE_INTERVAL });
         if let Some(due) = self.reload_due_ns {
             next = next.min(due);
         }
@@ -443,7 +457,10 @@ impl Monitor {
         match self.state.probes.set_reader(reader::IDLE, idle) {
             Ok(()) => self.idle = idle,
             Err(e) => {
-                warn!("cannot tell the kernel side when the loop idles ({e}); collecting every {DRAIN_INTERVAL:?}");
+                warn!(
+                    "cannot tell the kernel side when the loop idles ({e}); collecting every {:?}",
+                    self.collect
+                );
                 self.can_idle = false;
             }
         }

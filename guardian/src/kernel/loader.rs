@@ -169,11 +169,10 @@ impl Probes {
             );
         }
         raise_memlock();
-        let (config, group_dead) = kernel_config(opts)?;
-        debug!(?config, "kernel configuration");
-
+        let (mut config, group_dead) = kernel_config(opts)?;
         let sizes = MapSizes::for_this_host(opts)?;
-        debug!(?sizes, "map sizes");
+        config.ring_wake_bytes = sizes.ring_bytes / 4;
+        debug!(?config, ?sizes, "kernel configuration and map sizes");
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(TRACKED_MAP, sizes.tracked)
