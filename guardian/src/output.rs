@@ -2,7 +2,7 @@
 
 use std::{
     borrow::Cow,
-    cell::RefCell,
+    cell::Cell,
     collections::BTreeMap,
     io::{self, IsTerminal, Write},
     sync::{
@@ -237,6 +237,77 @@ impl Record {
         }
     }
 
+    /// The record as one JSON object, appended to `out`. Fork, exit and reparent records (the
+    /// stream of `guardian trace`, thousands a second under a fork storm) are written by hand,
+    /// byte for byte as serde writes them; the rest go through serde.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        /// `{"event":"EVENT","ts":"TS","pid":N,"ppid":N,"comm":"COMM"`
+        fn head(out: &mut Vec<u8>, event: &str, ts: &Ts, proc: &Proc) {
+            out.extend_from_slice(b"{\"event\":\"");
+            out.extend_from_slice(event.as_bytes());
+            out.extend_from_slice(b"\",\"ts\":\"");
+            out.extend_from_slice(ts.as_str().as_bytes());
+            out.push(b'"');
+            number(out, "pid", proc.pid);
+            number(out, "ppid", proc.ppid);
+            out.extend_from_slice(b",\"comm\":");
+            string(out, &proc.comm);
+        }
+        fn number(out: &mut Vec<u8>, key: &str, n: impl itoa::Integer) {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        }
+        fn string(out: &mut Vec<u8>, s: &str) {
+            if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+                out.push(b'"');
+                out.extend_from_slice(s.as_bytes());
+                out.push(b'"');
+            } else {
+                // Writing into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, s);
+            }
+        }
+        match self {
+            Self::Fork { ts, proc } => head(out, "fork", ts, proc),
+            Self::Exit {
+                ts,
+                proc,
+                exit_code,
+                signal,
+                core_dumped,
+            } => {
+                head(out, "exit", ts, proc);
+                if let Some(c) = exit_code {
+                    number(out, "exit_code", *c);
+                }
+                if let Some(s) = signal {
+                    number(out, "signal", *s);
+                }
+                if *core_dumped {
+                    out.extend_from_slice(b",\"core_dumped\":true");
+                }
+            }
+            Self::Reparent {
+                ts,
+                proc,
+                old_parent,
+                new_parent,
+            } => {
+                head(out, "reparent", ts, proc);
+                number(out, "old_parent", *old_parent);
+                number(out, "new_parent", *new_parent);
+            }
+            // Writing into a Vec cannot fail, and a Record always serializes.
+            _ => {
+                let _ = serde_json::to_writer(&mut *out, self);
+                return;
+            }
+        }
+        out.push(b'}');
+    }
+
     fn text(&self) -> String {
         fn p(proc: &Proc) -> String {
             format!(
@@ -405,26 +476,32 @@ impl Clock {
     /// RFC 3339 UTC time with microseconds.
     pub fn ts(&self, boot_ns: u64) -> Ts {
         let ns = self.boot_epoch_ns + boot_ns as u128;
-        let (secs, micros) = ((ns / 1_000_000_000) as u64, ns % 1_000_000_000 / 1_000);
+        let secs = (ns / 1_000_000_000) as u64;
+        let mut micros = (ns % 1_000_000_000 / 1_000) as u32;
         // The date and time of day change once a second, and records come by the thousand
         // under a fork storm: they are worked out once per second.
         thread_local! {
-            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+            static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
         }
-        SECOND.with_borrow_mut(|(at, text)| {
-            if *at != secs {
-                let t = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
-                *text = humantime::format_rfc3339_seconds(t).to_string();
-                text.pop(); // the `Z`, which goes after the fraction
-                *at = secs;
+        let (at, mut date) = SECOND.get();
+        if at != secs {
+            let t = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(t).to_string();
+            // `2026-11-25T15:16:19Z`: the `Z` goes after the fraction.
+            if let Some(d) = text.as_bytes().get(..19) {
+                date.copy_from_slice(d);
             }
-            let mut ts = Ts([0; Ts::LEN]);
-            let mut w = &mut ts.0[..];
-            // 19 bytes of date and time, then 8: the buffer is exactly full.
-            let _ = write!(w, "{text}.{micros:06}Z");
-            debug_assert!(w.is_empty(), "{text}");
-            ts
-        })
+            SECOND.set((secs, date));
+        }
+        let mut ts = Ts([0; Ts::LEN]);
+        ts.0[..19].copy_from_slice(&date);
+        ts.0[19] = b'.';
+        for digit in ts.0[20..26].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        ts.0[26] = b'Z';
+        ts
     }
 
     pub fn now(&self) -> Ts {
@@ -523,8 +600,7 @@ impl Output {
         }
         self.line.clear();
         if self.json {
-            // Writing into a Vec cannot fail, and a Record always serializes.
-            let _ = serde_json::to_writer(&mut self.line, record);
+            record.write_json(&mut self.line);
         } else {
             self.line.extend_from_slice(record.text().as_bytes());
         }
@@ -682,6 +758,50 @@ mod tests {
         assert_eq!(v["signal"], 9);
         assert!(v.get("exit_code").is_none());
         assert!(r.text().ends_with("comm=sleep signal=9"), "{}", r.text());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz_config())]
+
+        /// The records written by hand are the bytes serde writes, whatever the name holds
+        /// (quotes, backslashes, control characters, any Unicode) and however the process ended.
+        #[test]
+        fn hand_written_json_is_serdes(
+            pid: u32,
+            ppid: u32,
+            comm in "(\\PC|[\"\\\\\u{0}-\u{1f}\u{7f}]){0,16}",
+            boot_ns in 0u64..u64::MAX / 2,
+            status in proptest::option::of((proptest::bool::ANY, -300i32..300, proptest::bool::ANY)),
+            parents: (u32, u32),
+        ) {
+            let ts = Clock { boot_epoch_ns: 1_764_170_179_000_000_000 }.ts(boot_ns);
+            let proc = Proc { pid, ppid, comm: comm.as_str().into() };
+            let status = status.map(|(code, n, core_dumped)| {
+                if code {
+                    ExitStatus::Code(n)
+                } else {
+                    ExitStatus::Signal { signal: n, core_dumped }
+                }
+            });
+            for record in [
+                Record::Fork { ts, proc: proc.clone() },
+                Record::exit(ts, proc.clone(), status),
+                Record::Reparent {
+                    ts,
+                    proc: proc.clone(),
+                    old_parent: parents.0,
+                    new_parent: parents.1,
+                },
+            ] {
+                let mut by_hand = Vec::new();
+                record.write_json(&mut by_hand);
+                let by_serde = serde_json::to_vec(&record).unwrap();
+                proptest::prop_assert_eq!(
+                    String::from_utf8(by_hand).unwrap(),
+                    String::from_utf8(by_serde).unwrap()
+                );
+            }
+        }
     }
 
     #[test]
