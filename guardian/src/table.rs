@@ -374,7 +374,9 @@ impl Table {
         // The child is a copy of its creator: same image (shared), same service.
         let (comm, exe, argv, kernel_thread, service) = match self.procs.get(&f.creator) {
             Some(c) => (
-                if *c.comm == *f.comm.as_str() {
+                // Compared as bytes: a name that is valid UTF-8 (all but a few) is its own
+                // text, and an invalid one differs from its lossy text and is decoded anew.
+                if c.comm.as_bytes() == f.comm.bytes() {
                     c.comm.clone()
                 } else {
                     f.comm.as_str().into()

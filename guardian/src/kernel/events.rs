@@ -98,8 +98,13 @@ pub struct Comm([u8; COMM_LEN]);
 
 impl Comm {
     pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.bytes())
+    }
+
+    /// The name's bytes, as the kernel has them (up to the first NUL).
+    pub fn bytes(&self) -> &[u8] {
         let end = self.0.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-        String::from_utf8_lossy(&self.0[..end])
+        &self.0[..end]
     }
 }
 
