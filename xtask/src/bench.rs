@@ -1156,7 +1156,9 @@ const HEAVY_ROUND: usize = 5;
 /// the time from the signal to every worker gone (each worker's pidfd readable), with guardian
 /// acting at the SIGKILL (`early`), only at the parent's exit (`exit only`, the hidden
 /// `GUARDIAN_BENCH_EXIT_PATH_ONLY`), and without guardian, the workers SIGKILLed with their
-/// parent (the floor: what their own exits cost on this machine), in rotating rounds.
+/// parent (the floor: what their own exits cost on this machine beside the parent's), and the
+/// workers alone SIGKILLed, their parent left running (what their exits cost by themselves), in
+/// rotating rounds.
 fn heavy_parent(
     bins: &Bins,
     trials: usize,
@@ -1188,20 +1190,20 @@ fn heavy_parent(
          holding {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
         loadavg()
     ));
-    let (mut early, mut exit_only, mut direct, mut parent_ms) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut early, mut exit_only, mut direct, mut alone, mut parent_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // guardian's own figures: from the SIGKILL (early) or the parent's exit to the signal.
     let (mut own_early, mut own_exit_only) = (Vec::new(), Vec::new());
     let mut missing = 0usize;
     let rounds = trials.div_ceil(HEAVY_ROUND);
     for round in 0..rounds {
         // Each round every way, the first one rotating, so that drift favours none.
-        for i in 0..3 {
-            let way = (round + i) % 3;
+        for i in 0..4 {
+            let way = (round + i) % 4;
             let daemon = match way {
                 0 => Some(&[][..]),
                 1 => Some(&[("GUARDIAN_BENCH_EXIT_PATH_ONLY", "1")][..]),
-                // The floor: no guardian, the workers SIGKILLed with their parent.
+                // The floors: no guardian, the workers SIGKILLed with their parent, or alone.
                 _ => None,
             }
             .map(|env| {
@@ -1214,15 +1216,19 @@ fn heavy_parent(
             })
             .transpose()?;
             for _ in 0..HEAVY_ROUND {
-                let root_in = daemon.as_ref().map(|_| out.as_path());
+                let kill = match &daemon {
+                    Some(_) => HeavyKill::ByGuardian(&out),
+                    None if way == 2 => HeavyKill::WithParent,
+                    None => HeavyKill::WorkersAlone,
+                };
                 let Some((all, parent)) =
-                    heavy_trial(&python, &script, &tag, workers, heap_mib, root_in)?
+                    heavy_trial(&python, &script, &tag, workers, heap_mib, kill)?
                 else {
                     missing += 1;
                     continue;
                 };
-                [&mut early, &mut exit_only, &mut direct][way].push(all);
-                parent_ms.push(parent);
+                [&mut early, &mut exit_only, &mut direct, &mut alone][way].push(all);
+                parent_ms.extend(parent);
             }
             let Some(daemon) = daemon else { continue };
             // The policy's one service.
@@ -1237,13 +1243,14 @@ fn heavy_parent(
     }
     let _ = fs::remove_file(&policy);
     let _ = fs::remove_file(&out);
-    if early.is_empty() || exit_only.is_empty() || direct.is_empty() {
+    if early.is_empty() || exit_only.is_empty() || direct.is_empty() || alone.is_empty() {
         bail!("no latency measured");
     }
     for v in [
         &mut early,
         &mut exit_only,
         &mut direct,
+        &mut alone,
         &mut parent_ms,
         &mut own_early,
         &mut own_exit_only,
@@ -1258,6 +1265,7 @@ fn heavy_parent(
         ("acting at the SIGKILL", &early),
         ("at the exit only", &exit_only),
         ("floor, no guardian", &direct),
+        ("the workers alone", &alone),
     ] {
         println!(
             "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} trials)",
@@ -1268,7 +1276,8 @@ fn heavy_parent(
         );
     }
     println!(
-        "  (goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms; the floor has the workers SIGKILLed by the benchmark with their parent)"
+        "  (goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms; the floor has the workers SIGKILLed by the benchmark with their parent; \
+         the workers alone are SIGKILLed by the benchmark, their parent left running: what their own exits cost)"
     );
     println!(
         "  ratio at the SIGKILL / at the exit only: p50 {:.2}, p99 {:.2}; / the floor: p50 {:.2}, p99 {:.2}",
@@ -1308,19 +1317,32 @@ fn heavy_parent(
         figure("at the SIGKILL", &early, "p50 < 2 ms, p99 < 4 ms"),
         figure("at the exit only", &exit_only, ""),
         figure("floor, no guardian", &direct, ""),
+        figure("the workers alone, no guardian", &alone, ""),
     ])
 }
 
-/// One heavy-parent trial: (ms from the SIGKILL to every worker gone, ms to the parent gone),
-/// or `None` if a worker was still alive 5 s later.
+/// Who SIGKILLs whom in a heavy-parent trial.
+#[derive(Clone, Copy)]
+enum HeavyKill<'a> {
+    /// The benchmark SIGKILLs the parent once guardian (writing to this file) reported it as a
+    /// root; guardian kills the workers.
+    ByGuardian(&'a Path),
+    /// The benchmark SIGKILLs the parent and, at once, its workers.
+    WithParent,
+    /// The benchmark SIGKILLs the workers only; the parent lives on (until the trial ends).
+    WorkersAlone,
+}
+
+/// One heavy-parent trial: (ms from the SIGKILL to every worker gone, ms to the parent gone when
+/// it was killed), or `None` if a worker was still alive 5 s later.
 fn heavy_trial(
     python: &Path,
     script: &Path,
     tag: &str,
     workers: usize,
     heap_mib: usize,
-    root_in: Option<&Path>,
-) -> anyhow::Result<Option<(f64, f64)>> {
+    kill: HeavyKill<'_>,
+) -> anyhow::Result<Option<(f64, Option<f64>)>> {
     let mut child = Command::new(python)
         .arg(script)
         .args([&workers.to_string(), &heap_mib.to_string(), tag])
@@ -1328,7 +1350,7 @@ fn heavy_trial(
         .stdout(Stdio::piped())
         .spawn()?;
     let kids = pid_list(&first_pairs(&mut child)?, "workers")?;
-    let timed = time_sigkill(child.id(), &kids, root_in);
+    let timed = time_sigkill(child.id(), &kids, kill);
     let _ = child.kill();
     let _ = child.wait();
     if !matches!(timed, Ok(Some(_))) {
@@ -1337,14 +1359,13 @@ fn heavy_trial(
     timed
 }
 
-/// SIGKILLs `parent` once guardian has reported it as a root in `root_in` (without a guardian,
-/// SIGKILLs its workers too, at once), and times the workers' exits (pidfds): see
-/// [`heavy_trial`].
+/// SIGKILLs as `kill` says and times the workers' exits (pidfds), and the parent's when it was
+/// killed: see [`heavy_trial`].
 fn time_sigkill(
     parent: u32,
     kids: &[u32],
-    root_in: Option<&Path>,
-) -> anyhow::Result<Option<(f64, f64)>> {
+    kill: HeavyKill<'_>,
+) -> anyhow::Result<Option<(f64, Option<f64>)>> {
     use std::os::fd::{FromRawFd, OwnedFd};
     let pidfd = |pid: u32| -> anyhow::Result<OwnedFd> {
         // SAFETY: pidfd_open returns a new descriptor or -1.
@@ -1357,29 +1378,34 @@ fn time_sigkill(
     };
     let fds: Vec<OwnedFd> = kids.iter().map(|&k| pidfd(k)).collect::<Result<_, _>>()?;
     let parent_fd = pidfd(parent)?;
-    if let Some(out) = root_in {
+    if let HeavyKill::ByGuardian(out) = kill {
         if !wait_record(out, "\"event\":\"root\"", parent, Duration::from_secs(10))? {
             bail!("guardian never reported the root {parent}");
         }
     }
     let sent = Instant::now();
-    kill_all(&[parent]);
-    if root_in.is_none() {
-        // The floor: its workers go with it.
-        kill_all(kids);
+    match kill {
+        HeavyKill::ByGuardian(_) => kill_all(&[parent]),
+        HeavyKill::WithParent => {
+            kill_all(&[parent]);
+            kill_all(kids);
+        }
+        HeavyKill::WorkersAlone => kill_all(kids),
     }
+    let watch_parent = !matches!(kill, HeavyKill::WorkersAlone);
     let mut gone = Vec::new();
     let mut waiting: Vec<&OwnedFd> = fds.iter().collect();
     let mut parent_gone = None;
-    while !waiting.is_empty() || parent_gone.is_none() {
+    while !waiting.is_empty() || (watch_parent && parent_gone.is_none()) {
         let left = Duration::from_secs(5).saturating_sub(sent.elapsed());
         if left.is_zero() {
             break;
         }
+        let with_parent = watch_parent && parent_gone.is_none();
         let mut pfds: Vec<libc::pollfd> = waiting
             .iter()
             .copied()
-            .chain(parent_gone.is_none().then_some(&parent_fd))
+            .chain(with_parent.then_some(&parent_fd))
             .map(|fd| libc::pollfd {
                 fd: std::os::fd::AsRawFd::as_raw_fd(fd),
                 events: libc::POLLIN,
@@ -1398,7 +1424,7 @@ fn time_sigkill(
         if n <= 0 {
             continue;
         }
-        if parent_gone.is_none() && pfds[pfds.len() - 1].revents != 0 {
+        if with_parent && pfds[pfds.len() - 1].revents != 0 {
             parent_gone = Some(now);
         }
         let mut i = 0;
@@ -1411,11 +1437,11 @@ fn time_sigkill(
             !ready
         });
     }
-    if !waiting.is_empty() {
+    if !waiting.is_empty() || (watch_parent && parent_gone.is_none()) {
         return Ok(None);
     }
     let all = gone.iter().copied().fold(0.0, f64::max);
-    Ok(parent_gone.map(|p| (all, p)))
+    Ok(Some((all, parent_gone)))
 }
 
 /// Blocks (bounded) until `fd` is readable.
