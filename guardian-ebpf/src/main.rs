@@ -99,16 +99,14 @@ fn reserve<T: 'static>(ctx: &TracePointContext) -> Option<RingBufEntry<T>> {
 /// (a burst between two of the reader's timed collections).
 #[inline(always)]
 fn submit<T: 'static>(entry: RingBufEntry<T>, urgent: bool, cfg: &Config) {
-    if urgent {
+    if urgent || EVENTS.query(BPF_RB_AVAIL_DATA as u64) > u64::from(cfg.ring_wake_bytes) {
         entry.submit(BPF_RB_FORCE_WAKEUP as u64);
         return;
     }
     entry.submit(BPF_RB_NO_WAKEUP as u64);
     // Read after the commit (a full barrier), while the daemon sets the flag before its last
     // look at the ring: either it saw this record, or the flag is seen here.
-    if reader_flag(reader::IDLE)
-        || EVENTS.query(BPF_RB_AVAIL_DATA as u64) > u64::from(cfg.ring_wake_bytes)
-    {
+    if reader_flag(reader::IDLE) {
         // An empty record carries the wakeup (the reader skips discarded records).
         if let Some(wake) = EVENTS.reserve::<u64>(0) {
             wake.discard(BPF_RB_FORCE_WAKEUP as u64);
