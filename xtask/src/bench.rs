@@ -201,6 +201,18 @@ fn build(guardian: Option<PathBuf>) -> anyhow::Result<Bins> {
     })
 }
 
+/// Files and directories a benchmark writes (policies, records, links), removed when it ends,
+/// however it ends (a `?` on the way included).
+struct Scratch(Vec<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p).or_else(|_| fs::remove_dir_all(p));
+        }
+    }
+}
+
 /// A guardian process writing JSON records to a file.
 pub struct Daemon {
     child: Child,
@@ -301,10 +313,14 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
-    /// A benchmark that failed leaves no guardian attached (after `stop`, nothing to do).
+    /// A benchmark that failed leaves no guardian attached (after `stop`, nothing to do), and no
+    /// socket directory behind.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = self.socket.as_ref().and_then(|s| s.parent()) {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -434,19 +450,24 @@ impl Mode {
         }
     }
 
-    fn start(self, guardian: &Path, out: &Path) -> anyhow::Result<Daemon> {
+    /// The daemon, and the policy file written for it (to remove once it is stopped).
+    fn start(self, guardian: &Path, out: &Path) -> anyhow::Result<(Daemon, Scratch)> {
         let tag = format!("benchfork{}", std::process::id());
         let policy = std::env::temp_dir().join(format!("{tag}.toml"));
         let text = match self {
-            Self::Trace => return Daemon::start(guardian, &["trace"], out.to_path_buf()),
+            Self::Trace => {
+                let d = Daemon::start(guardian, &["trace"], out.to_path_buf())?;
+                return Ok((d, Scratch(Vec::new())));
+            }
             Self::Shipped => {
                 let shipped = workspace_root().join("policies/analyticbot.toml");
                 let path = shipped.to_str().context("policy path")?;
-                return Daemon::start(
+                let d = Daemon::start(
                     guardian,
                     &["--policy", path, "--dry-run"],
                     out.to_path_buf(),
-                );
+                )?;
+                return Ok((d, Scratch(Vec::new())));
             }
             Self::Nothing => format!(
                 "[[service]]\nname = \"nothing\"\nmatch = {{ cmdline = \"{tag}\", user = 4242424 }}\n"
@@ -455,14 +476,14 @@ impl Mode {
                 "[[service]]\nname = \"nothing\"\nmatch = {{ cmdline = \"{tag}\", exe = \"/nonexistent/{tag}\" }}\n"
             ),
         };
+        let scratch = Scratch(vec![policy.clone()]);
         fs::write(&policy, text)?;
         let d = Daemon::start(
             guardian,
             &["--policy", policy.to_str().context("policy path")?],
             out.to_path_buf(),
-        );
-        let _ = fs::remove_file(&policy);
-        d
+        )?;
+        Ok((d, scratch))
     }
 }
 
@@ -490,6 +511,7 @@ fn fork(bins: &Bins, forks: u64, execs: u64, rounds: usize) -> anyhow::Result<Ve
     ));
     let load_before = loadavg();
     let out = std::env::temp_dir().join("guardian-bench-fork.jsonl");
+    let _scratch = Scratch(vec![out.clone()]);
     let (forks_arg, execs_arg) = (forks.to_string(), execs.to_string());
     let fork_args = ["fork-loop", forks_arg.as_str()];
     let exec_args = ["exec-loop", execs_arg.as_str(), "/bin/true"];
@@ -539,7 +561,7 @@ fn fork(bins: &Bins, forks: u64, execs: u64, rounds: usize) -> anyhow::Result<Ve
             // over a round favours neither.
             let baseline = || loop_round(workload, args, n, loops);
             let first = if r % 2 == 0 { Some(baseline()?) } else { None };
-            let d = case.mode.start(guardian, &out)?;
+            let (d, _policy) = case.mode.start(guardian, &out)?;
             let cpu_before = d.cpu_ms();
             let (run_before, runs_before) = bpf_run_time(d.pid());
             let t = loop_round(workload, args, n, loops)?;
@@ -590,7 +612,6 @@ fn fork(bins: &Bins, forks: u64, execs: u64, rounds: usize) -> anyhow::Result<Ve
             case.costs.push(cost);
         }
     }
-    let _ = fs::remove_file(&out);
     println!(
         "\n{rounds} rounds, {loops} loops in parallel; load average {load_before} before, {} after",
         loadavg()
@@ -827,22 +848,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Starts guardian with a policy written to a temporary file; returns the daemon, the policy
-/// file and the records file.
+/// Starts guardian with a policy written to a temporary file; returns the daemon, and the
+/// policy and records files to remove once it is stopped (dropped after it).
 fn start_with_policy(
     guardian: &Path,
     tag: &str,
     policy_text: &str,
-) -> anyhow::Result<(Daemon, PathBuf, PathBuf)> {
+) -> anyhow::Result<(Daemon, Scratch)> {
     let policy = std::env::temp_dir().join(format!("{tag}.toml"));
-    fs::write(&policy, policy_text)?;
     let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
-    let daemon = Daemon::start(
-        guardian,
-        &["--policy", policy.to_str().unwrap()],
-        out.clone(),
-    )?;
-    Ok((daemon, policy, out))
+    let scratch = Scratch(vec![policy.clone(), out.clone()]);
+    fs::write(&policy, policy_text)?;
+    let daemon = Daemon::start(guardian, &["--policy", policy.to_str().unwrap()], out)?;
+    Ok((daemon, scratch))
 }
 
 /// One plain GET of `/metrics`; whether a reply came.
@@ -898,6 +916,12 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
         .port();
     let policy = std::env::temp_dir().join(format!("{tag}.toml"));
     let storm_link = std::env::temp_dir().join(format!("{tag}.d/{STORM_COMM}"));
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    let _scratch = Scratch(vec![
+        policy.clone(),
+        out.clone(),
+        storm_link.parent().context("link dir")?.to_path_buf(),
+    ]);
     fs::create_dir_all(storm_link.parent().context("link dir")?)?;
     let _ = fs::remove_file(&storm_link);
     std::os::unix::fs::symlink(workload, &storm_link)?;
@@ -910,7 +934,6 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
             exe = workload.display()
         ),
     )?;
-    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
     let address = format!("127.0.0.1:{port}");
     let daemon = Daemon::start(
         guardian,
@@ -1011,9 +1034,6 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (scrapes, failed_scrapes) = scraper.join().expect("the scraper thread");
     let records = daemon.stop()?;
-    let _ = fs::remove_file(&policy);
-    let _ = fs::remove_file(&out);
-    let _ = fs::remove_dir_all(storm_link.parent().context("link dir")?);
     measured?;
     let mut own = decision_ms(&records, "bench");
     for l in &mut latencies {
@@ -1177,6 +1197,8 @@ fn heavy_parent(
     let script = guardian_tests::script("mp_heavy_parent.py");
     let tag = format!("benchheavy{}", std::process::id());
     let policy = std::env::temp_dir().join(format!("{tag}.toml"));
+    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
+    let _scratch = Scratch(vec![policy.clone(), out.clone()]);
     fs::write(
         &policy,
         format!(
@@ -1184,7 +1206,6 @@ fn heavy_parent(
             exe.display()
         ),
     )?;
-    let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
     step(&format!(
         "bench orphans, heavy parent: {trials} trials each of three ways of a Python parent \
          holding {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
@@ -1241,8 +1262,6 @@ fn heavy_parent(
         }
         eprintln!("  {} trials done each way", (round + 1) * HEAVY_ROUND);
     }
-    let _ = fs::remove_file(&policy);
-    let _ = fs::remove_file(&out);
     if early.is_empty() || exit_only.is_empty() || direct.is_empty() || alone.is_empty() {
         bail!("no latency measured");
     }
@@ -1488,7 +1507,7 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
     let (guardian, workload) = (&bins.guardian, &bins.workload);
     let tag = format!("benchbudgets{}", std::process::id());
     let high_mb = 100u64;
-    let (daemon, policy, out) = start_with_policy(
+    let (daemon, _scratch) = start_with_policy(
         guardian,
         &tag,
         &format!(
@@ -1516,7 +1535,12 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
             .first()
             .context("the workload printed no hog")?;
         let parent = child.id();
-        if !wait_record(&out, "\"action\":\"move\"", parent, Duration::from_secs(10))? {
+        if !wait_record(
+            &daemon.out,
+            "\"action\":\"move\"",
+            parent,
+            Duration::from_secs(10),
+        )? {
             bail!("guardian never moved the root {parent}");
         }
         // The kernel tells this process when usage goes over memory_high, as it tells guardian:
@@ -1576,8 +1600,6 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
         counted.push(c.rate);
     }
     let records = daemon.stop()?;
-    let _ = fs::remove_file(&policy);
-    let _ = fs::remove_file(&out);
     let kills = records
         .iter()
         .filter(|v| {
@@ -1779,6 +1801,7 @@ fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::R
         "guardian-bench-footprint-{}.jsonl",
         std::process::id()
     ));
+    let _scratch = Scratch(vec![out.clone()]);
     let daemon = Daemon::start(
         &bins.guardian,
         &[
@@ -1793,7 +1816,6 @@ fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::R
     println!("  resident {}", idle.describe());
     let mut percents = idle_cpu(daemon.pid(), secs, rounds)?;
     daemon.stop()?;
-    let _ = fs::remove_file(&out);
     let (lo, hi) = (
         percents.iter().copied().fold(f64::INFINITY, f64::min),
         percents.iter().copied().fold(0.0, f64::max),
@@ -1804,7 +1826,7 @@ fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::R
         "bench footprint: one service of {members} sleeping members"
     ));
     let tag = format!("benchfootprint{}", std::process::id());
-    let (daemon, policy, out) = start_with_policy(
+    let (daemon, _many_scratch) = start_with_policy(
         &bins.guardian,
         &tag,
         &format!(
@@ -1822,8 +1844,6 @@ fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::R
             Ok((resident?, followed))
         });
     daemon.stop()?;
-    let _ = fs::remove_file(&policy);
-    let _ = fs::remove_file(&out);
     let (many, followed) = measured?;
     println!(
         "  resident {} ({members} members followed {:.1} s after their parent said it forked them)",
