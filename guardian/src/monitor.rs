@@ -40,7 +40,7 @@ use crate::{
 /// How often routine records are collected while they keep coming.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 /// The same for `guardian trace`, which decides nothing: every collection costs two thread
-/// wakeups (the loop's and the output writer's), a fifth of its CPU under a fork storm at
+/// wakeups (the loop's and the output writer's), about a third of its CPU under a fork storm at
 /// [`DRAIN_INTERVAL`]. A burst cannot fill the ring meanwhile: the kernel side wakes the loop
 /// once a quarter of it is used.
 const TRACE_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
