@@ -145,8 +145,8 @@ pub trait Handler {
     /// tracked): the policy engine matches it against service selectors.
     fn exec_unknown(&mut self, _state: &mut State, _exec: &Exec) {}
 
-    /// Called after each timer drain: every [`DRAIN_INTERVAL`] (for a policy) while records come, otherwise
-    /// at [`Handler::next_tick`] or after [`IDLE_INTERVAL`].
+    /// Called after each timer drain: every [`DRAIN_INTERVAL`] (for a policy) while records
+    /// come, otherwise at [`Handler::next_tick`] or after [`IDLE_INTERVAL`].
     fn tick(&mut self, _state: &mut State) {}
 
     /// When the handler needs its next tick (boot ns), if that is sooner than [`IDLE_INTERVAL`]
