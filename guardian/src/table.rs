@@ -101,6 +101,27 @@ pub enum State {
 }
 
 impl Process {
+    /// A live process with no image known yet (no executable, no command line), in no service.
+    fn new(pid: u32, parent: u32, start_ns: u64, comm: Arc<str>) -> Self {
+        Self {
+            pid,
+            parent,
+            start_ns,
+            comm,
+            exe: None,
+            argv: Vec::new().into(),
+            children: BTreeSet::new(),
+            kernel_thread: false,
+            state: State::Alive,
+            service: None,
+            root: false,
+            orphan: false,
+            decided_early: false,
+            threads: 1,
+            exec_ns: None,
+        }
+    }
+
     pub fn alive(&self) -> bool {
         self.state == State::Alive
     }
@@ -121,21 +142,9 @@ impl Process {
     /// A live member of service 0, child of init, for tests.
     pub(crate) fn for_test(pid: u32, comm: &str) -> Self {
         Self {
-            pid,
-            parent: 1,
-            start_ns: 0,
-            comm: comm.into(),
-            exe: None,
             argv: vec![comm.to_owned()].into(),
-            children: BTreeSet::new(),
-            kernel_thread: false,
-            state: State::Alive,
             service: Some(0),
-            root: false,
-            orphan: false,
-            decided_early: false,
-            threads: 1,
-            exec_ns: None,
+            ..Self::new(pid, 1, 0, comm.into())
         }
     }
 }
@@ -293,21 +302,11 @@ impl Table {
             self.procs.insert(
                 info.pid,
                 Box::new(Process {
-                    pid: info.pid,
-                    parent: info.ppid,
-                    start_ns: info.start_ns,
-                    comm: info.comm.into(),
                     exe: info.exe.map(Into::into),
                     argv: info.argv.into(),
-                    children: BTreeSet::new(),
                     kernel_thread: info.kernel_thread,
-                    state: State::Alive,
-                    service: None,
-                    root: false,
-                    orphan: false,
-                    decided_early: false,
                     threads: u32::try_from(info.threads).unwrap_or(1).max(1),
-                    exec_ns: None,
+                    ..Process::new(info.pid, info.ppid, info.start_ns, info.comm.into())
                 }),
             );
         }
@@ -391,21 +390,11 @@ impl Table {
         self.procs.insert(
             f.pid,
             Box::new(Process {
-                pid: f.pid,
-                parent,
-                start_ns: f.ts_ns,
-                comm,
                 exe,
                 argv,
-                children: BTreeSet::new(),
                 kernel_thread: kernel_thread || parent == KTHREADD,
-                state: State::Alive,
                 service,
-                root: false,
-                orphan: false,
-                decided_early: false,
-                threads: 1,
-                exec_ns: None,
+                ..Process::new(f.pid, parent, f.ts_ns, comm)
             }),
         );
         if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
@@ -459,23 +448,12 @@ impl Table {
             let parent = e.ppid.unwrap_or(0);
             self.procs.insert(
                 e.pid,
-                Box::new(Process {
-                    pid: e.pid,
+                Box::new(Process::new(
+                    e.pid,
                     parent,
-                    start_ns: e.start_ns.unwrap_or(e.ts_ns),
-                    comm: "".into(),
-                    exe: None,
-                    argv: Vec::new().into(),
-                    children: BTreeSet::new(),
-                    kernel_thread: false,
-                    state: State::Alive,
-                    service: None,
-                    root: false,
-                    orphan: false,
-                    decided_early: false,
-                    threads: 1,
-                    exec_ns: None,
-                }),
+                    e.start_ns.unwrap_or(e.ts_ns),
+                    "".into(),
+                )),
             );
             if let Some(p) = self.procs.get_mut(&parent).filter(|p| p.alive()) {
                 p.children.insert(e.pid);
