@@ -368,7 +368,7 @@ fn fork_round(workload: &Path, forks: u64, loops: usize, tag: &str) -> anyhow::R
 }
 
 fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    sort(v);
     v[v.len() / 2]
 }
 
@@ -848,6 +848,29 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+fn sort(v: &mut [f64]) {
+    v.sort_by(f64::total_cmp);
+}
+
+/// `p50 … ms   p99 … ms   max … ms` of sorted latencies.
+fn spread(s: &[f64]) -> String {
+    format!(
+        "p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+        percentile(s, 0.5),
+        percentile(s, 0.99),
+        s[s.len() - 1]
+    )
+}
+
+/// The summary table's form.
+fn p50_p99(s: &[f64]) -> String {
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        percentile(s, 0.5),
+        percentile(s, 0.99)
+    )
+}
+
 /// Starts guardian with a policy written to a temporary file; returns the daemon, and the
 /// policy and records files to remove once it is stopped (dropped after it).
 fn start_with_policy(
@@ -1040,9 +1063,9 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
         if l.is_empty() {
             bail!("no latency measured");
         }
-        l.sort_by(|a, b| a.total_cmp(b));
+        sort(l);
     }
-    own.sort_by(|a, b| a.total_cmp(b));
+    sort(&mut own);
     println!(
         "\norphan kill latency, parent exit -> worker exit (kernel trace clock), {} workers:",
         latencies.iter().map(Vec::len).sum::<usize>()
@@ -1050,17 +1073,16 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     let quiet_p99 = percentile(&latencies[0], 0.99);
     let mut figures = Vec::new();
     for (load, l) in loads.iter().zip(&latencies) {
-        let (p50, p99) = (percentile(l, 0.5), percentile(l, 0.99));
         println!(
-            "  {:<30} p50 {p50:.3} ms   p99 {p99:.3} ms   max {:.3} ms   ({} workers; p99/quiet {:.2}; goal: p99 <= 2 ms)",
+            "  {:<30} {}   ({} workers; p99/quiet {:.2}; goal: p99 <= 2 ms)",
             load.describe(),
-            l[l.len() - 1],
+            spread(l),
             l.len(),
-            p99 / quiet_p99
+            percentile(l, 0.99) / quiet_p99
         );
         figures.push(Figure::new(
             format!("orphan kill, exit -> worker exit, {}", load.describe()),
-            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+            p50_p99(l),
             "p99 <= 2 ms",
         ));
     }
@@ -1274,7 +1296,7 @@ fn heavy_parent(
         &mut own_early,
         &mut own_exit_only,
     ] {
-        v.sort_by(|a, b| a.total_cmp(b));
+        sort(v);
     }
     println!(
         "\nheavy parent ({heap_mib} MiB, {workers} workers) SIGKILLed -> every worker gone (pidfds), load {}:",
@@ -1286,13 +1308,7 @@ fn heavy_parent(
         ("floor, no guardian", &direct),
         ("the workers alone", &alone),
     ] {
-        println!(
-            "  {what:<22} p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms   ({} trials)",
-            percentile(l, 0.5),
-            percentile(l, 0.99),
-            l[l.len() - 1],
-            l.len()
-        );
+        println!("  {what:<22} {}   ({} trials)", spread(l), l.len());
     }
     println!(
         "  (goal at the SIGKILL: p50 < 2 ms, p99 < 4 ms; the floor has the workers SIGKILLed by the benchmark with their parent; \
@@ -1324,11 +1340,7 @@ fn heavy_parent(
     let figure = |what: &str, l: &[f64], goal| {
         Figure::new(
             format!("heavy parent SIGKILLed -> workers gone, {what}"),
-            format!(
-                "p50 {:.2} ms, p99 {:.2} ms",
-                percentile(l, 0.5),
-                percentile(l, 0.99)
-            ),
+            p50_p99(l),
             goal,
         )
     };
@@ -1613,25 +1625,18 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
     if latencies_ms.is_empty() {
         bail!("no memory_high latency measured");
     }
-    latencies_ms.sort_by(|a, b| a.total_cmp(b));
+    sort(&mut latencies_ms);
     println!(
         "\nmemory_high crossing -> victim exit ({}, {} trials, {kills} victims killed by guardian):",
         if v2 { "v2: from the go signal" } else { "v1 threshold notification" },
         latencies_ms.len()
     );
-    println!(
-        "  p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
-        percentile(&latencies_ms, 0.5),
-        percentile(&latencies_ms, 0.99),
-        latencies_ms[latencies_ms.len() - 1]
-    );
+    println!("  {}", spread(&latencies_ms));
     if !signalled_ms.is_empty() {
-        signalled_ms.sort_by(|a, b| a.total_cmp(b));
+        sort(&mut signalled_ms);
         println!(
-            "  of which crossing -> SIGKILL sent: p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
-            percentile(&signalled_ms, 0.5),
-            percentile(&signalled_ms, 0.99),
-            signalled_ms[signalled_ms.len() - 1]
+            "  of which crossing -> SIGKILL sent: {}",
+            spread(&signalled_ms)
         );
     }
     let (b, c) = (median(&mut base), median(&mut counted));
@@ -1645,11 +1650,7 @@ fn budgets(bins: &Bins, trials: usize, forks: u64, rounds: usize) -> anyhow::Res
     Ok(vec![
         Figure::new(
             "memory_high crossing -> victim exit",
-            format!(
-                "p50 {:.2} ms, p99 {:.2} ms",
-                percentile(&latencies_ms, 0.5),
-                percentile(&latencies_ms, 0.99)
-            ),
+            p50_p99(&latencies_ms),
             "p99 <= 2 ms",
         ),
         Figure::new(
