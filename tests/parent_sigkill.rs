@@ -149,6 +149,30 @@ fn frozen_parent_sigkilled_workers_terminated_before_its_exit() {
     frozen_parent("terminate", "sent SIGTERM");
 }
 
+/// `terminate` is brought forward too, on any host (the frozen-parent proof needs a v1 freezer):
+/// each worker gets one SIGTERM at its parent's SIGKILL, and neither the parent's exit nor the
+/// workers' own (they end on SIGTERM) bring a second decision.
+#[test]
+fn sigkill_brings_terminate_forward_once() {
+    let test = "sigkill_terminate";
+    let Some((tok, g)) =
+        Guardian::on_policy(test, |tok| service_policy(tok, "terminate", KILL_TIMEOUT))
+    else {
+        return;
+    };
+    let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
+
+    kill(parent, libc::SIGKILL);
+    all_gone(&kids, Duration::from_secs(5));
+    parent_gone(parent);
+    let records = g.stop();
+    for &k in &kids {
+        let d = one_decision(&records, k);
+        assert_eq!(d["trigger"], "parent_sigkilled", "{d}");
+        assert_eq!(d["result"], "sent SIGTERM", "{d}");
+    }
+}
+
 /// A parent that ignores SIGTERM gets one: nothing happens. Then SIGKILL: each worker gets
 /// exactly one decision, brought forward by the SIGKILL, none from the exit that follows.
 #[test]
