@@ -5,13 +5,22 @@
 use std::{fs, path::PathBuf, thread, time::Duration};
 
 use guardian_tests::{
-    alive, all_gone, decisions, kill, kill_policy, policy_file, privileged, service_policy, token,
-    Guardian, Workload,
+    alive, all_gone, decisions, kill, kill_policy, one_decision, policy_file, privileged,
+    service_policy, token, Guardian, Workload,
 };
 use serde_json::Value;
 
 fn workload(args: &[&str]) -> Workload {
     Workload::run(env!("CARGO_BIN_EXE_guardian-workload"), args)
+}
+
+/// `tree N MODE` in the service, its root found: (the workload, its parent, its workers). The
+/// workload must be kept (bound to `_w`, not `_`): dropping it ends the tree.
+fn rooted_tree(g: &Guardian, n: &str, mode: &str, tok: &str) -> (Workload, u32, Vec<u32>) {
+    let mut w = workload(&["tree", n, mode, tok]);
+    let (parent, kids) = w.read_tree();
+    g.wait_root(parent);
+    (w, parent, kids)
 }
 
 /// How long a "nothing happens" check watches.
@@ -74,9 +83,7 @@ fn has_v1_freezer() -> bool {
 /// Waits (bounded) for the parent's death, then for guardian to have read its exit (a record
 /// it drains within a tick; `QUIET` is many).
 fn parent_gone(parent: u32) {
-    guardian_tests::eventually("the parent's death", Duration::from_secs(5), || {
-        !alive(parent)
-    });
+    all_gone(&[parent], Duration::from_secs(5));
     thread::sleep(QUIET);
 }
 
@@ -100,9 +107,7 @@ fn frozen_parent(orphans: &str, sent: &str) {
     let tok = token(&test);
     let policy = policy_file(&test, &service_policy(&tok, orphans, KILL_TIMEOUT));
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
-    let mut w = workload(&["tree", "3", "", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
     let freezer = Freezer::new(&tok);
     // Only the parent: its children were forked before, in the test's cgroup.
     freezer.enter(parent);
@@ -116,14 +121,15 @@ fn frozen_parent(orphans: &str, sent: &str) {
         "the frozen parent must still be there, its exit not reported"
     );
     for &k in &kids {
-        let d = decisions(&g.records(), k);
-        assert_eq!(d.len(), 1, "one decision for {k}: {d:?}");
-        assert_eq!(d[0]["action"], orphans, "{}", d[0]);
-        assert_eq!(d[0]["reason"], "orphan", "{}", d[0]);
-        assert_eq!(d[0]["trigger"], "parent_sigkilled", "{}", d[0]);
-        assert_eq!(d[0]["old_parent"], parent, "{}", d[0]);
-        assert_eq!(d[0]["performed"], true, "{}", d[0]);
-        assert_eq!(d[0]["result"], sent, "{}", d[0]);
+        // The worker can be gone before its decision record reaches the test.
+        g.wait_decision(k);
+        let d = one_decision(&g.records(), k);
+        assert_eq!(d["action"], orphans, "{d}");
+        assert_eq!(d["reason"], "orphan", "{d}");
+        assert_eq!(d["trigger"], "parent_sigkilled", "{d}");
+        assert_eq!(d["old_parent"], parent, "{d}");
+        assert_eq!(d["performed"], true, "{d}");
+        assert_eq!(d["result"], sent, "{d}");
     }
 
     // Thawed, the parent dies; its exit brings no second decision.
@@ -131,11 +137,7 @@ fn frozen_parent(orphans: &str, sent: &str) {
     parent_gone(parent);
     let records = g.stop();
     for &k in &kids {
-        assert_eq!(
-            decisions(&records, k).len(),
-            1,
-            "no second decision for {k}"
-        );
+        one_decision(&records, k);
     }
 }
 
@@ -181,9 +183,7 @@ fn only_sigkill_brings_decisions_forward_once() {
     let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
-    let mut w = workload(&["tree", "3", "term-proof", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "3", "term-proof", &tok);
 
     kill(parent, libc::SIGTERM);
     thread::sleep(QUIET);
@@ -198,10 +198,9 @@ fn only_sigkill_brings_decisions_forward_once() {
     parent_gone(parent);
     let records = g.stop();
     for &k in &kids {
-        let d = decisions(&records, k);
-        assert_eq!(d.len(), 1, "exactly one decision for {k}: {d:?}");
-        assert_eq!(d[0]["trigger"], "parent_sigkilled", "{}", d[0]);
-        assert_eq!(d[0]["result"], "sent SIGKILL", "{}", d[0]);
+        let d = one_decision(&records, k);
+        assert_eq!(d["trigger"], "parent_sigkilled", "{d}");
+        assert_eq!(d["result"], "sent SIGKILL", "{d}");
     }
     assert!(decisions(&records, parent).is_empty());
 }
@@ -215,19 +214,16 @@ fn a_fatal_sigterm_leaves_the_orphans_to_the_exit() {
     let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
-    let mut w = workload(&["tree", "3", "", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
 
     kill(parent, libc::SIGTERM);
     all_gone(&kids, Duration::from_secs(5));
     parent_gone(parent);
     let records = g.stop();
     for &k in &kids {
-        let d = decisions(&records, k);
-        assert_eq!(d.len(), 1, "exactly one decision for {k}: {d:?}");
-        assert!(d[0].get("trigger").is_none(), "{}", d[0]);
-        assert_eq!(d[0]["result"], "sent SIGKILL", "{}", d[0]);
+        let d = one_decision(&records, k);
+        assert!(d.get("trigger").is_none(), "{d}");
+        assert_eq!(d["result"], "sent SIGKILL", "{d}");
     }
 }
 
@@ -238,9 +234,7 @@ fn sigkill_to_a_worker_spares_its_siblings() {
     let Some((tok, g)) = Guardian::on_policy(test, |tok| kill_policy(tok, "")) else {
         return;
     };
-    let mut w = workload(&["tree", "3", "", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
 
     kill(kids[0], libc::SIGKILL);
     all_gone(&kids[..1], Duration::from_secs(5));
@@ -268,9 +262,7 @@ fn sigkill_outside_the_policy_touches_nothing() {
     let other = token("elsewhere");
     let mut outsider = workload(&["tree", "2", "", &other]);
     let (out_parent, out_kids) = outsider.read_tree();
-    let mut w = workload(&["tree", "2", "", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "2", "", &tok);
 
     kill(out_parent, libc::SIGKILL);
     thread::sleep(QUIET);
@@ -287,7 +279,7 @@ fn sigkill_outside_the_policy_touches_nothing() {
         assert!(decisions(&records, k).is_empty());
     }
     for &k in &kids {
-        assert_eq!(decisions(&records, k).len(), 1);
+        one_decision(&records, k);
     }
 }
 
@@ -301,9 +293,7 @@ fn dry_run_records_the_early_decision_and_kills_nothing() {
     let tok = token(test);
     let policy = policy_file(test, &kill_policy(&tok, ""));
     let g = Guardian::start(&["--policy", policy.to_str().unwrap(), "--dry-run"]);
-    let mut w = workload(&["tree", "3", "", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
 
     kill(parent, libc::SIGKILL);
     for &k in &kids {
@@ -315,12 +305,11 @@ fn dry_run_records_the_early_decision_and_kills_nothing() {
     }
     let records = g.stop();
     for &k in &kids {
-        let d = decisions(&records, k);
-        assert_eq!(d.len(), 1, "exactly one decision for {k}: {d:?}");
-        assert_eq!(d[0]["mode"], "audit", "{}", d[0]);
-        assert_eq!(d[0]["performed"], false, "{}", d[0]);
-        assert_eq!(d[0]["result"], "audit: would send SIGKILL", "{}", d[0]);
-        assert_eq!(d[0]["trigger"], "parent_sigkilled", "{}", d[0]);
+        let d = one_decision(&records, k);
+        assert_eq!(d["mode"], "audit", "{d}");
+        assert_eq!(d["performed"], false, "{d}");
+        assert_eq!(d["result"], "audit: would send SIGKILL", "{d}");
+        assert_eq!(d["trigger"], "parent_sigkilled", "{d}");
     }
 }
 
@@ -334,9 +323,7 @@ fn report_service_waits_for_the_exit() {
     else {
         return;
     };
-    let mut w = workload(&["tree", "2", "", &tok]);
-    let (parent, kids) = w.read_tree();
-    g.wait_root(parent);
+    let (_w, parent, kids) = rooted_tree(&g, "2", "", &tok);
 
     kill(parent, libc::SIGKILL);
     for &k in &kids {
@@ -348,9 +335,8 @@ fn report_service_waits_for_the_exit() {
     }
     let records = g.stop();
     for &k in &kids {
-        let d = decisions(&records, k);
-        assert_eq!(d.len(), 1, "{d:?}");
-        assert_eq!(d[0]["result"], "reported", "{}", d[0]);
-        assert!(d[0].get("trigger").is_none(), "{}", d[0]);
+        let d = one_decision(&records, k);
+        assert_eq!(d["result"], "reported", "{d}");
+        assert!(d.get("trigger").is_none(), "{d}");
     }
 }

@@ -248,14 +248,14 @@ impl Guardian {
         }
     }
 
-    /// Waits (bounded) for the `root` record of `pid`.
-    /// Waits for the decision record on `pid`.
+    /// Waits (bounded) for the decision record on `pid`.
     pub fn wait_decision(&self, pid: u32) -> Value {
         self.wait_for(&format!("decision on {pid}"), |v| {
             v["event"] == "decision" && v["pid"] == pid
         })
     }
 
+    /// Waits (bounded) for the `root` record of `pid`.
     pub fn wait_root(&self, pid: u32) -> Value {
         self.wait_for(&format!("root record for {pid}"), |v| {
             v["event"] == "root" && v["pid"] == pid
@@ -519,6 +519,13 @@ pub fn decisions(records: &[Value], pid: u32) -> Vec<Value> {
         .filter(|v| v["event"] == "decision" && v["pid"] == pid)
         .cloned()
         .collect()
+}
+
+/// The one decision about `pid` in `records`; fails unless there is exactly one.
+pub fn one_decision(records: &[Value], pid: u32) -> Value {
+    let mut d = decisions(records, pid);
+    assert_eq!(d.len(), 1, "exactly one decision for {pid}: {d:?}");
+    d.remove(0)
 }
 
 /// Waits (bounded) until every pid is gone; returns how long that took.
