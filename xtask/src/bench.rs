@@ -324,6 +324,28 @@ impl Drop for Daemon {
     }
 }
 
+/// The `sleepers` workload: ends when its stdin closes (when dropped).
+struct Sleepers(Child);
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// Processes SIGKILLed and reaped when dropped.
+struct KillOnDrop(Vec<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 struct Round {
     rate: f64,
     parents: Vec<u32>,
@@ -998,7 +1020,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
     let loads = [Load::Quiet, Load::Scraped, Load::Storm, Load::Crowd];
     let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); loads.len()];
     let mut missing = 0usize;
-    let mut crowd: Option<Child> = None;
+    let mut crowd: Option<Sleepers> = None;
     let mut measure = || -> anyhow::Result<()> {
         // Trials alternate between the loads, so that each sees the same machine; the crowd
         // comes last (following it takes seconds).
@@ -1012,28 +1034,23 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
                 crowd = Some(start_sleepers(bins, &daemon, CROWD, &tag)?.0);
             }
             scraping.store(load == Load::Scraped, std::sync::atomic::Ordering::Relaxed);
-            let storm: Vec<Child> = if load == Load::Storm {
-                (0..loops)
-                    .map(|_| {
+            // Stopped right after the trial, or by a `?` on the way.
+            let mut storm = KillOnDrop(Vec::new());
+            if load == Load::Storm {
+                for _ in 0..loops {
+                    storm.0.push(
                         Command::new(&storm_link)
                             .args(["fork-loop", "1000000000", &storm_tag])
                             .stdout(Stdio::null())
-                            .spawn()
-                    })
-                    .collect::<Result<_, _>>()?
-            } else {
-                Vec::new()
-            };
-            if !storm.is_empty() {
+                            .spawn()?,
+                    );
+                }
                 // At full rate before the trial starts.
                 thread::sleep(Duration::from_millis(50));
             }
             trace.clear()?;
             let trial = orphan_trial(workload, workers, &tag, &out, &trace);
-            for mut s in storm {
-                let _ = s.kill();
-                let _ = s.wait();
-            }
+            drop(storm);
             match trial? {
                 Some(ms) => {
                     missing += workers - ms.len();
@@ -1048,11 +1065,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
         Ok(())
     };
     let measured = measure();
-    if let Some(mut c) = crowd {
-        // The sleepers end when their stdin closes.
-        drop(c.stdin.take());
-        let _ = c.wait();
-    }
+    drop(crowd);
     drop(trace);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (scrapes, failed_scrapes) = scraper.join().expect("the scraper thread");
@@ -1109,14 +1122,16 @@ fn start_sleepers(
     daemon: &Daemon,
     n: usize,
     tag: &str,
-) -> anyhow::Result<(Child, Duration)> {
+) -> anyhow::Result<(Sleepers, Duration)> {
     let before = daemon.members(&bins.guardian)?;
-    let mut sleepers = Command::new(&bins.workload)
-        .args(["sleepers", &n.to_string(), tag])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let started = first_pairs(&mut sleepers);
+    let mut sleepers = Sleepers(
+        Command::new(&bins.workload)
+            .args(["sleepers", &n.to_string(), tag])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let started = first_pairs(&mut sleepers.0);
     let t0 = Instant::now();
     // The root and its children.
     let want = before + n as u64 + 1;
@@ -1135,15 +1150,9 @@ fn start_sleepers(
             thread::sleep(Duration::from_millis(200));
         }
     };
-    match followed() {
-        Ok(()) => Ok((sleepers, t0.elapsed())),
-        Err(e) => {
-            // They end when their stdin closes.
-            drop(sleepers.stdin.take());
-            let _ = sleepers.wait();
-            Err(e)
-        }
-    }
+    // On an error, `sleepers` dropped ends them.
+    followed()?;
+    Ok((sleepers, t0.elapsed()))
 }
 
 /// One trial: a parent with `workers` workers, SIGKILLed once guardian follows it; returns each
@@ -1835,15 +1844,12 @@ fn footprint(bins: &Bins, members: usize, secs: u64, rounds: usize) -> anyhow::R
             bins.workload.display()
         ),
     )?;
-    let measured =
-        start_sleepers(bins, &daemon, members, &tag).and_then(|(mut sleepers, followed)| {
-            thread::sleep(SETTLE);
-            let resident = Resident::of(daemon.pid());
-            // The sleepers end when their stdin closes.
-            drop(sleepers.stdin.take());
-            let _ = sleepers.wait();
-            Ok((resident?, followed))
-        });
+    let measured = start_sleepers(bins, &daemon, members, &tag).and_then(|(sleepers, followed)| {
+        thread::sleep(SETTLE);
+        let resident = Resident::of(daemon.pid());
+        drop(sleepers);
+        Ok((resident?, followed))
+    });
     daemon.stop()?;
     let (many, followed) = measured?;
     println!(
