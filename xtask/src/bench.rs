@@ -1238,14 +1238,15 @@ fn heavy_parent(
         ),
     )?;
     step(&format!(
-        "bench orphans, heavy parent: {trials} trials each of three ways of a Python parent \
+        "bench orphans, heavy parent: {trials} trials each of four ways of a Python parent \
          holding {heap_mib} MiB with {workers} workers SIGKILLed; load {}",
         loadavg()
     ));
-    let (mut early, mut exit_only, mut direct, mut alone, mut parent_ms) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // guardian's own figures: from the SIGKILL (early) or the parent's exit to the signal.
-    let (mut own_early, mut own_exit_only) = (Vec::new(), Vec::new());
+    // Each way's latencies: at the SIGKILL, at the exit only, the floor, the workers alone.
+    let mut by_way: [Vec<f64>; 4] = Default::default();
+    let mut parent_ms = Vec::new();
+    // guardian's own figures (ways 0 and 1): from the SIGKILL or the parent's exit to the signal.
+    let mut own: [Vec<f64>; 2] = Default::default();
     let mut missing = 0usize;
     let rounds = trials.div_ceil(HEAVY_ROUND);
     for round in 0..rounds {
@@ -1279,43 +1280,32 @@ fn heavy_parent(
                     missing += 1;
                     continue;
                 };
-                [&mut early, &mut exit_only, &mut direct, &mut alone][way].push(all);
+                by_way[way].push(all);
                 parent_ms.extend(parent);
             }
             let Some(daemon) = daemon else { continue };
             // The policy's one service.
-            let own = decision_ms(&daemon.stop()?, "bench");
-            if way == 0 {
-                own_early.extend(own);
-            } else {
-                own_exit_only.extend(own);
-            }
+            own[way].extend(decision_ms(&daemon.stop()?, "bench"));
         }
         eprintln!("  {} trials done each way", (round + 1) * HEAVY_ROUND);
     }
-    if early.is_empty() || exit_only.is_empty() || direct.is_empty() || alone.is_empty() {
+    if by_way.iter().any(Vec::is_empty) {
         bail!("no latency measured");
     }
-    for v in [
-        &mut early,
-        &mut exit_only,
-        &mut direct,
-        &mut alone,
-        &mut parent_ms,
-        &mut own_early,
-        &mut own_exit_only,
-    ] {
+    for v in by_way.iter_mut().chain(&mut own).chain([&mut parent_ms]) {
         sort(v);
     }
+    let [early, exit_only, direct, alone] = &by_way;
+    let [own_early, own_exit_only] = &own;
     println!(
         "\nheavy parent ({heap_mib} MiB, {workers} workers) SIGKILLed -> every worker gone (pidfds), load {}:",
         loadavg()
     );
     for (what, l) in [
-        ("acting at the SIGKILL", &early),
-        ("at the exit only", &exit_only),
-        ("floor, no guardian", &direct),
-        ("the workers alone", &alone),
+        ("acting at the SIGKILL", early),
+        ("at the exit only", exit_only),
+        ("floor, no guardian", direct),
+        ("the workers alone", alone),
     ] {
         println!("  {what:<22} {}   ({} trials)", spread(l), l.len());
     }
@@ -1325,10 +1315,10 @@ fn heavy_parent(
     );
     println!(
         "  ratio at the SIGKILL / at the exit only: p50 {:.2}, p99 {:.2}; / the floor: p50 {:.2}, p99 {:.2}",
-        percentile(&early, 0.5) / percentile(&exit_only, 0.5),
-        percentile(&early, 0.99) / percentile(&exit_only, 0.99),
-        percentile(&early, 0.5) / percentile(&direct, 0.5),
-        percentile(&early, 0.99) / percentile(&direct, 0.99)
+        percentile(early, 0.5) / percentile(exit_only, 0.5),
+        percentile(early, 0.99) / percentile(exit_only, 0.99),
+        percentile(early, 0.5) / percentile(direct, 0.5),
+        percentile(early, 0.99) / percentile(direct, 0.99)
     );
     println!(
         "  the parent itself is gone p50 {:.3} ms after its SIGKILL (its memory freed)",
@@ -1337,10 +1327,10 @@ fn heavy_parent(
     if !own_early.is_empty() && !own_exit_only.is_empty() {
         println!(
             "  guardian's own figure to the signal sent: from the SIGKILL p50 {:.3} ms p99 {:.3} ms; from the parent's exit (exit only) p50 {:.3} ms p99 {:.3} ms",
-            percentile(&own_early, 0.5),
-            percentile(&own_early, 0.99),
-            percentile(&own_exit_only, 0.5),
-            percentile(&own_exit_only, 0.99)
+            percentile(own_early, 0.5),
+            percentile(own_early, 0.99),
+            percentile(own_exit_only, 0.5),
+            percentile(own_exit_only, 0.99)
         );
     }
     if missing > 0 {
@@ -1354,10 +1344,10 @@ fn heavy_parent(
         )
     };
     Ok(vec![
-        figure("at the SIGKILL", &early, "p50 < 2 ms, p99 < 4 ms"),
-        figure("at the exit only", &exit_only, ""),
-        figure("floor, no guardian", &direct, ""),
-        figure("the workers alone, no guardian", &alone, ""),
+        figure("at the SIGKILL", early, "p50 < 2 ms, p99 < 4 ms"),
+        figure("at the exit only", exit_only, ""),
+        figure("floor, no guardian", direct, ""),
+        figure("the workers alone, no guardian", alone, ""),
     ])
 }
 
