@@ -960,14 +960,11 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
         .local_addr()?
         .port();
     let policy = std::env::temp_dir().join(format!("{tag}.toml"));
-    let storm_link = std::env::temp_dir().join(format!("{tag}.d/{STORM_COMM}"));
+    let link_dir = std::env::temp_dir().join(format!("{tag}.d"));
+    let storm_link = link_dir.join(STORM_COMM);
     let out = std::env::temp_dir().join(format!("{tag}.jsonl"));
-    let _scratch = Scratch(vec![
-        policy.clone(),
-        out.clone(),
-        storm_link.parent().context("link dir")?.to_path_buf(),
-    ]);
-    fs::create_dir_all(storm_link.parent().context("link dir")?)?;
+    let _scratch = Scratch(vec![policy.clone(), out.clone(), link_dir.clone()]);
+    fs::create_dir_all(&link_dir)?;
     let _ = fs::remove_file(&storm_link);
     std::os::unix::fs::symlink(workload, &storm_link)?;
     // Pinned to the workload's executable, as a real service would be (to its account).
@@ -1025,11 +1022,13 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
         // Trials alternate between the loads, so that each sees the same machine; the crowd
         // comes last (following it takes seconds).
         for t in 0..trials + crowd_trials {
-            let load = if t < trials {
-                loads[t % 3]
+            // Crowd is last in `loads`: the others take turns, then the crowd alone.
+            let i = if t < trials {
+                t % (loads.len() - 1)
             } else {
-                Load::Crowd
+                loads.len() - 1
             };
+            let load = loads[i];
             if load == Load::Crowd && crowd.is_none() {
                 crowd = Some(start_sleepers(bins, &daemon, CROWD, &tag)?.0);
             }
@@ -1054,7 +1053,7 @@ fn orphans(bins: &Bins, trials: usize, workers: usize) -> anyhow::Result<Vec<Fig
             match trial? {
                 Some(ms) => {
                     missing += workers - ms.len();
-                    latencies[loads.iter().position(|&l| l == load).unwrap()].extend(ms);
+                    latencies[i].extend(ms);
                 }
                 None => missing += workers,
             }
