@@ -185,9 +185,14 @@ pub fn initramfs(vm_dir: &Path, bins: &Binaries) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
+/// The absolute guest path `dest` inside the guest's root `root`.
+pub(super) fn in_root(root: &Path, dest: &Path) -> PathBuf {
+    root.join(dest.strip_prefix("/").unwrap_or(dest))
+}
+
 /// Copies `src` to the absolute path `dest` inside the guest's root.
-fn place(root: &Path, src: &Path, dest: &Path) -> anyhow::Result<()> {
-    let target = root.join(dest.strip_prefix("/").unwrap_or(dest));
+pub(super) fn place(root: &Path, src: &Path, dest: &Path) -> anyhow::Result<()> {
+    let target = in_root(root, dest);
     fs::create_dir_all(target.parent().expect("has a parent"))?;
     fs::copy(src, &target)
         .with_context(|| format!("copying {} into the initramfs", src.display()))?;

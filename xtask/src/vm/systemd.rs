@@ -21,7 +21,11 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use super::{console, guest::MARK, kernel, MATRIX};
+use super::{
+    console,
+    guest::{self, MARK},
+    kernel, MATRIX,
+};
 use crate::{
     setup,
     util::{step, workspace_root},
@@ -131,13 +135,10 @@ fn initramfs(dir: &Path, base: &Path, deb: &Path) -> anyhow::Result<PathBuf> {
     }
     let root = workspace_root();
     for (src, dest) in FIXTURES {
-        copy(&root.join(src), &guest_path(&tree, dest))?;
+        place_all(&tree, &root.join(src), Path::new(dest))?;
     }
-    copy(
-        deb,
-        &guest_path(&tree, &format!("{GUEST_DIR}/guardian.deb")),
-    )?;
-    let units = guest_path(&tree, "/etc/systemd/system");
+    guest::place(&tree, deb, Path::new(&format!("{GUEST_DIR}/guardian.deb")))?;
+    let units = guest::in_root(&tree, Path::new("/etc/systemd/system"));
     fs::create_dir_all(units.join("multi-user.target.wants"))?;
     symlink(
         format!("/etc/systemd/system/{CASES_UNIT}"),
@@ -157,22 +158,17 @@ fn initramfs(dir: &Path, base: &Path, deb: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-/// The absolute guest path `dest` inside the tree `root`.
-fn guest_path(root: &Path, dest: &str) -> PathBuf {
-    root.join(dest.trim_start_matches('/'))
-}
-
-/// Copies a file, or a folder and everything below it, keeping permissions.
-fn copy(src: &Path, dest: &Path) -> anyhow::Result<()> {
-    if src.is_dir() {
-        fs::create_dir_all(dest)?;
-        for entry in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
-            let entry = entry?;
-            copy(&entry.path(), &dest.join(entry.file_name()))?;
-        }
-    } else {
-        fs::create_dir_all(dest.parent().expect("has a parent"))?;
-        fs::copy(src, dest).with_context(|| format!("copying {}", src.display()))?;
+/// [`guest::place`] for a file, or a folder and everything below it: copies `src` to the
+/// absolute guest path `dest` inside the tree `root`, keeping permissions.
+fn place_all(root: &Path, src: &Path, dest: &Path) -> anyhow::Result<()> {
+    if !src.is_dir() {
+        return guest::place(root, src, dest);
+    }
+    // Created even when it holds no file.
+    fs::create_dir_all(guest::in_root(root, dest))?;
+    for entry in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        place_all(root, &entry.path(), &dest.join(entry.file_name()))?;
     }
     Ok(())
 }
