@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::guest::MARK;
+use super::guest::{marker, MARK};
 
 /// Software emulation: the CI machines' KVM is paravirtual and cannot run stock kernels. The
 /// first serial port carries the init's and tests' output, the second the kernel's messages.
@@ -240,9 +240,7 @@ impl Report {
         let mut current: Option<BinaryRun> = None;
         let mut done = false;
         for line in lines {
-            if let Some(marker) = line.strip_prefix(MARK) {
-                let marker = marker.trim();
-                let (word, rest) = marker.split_once(' ').unwrap_or((marker, ""));
+            if let Some((word, rest)) = marker(line) {
                 match word {
                     "kernel" => report.uname = Some(rest.to_owned()),
                     "error" => report.problems.push(format!("guest setup: {rest}")),

@@ -16,6 +16,13 @@ use crate::util::{cargo, is_static_elf, step, which, workspace_root};
 
 /// Lines of the guest's init start with this; everything else is kernel or test output.
 pub const MARK: &str = "guardian-vm:";
+
+/// A line of a guest's driver, `{MARK} WORD REST`, as (WORD, REST) (REST empty when absent);
+/// `None` for any other line.
+pub fn marker(line: &str) -> Option<(&str, &str)> {
+    let marker = line.strip_prefix(MARK)?.trim();
+    Some(marker.split_once(' ').unwrap_or((marker, "")))
+}
 /// The guests' binaries are built for this target (as the host's, but linked statically).
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Where the daemon sits in the guest.

@@ -23,7 +23,7 @@ use anyhow::{bail, Context as _};
 
 use super::{
     console,
-    guest::{self, MARK},
+    guest::{self, marker},
     kernel, MATRIX,
 };
 use crate::{
@@ -197,9 +197,7 @@ impl Report {
         let mut plan: Option<Vec<String>> = None;
         let mut done = false;
         for line in lines {
-            if let Some(marker) = line.strip_prefix(MARK) {
-                let marker = marker.trim();
-                let (word, rest) = marker.split_once(' ').unwrap_or((marker, ""));
+            if let Some((word, rest)) = marker(line) {
                 match word {
                     "kernel" => report.uname = Some(rest.to_owned()),
                     "plan" => plan = Some(rest.split_whitespace().map(str::to_owned).collect()),
