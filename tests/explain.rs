@@ -10,8 +10,8 @@ use std::{
 };
 
 use guardian_tests::{
-    guardian_bin, kill_policy, missing, pid, pids, policy_file, ppid_of, privileged, token,
-    Guardian, Workload,
+    guardian_bin, kill_policy, missing, pid, policy_file, ppid_of, privileged, token, Guardian,
+    Workload,
 };
 use serde_json::Value;
 
@@ -138,9 +138,8 @@ fn a_process_of_no_service_names_the_failing_key_per_service() {
         ),
     );
     let mut w = workload(&["tree", "1", "", &tok]);
-    let p = w.read_pairs();
-    w.cleanup.extend(pids(&p, "children"));
-    let v = explain_json(&policy, pid(&p, "parent"));
+    let (parent, _) = w.read_tree();
+    let v = explain_json(&policy, parent);
     assert_eq!(v["role"], "none", "{v:#}");
     assert!(v["service"].is_null());
     assert_eq!(v["matched"], Value::Array(vec![]));

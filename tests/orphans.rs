@@ -374,9 +374,8 @@ fn a_reused_pid_is_not_signalled() {
         return;
     };
     let mut w = workload(&["tree", "1", "", &tok]);
-    let p = w.read_pairs();
-    let (parent, orphan) = (pid(&p, "parent"), pids(&p, "children")[0]);
-    w.cleanup.push(orphan);
+    let (parent, kids) = w.read_tree();
+    let orphan = kids[0];
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     // The orphan honours SIGTERM; its pid then goes to a newcomer before kill_timeout ends.

@@ -207,10 +207,8 @@ fn two_hundred_stubborn_orphans_under_sixty_four_descriptors() {
     }
     let g = Guardian::spawn(cmd);
     let mut w = workload(&["tree", "200", "ignore-term", &tok]);
-    let p = w.read_pairs();
-    let (parent, kids) = (pid(&p, "parent"), pids(&p, "children"));
+    let (parent, kids) = w.read_tree();
     assert_eq!(kids.len(), 200);
-    w.cleanup.extend(&kids);
     g.wait_root(parent);
     kill(parent, libc::SIGKILL);
     thread::sleep(Duration::from_millis(500));
@@ -571,9 +569,8 @@ fn the_periodic_check_catches_a_death_no_event_reported() {
         policy_file(test, &kill_policy(&tok, "")).to_str().unwrap(),
     ]);
     let mut w = workload(&["tree", "1", "nested", &tok]);
-    let p = w.read_pairs();
-    let (parent, middle) = (pid(&p, "parent"), pids(&p, "children")[0]);
-    w.cleanup.push(middle);
+    let (parent, kids) = w.read_tree();
+    let middle = kids[0];
     g.wait_root(parent);
     kill(middle, libc::SIGUSR1);
     let mut grandchildren = Vec::new();

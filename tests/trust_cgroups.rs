@@ -87,9 +87,7 @@ fn restarted_guardian_reuses_its_cgroup_then_removes_it() {
     let dirs = service_cgroup_dirs(&tok, "svc");
     let first = start(&p);
     let mut w = workload(&["tree", "2", &tok]);
-    let m = w.read_pairs();
-    let root = pid(&m, "parent");
-    w.cleanup.extend(pids(&m, "children"));
+    let (root, _) = w.read_tree();
     first.wait_for("the move of the root", |v| {
         v["event"] == "decision" && v["action"] == "move" && v["pid"] == root
     });
@@ -215,9 +213,7 @@ fn the_operators_cgroup_is_used_and_kept() {
     let p = policy(test, &tok, "tasks_max = 32\ncgroup = \"own\"");
     let g = start(&p);
     let mut w = workload(&["tree", "1", &tok]);
-    let m = w.read_pairs();
-    let root = pid(&m, "parent");
-    w.cleanup.extend(pids(&m, "children"));
+    let (root, _) = w.read_tree();
     let l = &limits(&g, &["tasks_max"])[0];
     assert_eq!(l["performed"], true, "{l}");
     assert!(
@@ -317,9 +313,7 @@ fn a_leftover_empty_cgroup_is_removed_at_start() {
     let dirs = service_cgroup_dirs(&tok, "svc");
     let first = start(&p);
     let mut w = workload(&["tree", "2", &tok]);
-    let m = w.read_pairs();
-    let root = pid(&m, "parent");
-    w.cleanup.extend(pids(&m, "children"));
+    let (root, _) = w.read_tree();
     first.wait_for("the move of the root", |v| {
         v["event"] == "decision" && v["action"] == "move" && v["pid"] == root
     });

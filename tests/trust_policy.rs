@@ -11,8 +11,8 @@ use std::{
 };
 
 use guardian_tests::{
-    alive, all_gone, decisions, euid_of, guardian_bin, kill, pid, pids, policy_file, privileged,
-    token, Guardian, Workload, WAIT,
+    alive, all_gone, decisions, euid_of, guardian_bin, kill, policy_file, privileged, token,
+    Guardian, Workload, WAIT,
 };
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_guardian-workload");
@@ -24,14 +24,6 @@ fn workload(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Workload {
     let mut cmd = Command::new(program);
     cmd.args(args);
     Workload::spawn(cmd)
-}
-
-/// A `tree 2` workload: (parent, children), children to be cleaned up.
-fn tree(w: &mut Workload) -> (u32, Vec<u32>) {
-    let p = w.read_pairs();
-    let kids = pids(&p, "children");
-    w.cleanup.extend(&kids);
-    (pid(&p, "parent"), kids)
 }
 
 /// A directory of the test's own, removed when dropped.
@@ -80,9 +72,9 @@ fn exe_matches_the_executable_the_kernel_runs() {
     let mut dots = workload(format!("{d}/bin/../other/y"), &args);
     let mut link = workload(format!("{d}/bin/link"), &args);
     let mut real = workload(format!("{d}/bin/x"), &args);
-    let (dots_parent, dots_kids) = tree(&mut dots);
-    let (link_parent, link_kids) = tree(&mut link);
-    let (real_parent, real_kids) = tree(&mut real);
+    let (dots_parent, dots_kids) = dots.read_tree();
+    let (link_parent, link_kids) = link.read_tree();
+    let (real_parent, real_kids) = real.read_tree();
     g.wait_root(real_parent);
     // The two others exec'd first: had they matched, their roots would be recorded by now.
     thread::sleep(Duration::from_millis(300));
@@ -124,8 +116,8 @@ fn a_forged_command_line_under_another_uid_joins_nothing() {
     };
     let mut forged = run_as(OTHER_UID);
     let mut real = run_as(PINNED_UID);
-    let (forged_parent, forged_kids) = tree(&mut forged);
-    let (real_parent, real_kids) = tree(&mut real);
+    let (forged_parent, forged_kids) = forged.read_tree();
+    let (real_parent, real_kids) = real.read_tree();
     assert_eq!(euid_of(forged_parent), Some(OTHER_UID));
     assert_eq!(euid_of(real_parent), Some(PINNED_UID));
     g.wait_root(real_parent);
@@ -166,7 +158,7 @@ fn protected_users_outlive_their_parent() {
         WORKLOAD,
         &["tree", "2", &format!("as-uid={OTHER_UID}"), &tok],
     );
-    let (parent, kids) = tree(&mut w);
+    let (parent, kids) = w.read_tree();
     let (plain, protected) = (kids[0], kids[1]);
     eventually_euid(protected, OTHER_UID);
     g.wait_root(parent);
