@@ -42,12 +42,22 @@ fn named(comm: &str) -> PathBuf {
 }
 
 /// Runs `program ARGS` as `uid` (the workload's `as-uid` execs it in place).
-fn as_uid(uid: u32, program: &Path, args: &[&str]) -> Workload {
+fn as_uid(uid: u32, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Workload {
     let mut cmd = Command::new(WORKLOAD);
     cmd.args(["as-uid", &uid.to_string()])
         .arg(program)
         .args(args);
     Workload::spawn(cmd)
+}
+
+/// `guardian reload`, which must succeed.
+fn reload(g: &Guardian) {
+    let out = g.ask(&["reload"]);
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Starts a lingering workload and waits for its root record: found at exec, in `service`.
@@ -133,7 +143,7 @@ fn filtered_selector_kinds_find_their_roots_at_exec() {
     // under root's uid.
     let (records, filtered) = exec_counts(&g);
     finish(Workload::run(WORKLOAD, &["exec-loop", "30"]));
-    finish(as_uid(u2, Path::new(WORKLOAD), &["exec-loop", "10"]));
+    finish(as_uid(u2, WORKLOAD, &["exec-loop", "10"]));
     finish(Workload::run(&c2_link, &["exec-loop", "10"]));
     let (records_after, filtered_after) = exec_counts(&g);
     assert_eq!(
@@ -148,7 +158,7 @@ fn filtered_selector_kinds_find_their_roots_at_exec() {
     );
 
     // Through the uid key of `user-cmdline` without its command line: reported, no root.
-    finish(as_uid(u3, Path::new(WORKLOAD), &["exec-loop", "10"]));
+    finish(as_uid(u3, WORKLOAD, &["exec-loop", "10"]));
     let (records_after_u3, _) = exec_counts(&g);
     assert!(
         records_after_u3 >= records_after + 11,
@@ -157,15 +167,14 @@ fn filtered_selector_kinds_find_their_roots_at_exec() {
     );
     assert!(roots(&g).is_empty(), "{:?}", roots(&g));
 
-    let w = WORKLOAD;
     let _held = [
-        root_at_exec(&g, "user", as_uid(u1, Path::new(w), &["linger", "0"])),
+        root_at_exec(&g, "user", as_uid(u1, WORKLOAD, &["linger", "0"])),
         root_at_exec(&g, "comm", Workload::run(named(&c1), &["linger", "0"])),
         root_at_exec(&g, "user-comm", as_uid(u2, &c2_link, &["linger", "0"])),
         root_at_exec(
             &g,
             "user-cmdline",
-            as_uid(u3, Path::new(w), &["linger", "0", &format!("{tok}a")]),
+            as_uid(u3, WORKLOAD, &["linger", "0", &format!("{tok}a")]),
         ),
         root_at_exec(
             &g,
@@ -304,7 +313,7 @@ fn a_reload_adding_a_service_for_a_new_uid_sees_its_execs_at_once() {
     let policy = policy_file(test, &service("a", u1));
     let g = Guardian::start(&["--policy", policy.to_str().unwrap()]);
     let (records, _) = exec_counts(&g);
-    finish(as_uid(u2, Path::new(WORKLOAD), &["exec-loop", "5"]));
+    finish(as_uid(u2, WORKLOAD, &["exec-loop", "5"]));
     assert_eq!(exec_counts(&g).0, records, "uid {u2} is no service's yet");
 
     std::fs::write(
@@ -312,27 +321,13 @@ fn a_reload_adding_a_service_for_a_new_uid_sees_its_execs_at_once() {
         format!("{}\n{}", service("a", u1), service("b", u2)),
     )
     .expect("rewriting the policy");
-    let out = g.ask(&["reload"]);
-    assert!(
-        out.status.success(),
-        "reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _held = root_at_exec(
-        &g,
-        "b",
-        as_uid(u2, Path::new(WORKLOAD), &["linger", "0", &tok]),
-    );
+    reload(&g);
+    let _held = root_at_exec(&g, "b", as_uid(u2, WORKLOAD, &["linger", "0", &tok]));
 
     std::fs::write(&policy, service("a", u1)).expect("rewriting the policy");
-    let out = g.ask(&["reload"]);
-    assert!(
-        out.status.success(),
-        "reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    reload(&g);
     let (records, filtered) = exec_counts(&g);
-    finish(as_uid(u2, Path::new(WORKLOAD), &["exec-loop", "5"]));
+    finish(as_uid(u2, WORKLOAD, &["exec-loop", "5"]));
     let (records_after, filtered_after) = exec_counts(&g);
     assert_eq!(
         records_after, records,
@@ -367,7 +362,7 @@ fn a_user_created_after_start_is_found_at_exec() {
     let (records, _) = exec_counts(&g);
     finish(as_uid(
         uid,
-        Path::new(WORKLOAD),
+        WORKLOAD,
         &["exec-loop", "5", "/bin/true", &tok],
     ));
     assert_eq!(
@@ -381,10 +376,6 @@ fn a_user_created_after_start_is_found_at_exec() {
     g.wait_for_within("the re-read for the new user", WAIT + WAIT, |v| {
         v["event"] == "resync" && v["trigger"] == "users"
     });
-    let _held = root_at_exec(
-        &g,
-        "svc",
-        as_uid(uid, Path::new(WORKLOAD), &["linger", "0", &tok]),
-    );
+    let _held = root_at_exec(&g, "svc", as_uid(uid, WORKLOAD, &["linger", "0", &tok]));
     g.stop();
 }

@@ -407,7 +407,7 @@ fn a_burst_wakes_the_reader_before_the_ring_is_full() {
     const BYTES_PER_FORK: f64 = 2.0 * (64.0 + 8.0);
     const FORKS: &str = "20000";
     let mut cmd = Guardian::command(&["trace"]);
-    cmd.env("GUARDIAN_RING_BYTES", "65536");
+    cmd.env("GUARDIAN_RING_BYTES", (RING_BYTES as u64).to_string());
     let g = Guardian::spawn(cmd);
     let mut loops = [
         workload(&["fork-loop", FORKS]),
