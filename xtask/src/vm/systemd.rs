@@ -13,7 +13,6 @@ mod rootfs;
 
 use std::{
     fs,
-    io::Write as _,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -148,13 +147,15 @@ fn initramfs(dir: &Path, base: &Path, deb: &Path) -> anyhow::Result<PathBuf> {
     // would hold multi-user.target for 90 s: masked.
     symlink("/dev/null", units.join("serial-getty@ttyS1.service"))?;
 
-    let overlay = dir.join("overlay.cpio");
-    rootfs::pack(&tree, &overlay)?;
     let out = dir.join("initramfs.cpio");
     fs::copy(base, &out).with_context(|| format!("copying {}", base.display()))?;
-    let mut file = fs::OpenOptions::new().append(true).open(&out)?;
-    file.write_all(&fs::read(&overlay)?)?;
-    eprintln!("{} ({} MiB)", out.display(), file.metadata()?.len() >> 20);
+    // The overlay's archive written straight after the base's.
+    rootfs::pack(&tree, fs::OpenOptions::new().append(true).open(&out)?)?;
+    eprintln!(
+        "{} ({} MiB)",
+        out.display(),
+        fs::metadata(&out)?.len() >> 20
+    );
     Ok(out)
 }
 

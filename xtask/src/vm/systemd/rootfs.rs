@@ -65,7 +65,7 @@ pub fn build(dir: &Path) -> anyhow::Result<PathBuf> {
         .args(&sources))
     .context("mmdebstrap failed (its output above says why)")?;
     let partial = dir.join("rootfs.cpio.partial");
-    pack(&tree, &partial)?;
+    pack(&tree, fs::File::create(&partial)?)?;
     fs::rename(&partial, &archive)?;
     fs::remove_dir_all(&tree)?;
     fs::write(&recipe_file, recipe)?;
@@ -92,9 +92,9 @@ fn options() -> Vec<String> {
     options
 }
 
-/// `find . | cpio -o -H newc` in `tree`, as root: the archive keeps owners, modes, devices
-/// and hard links.
-pub fn pack(tree: &Path, out: &Path) -> anyhow::Result<()> {
+/// `find . | cpio -o -H newc` in `tree`, as root, written to `out` (a file opened for appending
+/// gets it after what it holds): the archive keeps owners, modes, devices and hard links.
+pub fn pack(tree: &Path, out: fs::File) -> anyhow::Result<()> {
     crate::util::pipe(
         Command::new("find")
             .args([".", "-print0"])
@@ -102,7 +102,7 @@ pub fn pack(tree: &Path, out: &Path) -> anyhow::Result<()> {
         Command::new("cpio")
             .args(["--null", "--create", "--format=newc", "--quiet"])
             .current_dir(tree)
-            .stdout(fs::File::create(out)?),
+            .stdout(out),
     )
     .with_context(|| format!("packing {}", tree.display()))
 }
