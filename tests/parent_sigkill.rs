@@ -87,6 +87,16 @@ fn parent_gone(parent: u32) {
     thread::sleep(QUIET);
 }
 
+/// Sends `signal` to the parent, waits for its workers and then for it to be gone, stops
+/// guardian: each worker's one decision (failing unless there is exactly one).
+fn end_tree(g: Guardian, parent: u32, kids: &[u32], signal: i32) -> Vec<Value> {
+    kill(parent, signal);
+    all_gone(kids, Duration::from_secs(5));
+    parent_gone(parent);
+    let records = g.stop();
+    kids.iter().map(|&k| one_decision(&records, k)).collect()
+}
+
 /// The service's `kill_timeout`: long enough that a SIGKILL seen is the parent's, not the
 /// escalation's.
 const KILL_TIMEOUT: &str = "kill_timeout = \"30s\"";
@@ -164,12 +174,7 @@ fn sigkill_brings_terminate_forward_once() {
     };
     let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
 
-    kill(parent, libc::SIGKILL);
-    all_gone(&kids, Duration::from_secs(5));
-    parent_gone(parent);
-    let records = g.stop();
-    for &k in &kids {
-        let d = one_decision(&records, k);
+    for d in end_tree(g, parent, &kids, libc::SIGKILL) {
         assert_eq!(d["trigger"], "parent_sigkilled", "{d}");
         assert_eq!(d["result"], "sent SIGTERM", "{d}");
     }
@@ -216,12 +221,7 @@ fn a_fatal_sigterm_leaves_the_orphans_to_the_exit() {
     };
     let (_w, parent, kids) = rooted_tree(&g, "3", "", &tok);
 
-    kill(parent, libc::SIGTERM);
-    all_gone(&kids, Duration::from_secs(5));
-    parent_gone(parent);
-    let records = g.stop();
-    for &k in &kids {
-        let d = one_decision(&records, k);
+    for d in end_tree(g, parent, &kids, libc::SIGTERM) {
         assert!(d.get("trigger").is_none(), "{d}");
         assert_eq!(d["result"], "sent SIGKILL", "{d}");
     }
